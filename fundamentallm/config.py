@@ -1,0 +1,317 @@
+"""Typed, frozen configuration.
+
+Each component has its own frozen dataclass; every field carries a `help` text and a
+default that works out of the box. Construction checks types and ranges, and
+`from_dict` refuses keys it does not know, so a typo fails before any work starts.
+Configs turn into plain JSON-able dicts (`to_dict`) and hash canonically (`digest`),
+which is what names content-addressed output directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from fundamentallm.errors import ConfigError
+from fundamentallm.fsutil import sha256_json
+
+
+def setting(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a description (shown by `--help` and docs)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed; use a tuple")
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against annotation `tp`; return it, converted where lossless."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_value(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches no allowed type")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"{where} must be a list; got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where} must have {len(args)} items; got {len(value)}")
+        return tuple(_check_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value, strict=False)))
+    if isinstance(tp, type) and issubclass(tp, Config):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return tp.from_dict(value, where=where)
+        raise ConfigError(f"{where} must be a table of settings; got {value!r}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number; got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be finite; got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer; got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where} must be a {_type_name(tp)}; got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {where}")
+
+
+class Config:
+    """Base for frozen config dataclasses: type checks, `from_dict`, `to_dict`, `digest`.
+
+    Subclasses are `@dataclass(frozen=True)` and may override `check()` to add range and
+    consistency rules, raising `ConfigError`.
+    """
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            checked = _check_value(value, hints[f.name], f"{type(self).__name__}.{f.name}")
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
+        self.check()
+
+    def check(self) -> None:
+        """Range and consistency rules beyond types; raise `ConfigError`."""
+
+    def _fail(self, name: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{type(self).__name__}.{name} {message}; got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str | None = None) -> Self:
+        where = where or cls.__name__
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where} must be a table of settings; got {data!r}")
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {where}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        hints = typing.get_type_hints(cls)
+        values = {key: _check_value(value, hints[key], f"{where}.{key}") for key, value in data.items()}
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists); `from_dict` inverts it."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[call-overload]
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form."""
+        return sha256_json(self.to_dict())
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Self:
+        """Apply dotted-key overrides such as ``{"encode.shard_tokens": 4096}``."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            *parents, leaf = dotted.split(".")
+            node = data
+            for i, part in enumerate(parents):
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown setting {'.'.join(parents[: i + 1])} in {dotted!r}")
+                node = node[part]
+            if leaf not in node:
+                raise ConfigError(f"unknown setting {dotted!r}")
+            node[leaf] = value
+        return type(self).from_dict(data)
+
+    @classmethod
+    def describe(cls, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
+        """Yield (dotted name, type, default, help) for every leaf setting."""
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            tp = hints[f.name]
+            if isinstance(tp, type) and issubclass(tp, Config):
+                yield from tp.describe(f"{prefix}{f.name}.")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                yield f"{prefix}{f.name}", _type_name(tp), default, f.metadata.get("help", "")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a settings table from a .json or .toml file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8")) if path.suffix == ".toml" else json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise ConfigError(f"config file {path} is not valid {kind}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` from the command line; the value is JSON when it parses, else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. encode.shard_tokens=65536")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+# Data stage ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig(Config):
+    sources: tuple[str, ...] = setting(
+        ("default",),
+        "Corpus sources: file or directory paths, http(s) URLs (optionally with #sha256=<hex>), "
+        "or built-in corpus names (default, tinyshakespeare).",
+    )
+    include: tuple[str, ...] = setting(
+        ("*",), "Glob patterns a file inside a source directory must match (path relative to it, or name)."
+    )
+    exclude: tuple[str, ...] = setting(
+        (".*",), "Glob patterns for files and directories to leave out of source directories (hidden ones by default)."
+    )
+    encoding_policy: Literal["strict", "replace", "fallback"] = setting(
+        "strict",
+        "Invalid UTF-8: 'strict' stops with the file and byte offset, 'replace' substitutes U+FFFD, "
+        "'fallback' decodes the file as Windows-1252/Latin-1 instead.",
+    )
+    max_binary_control_share: float = setting(
+        0.10, "A file whose share of control bytes exceeds this is treated as binary and skipped."
+    )
+    max_file_bytes: int = setting(1 << 30, "Largest single file accepted, in bytes.")
+    cache_dir: str = setting(
+        "", "Download cache directory; empty means $FUNDAMENTALLM_CACHE_DIR or ~/.cache/fundamentallm."
+    )
+    max_download_bytes: int = setting(1 << 30, "Largest download accepted, in bytes.")
+    download_timeout_s: float = setting(60.0, "Network timeout for one download, in seconds.")
+
+    def check(self) -> None:
+        if not self.sources:
+            self._fail("sources", "must name at least one source")
+        if not 0.0 < self.max_binary_control_share <= 1.0:
+            self._fail("max_binary_control_share", "must be in (0, 1]")
+        if not 0 < self.max_file_bytes < 1 << 31:
+            self._fail("max_file_bytes", "must be positive and below 2 GiB (one Parquet value)")
+        if self.max_download_bytes <= 0:
+            self._fail("max_download_bytes", "must be positive")
+        if self.download_timeout_s <= 0:
+            self._fail("download_timeout_s", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig(Config):
+    context_length: int = setting(
+        256, "Context length the data must support: every split needs at least context_length + 1 characters."
+    )
+    min_documents: int = setting(1, "Fewest documents accepted.")
+    min_document_chars: int = setting(1, "Fewest characters in any one document.")
+    min_charset_size: int = setting(2, "Fewest distinct characters in the corpus.")
+    max_charset_size: int = setting(
+        4096, "Most distinct characters in the corpus; more usually means mis-decoded or binary input."
+    )
+    max_control_share: float = setting(
+        0.01, "Largest share of control characters (other than tab, newline, form feed) in any document."
+    )
+    max_replacement_share: float = setting(
+        0.001, "Largest share of U+FFFD replacement characters (decoding damage) in any document."
+    )
+    max_duplicate_share: float = setting(0.5, "Largest share of documents that may be dropped as exact duplicates.")
+
+    def check(self) -> None:
+        if self.context_length < 1:
+            self._fail("context_length", "must be at least 1")
+        for name in ("min_documents", "min_document_chars", "min_charset_size"):
+            if getattr(self, name) < 1:
+                self._fail(name, "must be at least 1")
+        if self.max_charset_size < self.min_charset_size:
+            self._fail("max_charset_size", "must be at least min_charset_size")
+        for name in ("max_control_share", "max_replacement_share", "max_duplicate_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                self._fail(name, "must be in [0, 1]")
+
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig(Config):
+    split: Literal["contiguous", "hash"] = setting(
+        "contiguous",
+        "'contiguous': the corpus in order, first train_fraction of characters to train, then val, then test "
+        "(the classic Tiny Shakespeare split); 'hash': each whole document to a split by a hash of its id.",
+    )
+    train_fraction: float = setting(0.9, "Share of the corpus for training.")
+    val_fraction: float = setting(0.05, "Share of the corpus for validation (must be positive).")
+    test_fraction: float = setting(0.05, "Share of the corpus for the final test (may be 0).")
+    hash_salt: str = setting("", "Salt mixed into the document hash of the 'hash' split, to draw another split.")
+    document_separator: str = setting("\n\n", "Text placed between consecutive documents of a split.")
+    shard_tokens: int = setting(1 << 24, "Tokens per Parquet shard (the last shard of a split may hold fewer).")
+    compression_level: int = setting(1, "zstd compression level of the shards (1 fastest .. 22 smallest).")
+
+    def check(self) -> None:
+        total = self.train_fraction + self.val_fraction + self.test_fraction
+        if abs(total - 1.0) > 1e-9:
+            raise ConfigError(
+                "EncodeConfig split fractions must add up to 1; got "
+                f"train {self.train_fraction} + val {self.val_fraction} + test {self.test_fraction} = {total:g}"
+            )
+        if self.train_fraction <= 0:
+            self._fail("train_fraction", "must be positive")
+        if self.val_fraction <= 0:
+            self._fail("val_fraction", "must be positive")
+        if self.test_fraction < 0:
+            self._fail("test_fraction", "must not be negative")
+        if self.shard_tokens < 1:
+            self._fail("shard_tokens", "must be at least 1")
+        if not 1 <= self.compression_level <= 22:
+            self._fail("compression_level", "must be in 1..22")
+
+    def fractions(self) -> dict[str, float]:
+        return {"train": self.train_fraction, "val": self.val_fraction, "test": self.test_fraction}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Config):
+    ingest: IngestConfig = setting(IngestConfig(), "Where the corpus comes from and how files are read.")
+    validation: ValidationConfig = setting(ValidationConfig(), "Expectations the documents table must meet.")
+    encode: EncodeConfig = setting(EncodeConfig(), "Vocabulary, splits and Parquet shards.")

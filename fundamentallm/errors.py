@@ -1,0 +1,40 @@
+"""Exceptions that carry a message meant for the user.
+
+Every error the library raises on purpose derives from `FundamentaLLMError`; the CLI
+prints its message on one line and exits non-zero, anything else is a bug and keeps
+its traceback.
+"""
+
+
+class FundamentaLLMError(Exception):
+    """Base class for errors caused by input, configuration or environment."""
+
+    exit_code = 1
+
+
+class ConfigError(FundamentaLLMError, ValueError):
+    """A configuration value or key is invalid (a ValueError too, so validators such as
+    pydantic, which Prefect uses for flow parameters, report it as a validation error)."""
+
+    exit_code = 2
+
+
+class CorpusError(FundamentaLLMError):
+    """A corpus source cannot be read or holds no usable text."""
+
+
+class DataValidationError(FundamentaLLMError):
+    """The documents table failed one or more expectations.
+
+    `failures` lists one human-readable line per failed expectation; `report_path`
+    points to the full validation result written before raising.
+    """
+
+    def __init__(self, message: str, failures: list[str], report_path: str | None = None):
+        super().__init__(message)
+        self.failures = failures
+        self.report_path = report_path
+
+
+class DatasetError(FundamentaLLMError):
+    """An encoded dataset (manifest, vocab or shard) is missing, corrupt or inconsistent."""

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny corpora written by the test itself, never the network or ../shared."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from fundamentallm.config import DataConfig
+
+WORDS = (
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "judge",
+    "boxing",
+    "matches",
+    "and",
+    "the",
+    "king",
+    "speaks",
+    "of",
+    "love",
+    "war",
+    "and",
+    "the",
+    "sea",
+    "to",
+    "his",
+    "fool",
+)
+
+
+def prose(seed: int, words: int = 400) -> str:
+    """Deterministic English-like text: lines of random words with punctuation."""
+    rng = random.Random(seed)
+    lines = []
+    while words > 0:
+        n = min(words, rng.randint(5, 12))
+        line = " ".join(rng.choice(WORDS) for _ in range(n))
+        lines.append(line.capitalize() + rng.choice([".", ",", "!", "?", ";"]))
+        words -= n
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    """A directory of five small text documents (about 12,000 characters in all)."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    for i in range(4):
+        (root / f"doc{i}.txt").write_text(prose(i), encoding="utf-8")
+    (root / "sub" / "doc4.txt").write_text(prose(4), encoding="utf-8")
+    return root
+
+
+def small_config(*sources: str | Path, **encode: object) -> DataConfig:
+    """Settings for tiny corpora: a short context so small splits validate."""
+    return DataConfig.from_dict(
+        {
+            "ingest": {"sources": [str(s) for s in sources]},
+            "validation": {"context_length": 32},
+            "encode": {"shard_tokens": 4096, **encode},
+        }
+    )
