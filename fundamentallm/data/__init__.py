@@ -1,0 +1,1 @@
+"""The data stage: ingest corpus sources, validate them, encode them into Parquet shards."""

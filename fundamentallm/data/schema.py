@@ -1,0 +1,59 @@
+"""Parquet schemas of the data stage, written out in code and never inferred."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from fundamentallm.errors import DatasetError
+
+DOCUMENTS_FORMAT = "fundamentallm-documents"
+SHARD_FORMAT = "fundamentallm-shard"
+FORMAT_VERSION = 1
+
+
+def _field(name: str, type_: pa.DataType, description: str) -> pa.Field:
+    return pa.field(name, type_, nullable=False, metadata={"description": description})
+
+
+DOCUMENTS_SCHEMA = pa.schema(
+    [
+        _field("doc_id", pa.string(), "sha256 (hex) of the normalised text's UTF-8 bytes"),
+        _field("source", pa.string(), "where the document came from: path, URL or builtin:<name>"),
+        _field("char_count", pa.int64(), "characters (Unicode code points) in the normalised text"),
+        _field("byte_count", pa.int64(), "UTF-8 bytes of the normalised text"),
+        _field("control_count", pa.int64(), "control characters other than tab, newline and form feed"),
+        _field("replacement_count", pa.int64(), "U+FFFD replacement characters (decoding damage)"),
+        _field(
+            "char_histogram",
+            pa.map_(pa.field("codepoint", pa.uint32(), nullable=False), pa.field("count", pa.int64(), nullable=False)),
+            "how often each character (by code point) occurs in the text",
+        ),
+        _field("text", pa.large_string(), "the text: UTF-8, no BOM, newlines as \\n, Unicode NFC"),
+    ],
+    metadata={"format": DOCUMENTS_FORMAT, "version": str(FORMAT_VERSION)},
+)
+
+TOKEN_TYPES: dict[str, pa.DataType] = {"uint8": pa.uint8(), "uint16": pa.uint16(), "uint32": pa.uint32()}
+
+
+def token_dtype(vocab_size: int) -> str:
+    """Narrowest unsigned integer type that holds every id of a vocabulary of this size."""
+    for name in ("uint8", "uint16", "uint32"):
+        if vocab_size <= np.iinfo(name).max + 1:
+            return name
+    raise DatasetError(f"vocabulary of {vocab_size:,} entries is too large")
+
+
+def shard_schema(dtype: str) -> pa.Schema:
+    """One token id per row, in corpus order: rows of a split's shards, concatenated, are the split."""
+    return pa.schema(
+        [_field("token", TOKEN_TYPES[dtype], "token id; 0 is the unknown character")],
+        metadata={"format": SHARD_FORMAT, "version": str(FORMAT_VERSION)},
+    )
+
+
+def check_schema(actual: pa.Schema, expected: pa.Schema, path: str) -> None:
+    """Raise `DatasetError` naming `path` unless the columns match exactly (metadata aside)."""
+    if not actual.remove_metadata().equals(expected.remove_metadata()):
+        raise DatasetError(f"{path}: unexpected schema; expected {expected.remove_metadata()}, found {actual.remove_metadata()}")

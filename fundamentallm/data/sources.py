@@ -1,0 +1,324 @@
+"""Corpus sources: local files and directories, http(s) downloads and built-in corpora.
+
+A source is named by one string:
+
+- a path to a file, or to a directory read recursively (filtered by include/exclude globs);
+- an ``http://`` or ``https://`` URL, downloaded once into a cache; a fragment
+  ``#sha256=<hex>`` pins the content, checked before the file is used;
+- a built-in corpus name: ``default`` (the English reference text CPython ships in
+  ``pydoc_data.topics``, present wherever Python is) or ``tinyshakespeare`` (the classic
+  1,115,394-byte file, fetched from its well-known URL with its sha256 pinned).
+  ``tinyshakespeare=LOCATION`` reads it from a local path or another URL instead, still
+  checked against the pinned hash. Write ``./default`` for a file that is called ``default``.
+
+Resolution yields `RawDocument`s (a source label and the raw bytes) lazily, one at a time,
+so a large directory is never held in memory at once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import http.client
+import logging
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fundamentallm.errors import CorpusError
+from fundamentallm.fsutil import atomic_path
+
+log = logging.getLogger(__name__)
+
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+BUILTIN_CORPORA: dict[str, str] = {
+    "default": "English reference documentation shipped with CPython (pydoc_data.topics, ~465,000 characters, "
+    "one document per topic); needs no download.",
+    "tinyshakespeare": "Tiny Shakespeare, 1,115,394 characters (Karpathy's char-rnn); downloaded once and "
+    "checked against its pinned sha256. tinyshakespeare=PATH_OR_URL reads a local copy.",
+}
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class RawDocument:
+    """Undecoded content of one document and where it came from."""
+
+    source: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SkippedSource:
+    source: str
+    reason: str
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("FUNDAMENTALLM_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fundamentallm"
+
+
+def is_url(spec: str) -> bool:
+    return "://" in spec
+
+
+def split_builtin(spec: str) -> tuple[str, str | None] | None:
+    """Return (name, location override) when `spec` names a built-in corpus, else None."""
+    name, sep, location = spec.partition("=")
+    if name in BUILTIN_CORPORA:
+        return name, (location if sep else None)
+    return None
+
+
+# Downloads ------------------------------------------------------------------------------
+
+
+def parse_pinned_url(url: str) -> tuple[str, str | None]:
+    """Split ``URL#sha256=<hex>`` into the URL and the lower-case hex digest (or None)."""
+    base, _, fragment = url.partition("#")
+    if not fragment:
+        return base, None
+    key, _, value = fragment.partition("=")
+    value = value.strip().lower()
+    if key != "sha256" or not _SHA256_HEX.match(value):
+        raise CorpusError(f"{url}: the URL fragment must be #sha256=<64 hex digits> to pin the content")
+    return base, value
+
+
+def _cache_name(url: str) -> str:
+    # Keyed by the whole URL, so two URLs with the same file name never share an entry;
+    # the readable tail is sanitised so nothing from the URL can leave the cache directory.
+    tail = Path(urllib.parse.urlsplit(url).path).name or "download"
+    tail = re.sub(r"[^A-Za-z0-9._-]", "_", tail).lstrip(".")[:80] or "download"
+    return f"{hashlib.sha256(url.encode('utf-8')).hexdigest()[:16]}-{tail}"
+
+
+def download(
+    url: str,
+    cache_dir: Path,
+    *,
+    sha256: str | None = None,
+    max_bytes: int = 1 << 30,
+    timeout_s: float = 60.0,
+) -> Path:
+    """Return a cached local copy of `url`, downloading it if absent.
+
+    Only http(s) is accepted. The body is streamed into a temporary file, checked for
+    truncation (against Content-Length), size (`max_bytes`) and, when given, `sha256`,
+    then renamed into the cache; a failed download leaves nothing behind.
+    """
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise CorpusError(f"{url}: only http:// and https:// URLs can be downloaded")
+    target = Path(cache_dir) / "downloads" / _cache_name(url)
+    if target.is_file():
+        if sha256 is None or _file_sha256(target) == sha256:
+            log.info("using cached download of %s (%s)", url, target)
+            return target
+        log.warning("cached copy of %s does not match the pinned sha256; downloading again", url)
+    log.info("downloading %s", url)
+    request = urllib.request.Request(url, headers={"User-Agent": "fundamentallm"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response, atomic_path(target) as tmp:
+            expected = response.headers.get("Content-Length")
+            expected_bytes = int(expected) if expected and expected.isdigit() else None
+            if expected_bytes is not None and expected_bytes > max_bytes:
+                raise CorpusError(f"{url}: {expected_bytes:,} bytes is more than the {max_bytes:,}-byte download limit")
+            digest = hashlib.sha256()
+            received = 0
+            with open(tmp, "wb") as out:
+                while block := response.read(1 << 20):
+                    received += len(block)
+                    if received > max_bytes:
+                        raise CorpusError(f"{url}: more than the {max_bytes:,}-byte download limit")
+                    digest.update(block)
+                    out.write(block)
+            if expected_bytes is not None and received != expected_bytes:
+                raise CorpusError(f"{url}: truncated download, got {received:,} of {expected_bytes:,} bytes")
+            actual = digest.hexdigest()
+            if sha256 is not None and actual != sha256:
+                raise CorpusError(f"{url}: sha256 mismatch, expected {sha256}, got {actual}")
+    except urllib.error.HTTPError as exc:
+        raise CorpusError(f"{url}: download failed with HTTP {exc.code} {exc.reason}") from exc
+    except urllib.error.URLError as exc:
+        raise CorpusError(f"{url}: cannot download ({exc.reason})") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise CorpusError(f"{url}: download failed ({exc})") from exc
+    return target
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Built-in corpora -----------------------------------------------------------------------
+
+
+def _default_corpus() -> Iterator[RawDocument]:
+    try:
+        from pydoc_data.topics import topics  # CPython's own reference text, in the standard library
+    except ImportError as exc:  # some distributions split pydoc_data into its own package
+        raise CorpusError(
+            "the built-in 'default' corpus needs the standard library module pydoc_data, "
+            "which this Python installation lacks; give a file, directory or URL instead"
+        ) from exc
+    for name in sorted(topics):
+        yield RawDocument(f"builtin:default/{name}", topics[name].encode("utf-8"))
+
+
+def _tinyshakespeare(location: str | None, cache_dir: Path, max_bytes: int, timeout_s: float) -> Iterator[RawDocument]:
+    if location is None or is_url(location):
+        url = location or TINYSHAKESPEARE_URL
+        path = download(url, cache_dir, sha256=TINYSHAKESPEARE_SHA256, max_bytes=max_bytes, timeout_s=timeout_s)
+        data = path.read_bytes()
+    else:
+        data = _read_file(Path(location), max_bytes)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != TINYSHAKESPEARE_SHA256:
+            raise CorpusError(
+                f"{location}: not the Tiny Shakespeare file (sha256 {actual}, expected {TINYSHAKESPEARE_SHA256})"
+            )
+    yield RawDocument("builtin:tinyshakespeare", data)
+
+
+# Local files ----------------------------------------------------------------------------
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise CorpusError(f"{path}: {size:,} bytes is more than the {max_bytes:,}-byte file limit")
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CorpusError(f"{path}: no such file or directory") from exc
+    except PermissionError as exc:
+        raise CorpusError(f"{path}: permission denied") from exc
+    except IsADirectoryError as exc:
+        raise CorpusError(f"{path}: is a directory") from exc
+    except OSError as exc:
+        raise CorpusError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _matches(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def iter_directory(
+    root: Path, include: tuple[str, ...], exclude: tuple[str, ...]
+) -> Iterator[tuple[Path, SkippedSource | None]]:
+    """Walk `root` recursively in sorted order, following links but never a loop.
+
+    Yields (path, None) for each file to read and (path, SkippedSource) for entries that
+    cannot be walked; excluded entries are passed over silently, as the user asked.
+    """
+    seen: set[tuple[int, int]] = set()
+
+    def walk(directory: Path, rel: str) -> Iterator[tuple[Path, SkippedSource | None]]:
+        try:
+            info = directory.stat()
+        except OSError as exc:
+            yield directory, SkippedSource(str(directory), f"cannot open directory ({exc.strerror or exc})")
+            return
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            yield directory, SkippedSource(str(directory), "directory already visited (symbolic link loop)")
+            return
+        seen.add(key)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            yield directory, SkippedSource(str(directory), f"cannot list directory ({exc.strerror or exc})")
+            return
+        for entry in entries:
+            child_rel = f"{rel}/{entry.name}" if rel else entry.name
+            path = Path(entry.path)
+            if _matches(child_rel, entry.name, exclude):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows symbolic links
+                is_file = entry.is_file()
+            except OSError as exc:
+                yield path, SkippedSource(str(path), f"cannot stat ({exc.strerror or exc})")
+                continue
+            if is_dir:
+                yield from walk(path, child_rel)
+            elif is_file:
+                if _matches(child_rel, entry.name, include):
+                    yield path, None
+            elif entry.is_symlink():
+                yield path, SkippedSource(str(path), "broken symbolic link")
+            else:
+                yield path, SkippedSource(str(path), "not a regular file")
+
+    yield from walk(root, "")
+
+
+def iter_source(
+    spec: str,
+    *,
+    include: tuple[str, ...] = ("*",),
+    exclude: tuple[str, ...] = (".*",),
+    cache_dir: Path | None = None,
+    max_file_bytes: int = 1 << 30,
+    max_download_bytes: int = 1 << 30,
+    download_timeout_s: float = 60.0,
+) -> Iterator[RawDocument | SkippedSource]:
+    """Yield the raw documents of one source, and a `SkippedSource` for each entry left out.
+
+    Raises `CorpusError` when the source itself is unusable (missing path, failed download).
+    """
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    builtin = split_builtin(spec)
+    if builtin is not None:
+        name, location = builtin
+        if name == "default":
+            if location is not None:
+                raise CorpusError("the built-in 'default' corpus takes no location")
+            yield from _default_corpus()
+        else:
+            yield from _tinyshakespeare(location, cache_dir, max_download_bytes, download_timeout_s)
+        return
+    if is_url(spec):
+        url, pinned = parse_pinned_url(spec)
+        path = download(url, cache_dir, sha256=pinned, max_bytes=max_download_bytes, timeout_s=download_timeout_s)
+        yield RawDocument(url, _read_file(path, max_download_bytes))
+        return
+    path = Path(spec)
+    if path.is_dir():
+        found = False
+        for member, skipped in iter_directory(path, include, exclude):
+            if skipped is not None:
+                yield skipped
+                continue
+            found = True
+            try:
+                yield RawDocument(str(member), _read_file(member, max_file_bytes))
+            except CorpusError as exc:
+                # One unreadable file in a directory is reported and passed over; the
+                # directory as a whole fails later only if nothing usable remains.
+                yield SkippedSource(str(member), str(exc).removeprefix(f"{member}: "))
+        if not found:
+            raise CorpusError(f"{path}: directory holds no files matching {', '.join(include)}")
+        return
+    if not path.exists() and not path.is_symlink():
+        hint = ""
+        if "=" in spec and spec.partition("=")[0] not in BUILTIN_CORPORA:
+            hint = f" (built-in corpora: {', '.join(BUILTIN_CORPORA)})"
+        raise CorpusError(f"{path}: no such file or directory{hint}")
+    yield RawDocument(str(path), _read_file(path, max_file_bytes))
