@@ -1,0 +1,1 @@
+"""Prefect flows: wiring of tasks only; the work is done in `fundamentallm`."""

@@ -1,0 +1,1 @@
+"""Prefect tasks: each a thin wrapper over one library function, passing small records on."""
