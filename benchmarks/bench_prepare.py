@@ -1,0 +1,146 @@
+"""Benchmark of the data stage (`prepare`: ingest -> validate -> encode).
+
+Times `prepare` on Tiny Shakespeare and on a synthetic corpus of at least 200 MB, each
+run in a fresh subprocess with a fresh output directory, and prints MB/s and peak
+memory. Targets on the 2-core reference machine: at least 50 MB/s end to end on the
+large corpus, and peak memory under 3x the corpus size.
+
+"End to end" is the `prepare()` call, from the first byte read to the manifest written,
+with the libraries already imported; the one-off import cost (Great Expectations alone
+takes several seconds) is printed separately, as is the resident memory of the
+imported libraries before any data is read.
+
+    python benchmarks/bench_prepare.py                 # both corpora, 3 runs each
+    python benchmarks/bench_prepare.py --synthetic-mb 50 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+WORKER = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+import great_expectations, pandas  # noqa: F401  (import cost measured apart from the data work)
+from fundamentallm.config import DataConfig
+from fundamentallm.data.prepare import prepare
+import_s = time.perf_counter() - t0
+def rss_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+base_kb = rss_kb()
+config = DataConfig.from_dict(json.loads(sys.argv[1]))
+t = time.perf_counter()
+result = prepare(config, sys.argv[2], data_docs=False)
+seconds = time.perf_counter() - t
+peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"import_s": import_s, "seconds": seconds, "stages": result.seconds,
+                  "base_mb": base_kb / 1024, "peak_mb": peak_kb / 1024,
+                  "tokens": result.dataset.tokens, "vocab": result.dataset.vocab_size}))
+"""
+
+
+def make_synthetic(source: Path, target: Path, megabytes: int) -> int:
+    """Write a directory of ~1 MB documents built from `source`'s lines, shuffled per file
+    (so none is a duplicate); every fourth file carries non-ASCII text, so both the ASCII
+    fast path and the general Unicode path are exercised. Returns the total bytes."""
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    target.mkdir(parents=True, exist_ok=True)
+    total, index = 0, 0
+    while total < megabytes * 1_000_000:
+        rng = random.Random(index)
+        picked = rng.sample(lines, k=min(len(lines), 25_000))
+        text = "".join(picked)
+        if index % 4 == 0:
+            text = text.replace("the ", "thé ").replace("And ", "Ånd ").replace("--", "\u2014")
+        data = text.encode("utf-8")
+        (target / f"doc-{index:05d}.txt").write_bytes(data)
+        total += len(data)
+        index += 1
+    return total
+
+
+def run_once(config: dict, corpus_bytes: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as out:
+        proc = subprocess.run(
+            [sys.executable, "-c", WORKER, json.dumps(config), out],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    if proc.returncode != 0:
+        sys.exit(f"benchmark run failed:\n{proc.stderr}")
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    record["mb_s"] = corpus_bytes / 1e6 / record["seconds"]
+    record["peak_ratio"] = record["peak_mb"] * 1024 * 1024 / corpus_bytes
+    record["data_ratio"] = (record["peak_mb"] - record["base_mb"]) * 1024 * 1024 / corpus_bytes
+    return record
+
+
+def report(name: str, corpus_bytes: int, runs: list[dict]) -> dict:
+    med = {
+        key: statistics.median(r[key] for r in runs)
+        for key in ("seconds", "mb_s", "peak_mb", "base_mb", "peak_ratio", "data_ratio", "import_s")
+    }
+    stages = {s: statistics.median(r["stages"][s] for r in runs) for s in runs[0]["stages"]}
+    print(f"\n{name}: {corpus_bytes / 1e6:.1f} MB, {len(runs)} run(s), medians")
+    print(f"  prepare          {med['seconds']:.2f} s  ->  {med['mb_s']:.1f} MB/s")
+    print("  stages           " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
+    print(
+        f"  peak RSS         {med['peak_mb']:.0f} MB = {med['peak_ratio']:.2f}x corpus "
+        f"(libraries alone {med['base_mb']:.0f} MB; above that {med['data_ratio']:.2f}x corpus)"
+    )
+    print(f"  imports          {med['import_s']:.1f} s (once per process, not in the figures above)")
+    print("  all runs MB/s    " + ", ".join(f"{r['mb_s']:.1f}" for r in runs))
+    return {"name": name, "bytes": corpus_bytes, **med, "stages": stages, "runs": [r["mb_s"] for r in runs]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shakespeare", type=Path, default=DEFAULT_SHAKESPEARE, help="path to tinyshakespeare.txt")
+    parser.add_argument("--synthetic-mb", type=int, default=200, help="size of the synthetic corpus in MB")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per corpus (the median is reported)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    if not args.shakespeare.is_file():
+        sys.exit(f"{args.shakespeare}: not found (give --shakespeare PATH)")
+
+    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+    results = []
+    base = {
+        "validation": {"context_length": 256},
+        "encode": {"train_fraction": 0.9, "val_fraction": 0.1, "test_fraction": 0.0},
+    }
+    size = args.shakespeare.stat().st_size
+    config = {**base, "ingest": {"sources": [str(args.shakespeare)]}}
+    results.append(report("tinyshakespeare", size, [run_once(config, size) for _ in range(args.repeats)]))
+
+    with tempfile.TemporaryDirectory(prefix="bench-corpus-") as corpus_dir:
+        started = time.perf_counter()
+        size = make_synthetic(args.shakespeare, Path(corpus_dir), args.synthetic_mb)
+        print(f"\n(synthetic corpus written in {time.perf_counter() - started:.1f} s)")
+        config = {**base, "ingest": {"sources": [corpus_dir]}}
+        results.append(
+            report(f"synthetic {args.synthetic_mb} MB", size, [run_once(config, size) for _ in range(args.repeats)])
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

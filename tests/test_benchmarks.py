@@ -1,0 +1,37 @@
+"""The benchmark scripts run (on tiny inputs): a documented command must not rot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import prose
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_prepare_smoke(tmp_path):
+    text = tmp_path / "small.txt"
+    text.write_text("".join(prose(i, 2000) for i in range(3)))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_prepare.py",
+            "--shakespeare",
+            str(text),
+            "--synthetic-mb",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "MB/s" in proc.stdout and "peak RSS" in proc.stdout
+    assert (tmp_path / "r.json").read_text().count('"mb_s"') == 2
