@@ -1,0 +1,213 @@
+"""A decoder-only transformer over characters, readable top to bottom.
+
+Shapes: B batch, T time (sequence), C channels (d_model), H heads, D head size (C // H),
+V vocabulary.
+
+    ids (B, T) -> token embedding (+ learned positions) -> n_layer x Block -> final norm
+        -> logits (B, T, V) through the token embedding's transpose (tied weights)
+
+    Block: x = x + Attention(Norm(x)); x = x + MLP(Norm(x))     (pre-norm)
+
+Attention goes through `torch.nn.functional.scaled_dot_product_attention`; positions are
+learned embeddings or rotary (RoPE, applied to queries and keys). Generation keeps a
+key/value cache per layer so each new character costs one position, not the whole context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fundamentallm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (no bias, no mean subtraction)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model)
+    return nn.LayerNorm(config.d_model, bias=config.bias)
+
+
+def rotary_tables(head_dim: int, length: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (length, head_dim // 2) for rotary position embedding."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, H, T, D) by position-dependent angles (T, D/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+@dataclass
+class LayerCache:
+    """Keys and values of the positions seen so far, for one layer: (B, H, T_seen, D) each."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.d_model // config.n_head
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.proj.residual_projection = True  # scaled at initialisation (GPT-2)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            cos, sin = rotary  # (T, D/2) for the positions of this call
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, H, T, D)
+        else:
+            if cache.k is not None:
+                k = torch.cat((cache.k, k), dim=2)  # (B, H, T_seen + T, D)
+                v = torch.cat((cache.v, v), dim=2)
+            past = k.shape[2] - T
+            cache.k, cache.v = k, v
+            if T == 1:
+                y = F.scaled_dot_product_attention(q, k, v)  # one new position sees everything before it
+            else:
+                # New positions attend to all cached ones and causally among themselves.
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.mlp_ratio * config.d_model
+        self.up = nn.Linear(config.d_model, hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
+        self.down.residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x), approximate="tanh")))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rotary, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class CharTransformer(nn.Module):
+    """The language model: ids (B, T) -> next-character logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        if config.positions == "learned":
+            self.position_embedding = nn.Embedding(config.context_length, config.d_model)
+        else:
+            cos, sin = rotary_tables(config.d_model // config.n_head, config.context_length)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2: normal(0, 0.02); projections into the residual stream scaled by 1/sqrt(2 * n_layer).
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual_projection", False):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count; with `non_embedding`, token and position embeddings are left out
+        (the token embedding doubles as the output layer, so it is counted once)."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.token_embedding.weight.numel()
+            if self.config.positions == "learned":
+                total -= self.position_embedding.weight.numel()
+        return total
+
+    def _rotary(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.config.positions != "rotary":
+            return None
+        return self.rotary_cos[start : start + length], self.rotary_sin[start : start + length]
+
+    def forward(
+        self, ids: torch.Tensor, targets: torch.Tensor | None = None, caches: list[LayerCache] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position, and the mean cross-entropy when `targets` (B, T) are given.
+
+        With `caches`, `ids` continue the sequence the caches hold (positions start after it).
+        """
+        _B, T = ids.shape
+        start = 0 if caches is None or caches[0].k is None else caches[0].k.shape[2]
+        if start + T > self.config.context_length:
+            raise ValueError(f"sequence of {start + T} exceeds the context length {self.config.context_length}")
+        x = self.token_embedding(ids)  # (B, T, C)
+        if self.config.positions == "learned":
+            x = x + self.position_embedding(torch.arange(start, start + T, device=ids.device))  # (T, C) broadcast
+        x = self.dropout(x)
+        rotary = self._rotary(start, T)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, None if caches is None else caches[i])
+        x = self.norm(x)
+        if targets is None:
+            return F.linear(x, self.token_embedding.weight), None  # (B, T, V)
+        logits = F.linear(x, self.token_embedding.weight)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def new_caches(self) -> list[LayerCache]:
+        return [LayerCache() for _ in self.blocks]

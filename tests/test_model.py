@@ -1,0 +1,97 @@
+"""The model: shapes, causality, initial loss, parameter count, KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fundamentallm.config import ModelConfig
+from fundamentallm.model import CharTransformer
+from fundamentallm.presets import PRESETS, preset
+
+CONFIGS = {
+    "learned-layernorm": ModelConfig(vocab_size=50, context_length=24, n_layer=2, n_head=2, d_model=32, dropout=0.0),
+    "rotary-rmsnorm": ModelConfig(
+        vocab_size=50,
+        context_length=24,
+        n_layer=2,
+        n_head=4,
+        d_model=32,
+        dropout=0.0,
+        positions="rotary",
+        norm="rmsnorm",
+        bias=True,
+    ),
+}
+
+
+@pytest.fixture(params=list(CONFIGS))
+def model(request) -> CharTransformer:
+    torch.manual_seed(0)
+    return CharTransformer(CONFIGS[request.param]).eval()
+
+
+def test_shapes_and_loss(model):
+    ids = torch.randint(0, 50, (3, 24))
+    logits, loss = model(ids, ids)
+    assert logits.shape == (3, 24, 50)
+    assert loss.shape == () and torch.isfinite(loss)
+    logits, loss = model(ids[:, :5])
+    assert logits.shape == (3, 5, 50) and loss is None
+    with pytest.raises(ValueError, match="exceeds the context length"):
+        model(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_future_tokens_never_change_past_logits(model):
+    ids = torch.randint(0, 50, (2, 24))
+    changed = ids.clone()
+    changed[:, 15:] = torch.randint(0, 50, (2, 9))
+    before, _ = model(ids)
+    after, _ = model(changed)
+    assert torch.allclose(before[:, :15], after[:, :15], atol=1e-6)
+    assert not torch.allclose(before[:, 15:], after[:, 15:])
+
+
+def test_initial_loss_is_close_to_log_vocab():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=65, context_length=32, n_layer=4, n_head=4, d_model=64, dropout=0.0)
+    m = CharTransformer(config)
+    ids = torch.randint(0, 65, (8, 32))
+    _, loss = m(ids, torch.randint(0, 65, (8, 32)))
+    assert abs(float(loss.detach()) - math.log(65)) < 0.1
+
+
+def test_parameter_count_and_tied_weights():
+    config = ModelConfig(vocab_size=65, context_length=256, n_layer=6, n_head=6, d_model=384)
+    m = CharTransformer(config)
+    d, L = 384, 6
+    per_block = 3 * d * d + d * d + 2 * 4 * d * d + 2 * d  # qkv, projection, MLP, two LayerNorm weights (no biases)
+    expected = 65 * d + 256 * d + L * per_block + d  # embeddings, blocks, final LayerNorm
+    assert m.num_parameters() == expected
+    assert m.num_parameters(non_embedding=True) == m.num_parameters() - 65 * d - 256 * d
+    assert not hasattr(m, "lm_head")  # the output layer is the token embedding
+    assert 10.6e6 < m.num_parameters() < 10.9e6  # the classic "10.6M" configuration
+
+
+def test_kv_cache_matches_full_forward(model):
+    ids = torch.randint(0, 50, (2, 20))
+    full, _ = model(ids)
+    caches = model.new_caches()
+    prefix, _ = model(ids[:, :8], caches=caches)
+    steps = [model(ids[:, t : t + 1], caches=caches)[0] for t in range(8, 20)]
+    cached = torch.cat([prefix, *steps], dim=1)
+    assert torch.allclose(full, cached, atol=1e-5)
+    chunked_caches = model.new_caches()
+    first, _ = model(ids[:, :12], caches=chunked_caches)
+    second, _ = model(ids[:, 12:], caches=chunked_caches)
+    assert torch.allclose(full, torch.cat([first, second], dim=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds(name):
+    config = preset(name)
+    assert config.model.vocab_size == 0  # taken from the data
+    m = CharTransformer(config.model.replace(vocab_size=65))
+    assert m.num_parameters() > 0
