@@ -315,3 +315,131 @@ class DataConfig(Config):
     ingest: IngestConfig = setting(IngestConfig(), "Where the corpus comes from and how files are read.")
     validation: ValidationConfig = setting(ValidationConfig(), "Expectations the documents table must meet.")
     encode: EncodeConfig = setting(EncodeConfig(), "Vocabulary, splits and Parquet shards.")
+
+
+# Model and training -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Config):
+    vocab_size: int = setting(0, "Number of token ids; 0 takes it from the dataset's vocabulary.")
+    context_length: int = setting(256, "Longest sequence the model attends over, in characters.")
+    n_layer: int = setting(6, "Transformer blocks.")
+    n_head: int = setting(6, "Attention heads per block (must divide d_model).")
+    d_model: int = setting(384, "Width of the residual stream (embedding size).")
+    mlp_ratio: int = setting(4, "Hidden width of each MLP, as a multiple of d_model.")
+    dropout: float = setting(0.2, "Dropout probability on embeddings, attention and MLP outputs.")
+    bias: bool = setting(False, "Biases in linear layers and LayerNorm.")
+    positions: Literal["learned", "rotary"] = setting("learned", "Learned position embeddings or rotary (RoPE).")
+    norm: Literal["layernorm", "rmsnorm"] = setting("layernorm", "Normalisation before attention and MLP.")
+
+    def check(self) -> None:
+        if self.vocab_size < 0:
+            self._fail("vocab_size", "must not be negative")
+        for name in ("context_length", "n_layer", "n_head", "d_model", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                self._fail(name, "must be at least 1")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"ModelConfig.d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
+        if self.positions == "rotary" and (self.d_model // self.n_head) % 2:
+            raise ConfigError("ModelConfig: rotary positions need an even head size (d_model / n_head)")
+        if not 0.0 <= self.dropout < 1.0:
+            self._fail("dropout", "must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    batch_size: int = setting(64, "Sequences per micro-batch.")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step (the global batch is batch_size x grad_accum).")
+    max_steps: int = setting(5000, "Optimizer steps; with a time budget, an upper bound (0: none).")
+    time_budget_s: float = setting(
+        0.0,
+        "Wall-clock budget in seconds (0: off). The learning-rate schedule then follows elapsed time, "
+        "so training ends fully decayed when the budget is spent.",
+    )
+    lr: float = setting(1e-3, "Peak learning rate.")
+    min_lr_ratio: float = setting(0.1, "Learning-rate floor at the end of the schedule, as a fraction of lr.")
+    warmup_steps: int = setting(100, "Steps of linear warm-up from 0 to lr.")
+    schedule: Literal["cosine", "wsd"] = setting(
+        "cosine", "After warm-up: cosine decay to the floor, or warmup-stable-decay (constant, then linear decay)."
+    )
+    decay_fraction: float = setting(0.2, "wsd only: share of training spent decaying to the floor.")
+    weight_decay: float = setting(0.1, "AdamW weight decay (matrices and embeddings only).")
+    beta1: float = setting(0.9, "AdamW beta1.")
+    beta2: float = setting(0.99, "AdamW beta2.")
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this (0: off).")
+    eval_interval: int = setting(250, "Steps between evaluations on the fixed validation subset.")
+    eval_batches: int = setting(20, "Batches in the fixed validation subset.")
+    checkpoint_interval: int = setting(250, "Steps between checkpoints (latest.pt); best.pt follows each evaluation.")
+    early_stopping_patience: int = setting(
+        0, "Stop after this many evaluations without a better validation loss (0: off)."
+    )
+    log_interval: int = setting(50, "Steps between progress lines.")
+    seed: int = setting(1337, "Seed for initialisation, batches and dropout.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = setting("auto", "auto picks CUDA, then MPS, then CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = setting(
+        "auto",
+        "auto: bf16 autocast on CUDA (when supported) and on CPUs with fast bf16 (AMX or AVX-512 BF16), "
+        "fp32 elsewhere.",
+    )
+    compile: bool = setting(False, "torch.compile the model (pays on GPU and on long CPU runs).")
+    threads: int = setting(0, "CPU threads for PyTorch (0: PyTorch's default).")
+
+    def check(self) -> None:
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "eval_interval",
+            "eval_batches",
+            "checkpoint_interval",
+            "log_interval",
+        ):
+            if getattr(self, name) < 1:
+                self._fail(name, "must be at least 1")
+        for name in ("max_steps", "warmup_steps", "early_stopping_patience", "threads"):
+            if getattr(self, name) < 0:
+                self._fail(name, "must not be negative")
+        if self.time_budget_s < 0:
+            self._fail("time_budget_s", "must not be negative")
+        if self.max_steps == 0 and self.time_budget_s == 0:
+            raise ConfigError("TrainConfig needs max_steps or time_budget_s (both are 0)")
+        if self.lr <= 0:
+            self._fail("lr", "must be positive")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            self._fail("min_lr_ratio", "must be in [0, 1]")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            self._fail("decay_fraction", "must be in (0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                self._fail(name, "must be in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("TrainConfig.weight_decay and grad_clip must not be negative")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(Config):
+    """What one training run needs besides its data: the model and how to train it."""
+
+    model: ModelConfig = setting(ModelConfig(), "Model shape.")
+    train: TrainConfig = setting(TrainConfig(), "Optimisation, schedule, evaluation and checkpoints.")
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds from '90', '90s', '15m', '1h', '1h30m' (a bare number is seconds)."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    total, number = 0.0, ""
+    units = {"s": 1, "m": 60, "h": 3600}
+    for char in text.strip().lower():
+        if char.isdigit() or char == ".":
+            number += char
+        elif char in units and number:
+            total += float(number) * units[char]
+            number = ""
+        else:
+            raise ConfigError(f"cannot read duration {text!r}; use e.g. 90s, 15m or 1h30m")
+    if number:
+        total += float(number)
+    if total <= 0:
+        raise ConfigError(f"duration {text!r} must be positive")
+    return total

@@ -38,3 +38,17 @@ class DataValidationError(FundamentaLLMError):
 
 class DatasetError(FundamentaLLMError):
     """An encoded dataset (manifest, vocab or shard) is missing, corrupt or inconsistent."""
+
+
+class CheckpointError(FundamentaLLMError):
+    """A checkpoint is missing, unsafe, corrupt, or does not fit the data or model it is used with."""
+
+
+class TrainingDiverged(FundamentaLLMError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(FundamentaLLMError):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved."""
+
+    exit_code = 130

@@ -74,3 +74,26 @@ def small_config(*sources: str | Path, **encode: object) -> DataConfig:
             "encode": {"shard_tokens": 4096, **encode},
         }
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """An encoded dataset of about 60,000 characters of prose (contiguous split 90/5/5)."""
+    from fundamentallm.config import EncodeConfig, IngestConfig
+    from fundamentallm.data.encode import encode
+    from fundamentallm.data.ingest import ingest
+
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "corpus").mkdir()
+    for i in range(6):
+        (root / "corpus" / f"{i}.txt").write_text(prose(100 + i, 2000), encoding="utf-8")
+    docs = ingest(IngestConfig(sources=(str(root / "corpus"),)), root / "out")
+    return Path(encode(docs.path, EncodeConfig(), root / "out").path)
+
+
+def debug_config(**train: object):
+    """The debug preset with train settings replaced."""
+    from fundamentallm.presets import preset
+
+    config = preset("debug")
+    return config.replace(train=config.train.replace(**train))

@@ -1,0 +1,81 @@
+"""Named training presets: functions that build a `RunConfig`.
+
+- ``debug``: a tiny model that trains in seconds, for tests.
+- ``cpu-small``: the best model found for a 2-core CPU in about 15 minutes.
+- ``shakespeare-gpu``: the classic single-GPU configuration (6 layers, 6 heads, 384 wide,
+  context 256, dropout 0.2) that reaches about 1.47 nats/char on Tiny Shakespeare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fundamentallm.config import ModelConfig, RunConfig, TrainConfig
+from fundamentallm.errors import ConfigError
+
+
+def debug() -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(context_length=32, n_layer=2, n_head=2, d_model=32, dropout=0.0),
+        train=TrainConfig(
+            batch_size=16,
+            max_steps=200,
+            lr=3e-3,
+            warmup_steps=10,
+            eval_interval=50,
+            eval_batches=4,
+            checkpoint_interval=50,
+            log_interval=20,
+            precision="fp32",
+        ),
+    )
+
+
+def cpu_small() -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(context_length=128, n_layer=4, n_head=4, d_model=192, dropout=0.0),
+        train=TrainConfig(
+            batch_size=32,
+            max_steps=0,
+            time_budget_s=900.0,
+            lr=2e-3,
+            min_lr_ratio=0.0,
+            warmup_steps=50,
+            schedule="cosine",
+            weight_decay=0.1,
+            eval_interval=200,
+            eval_batches=10,
+            checkpoint_interval=200,
+        ),
+    )
+
+
+def shakespeare_gpu() -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(context_length=256, n_layer=6, n_head=6, d_model=384, dropout=0.2),
+        train=TrainConfig(
+            batch_size=64,
+            max_steps=5000,
+            lr=1e-3,
+            min_lr_ratio=0.1,
+            warmup_steps=100,
+            beta2=0.99,
+            eval_interval=250,
+            eval_batches=20,
+            compile=True,
+        ),
+    )
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "debug": debug,
+    "cpu-small": cpu_small,
+    "shakespeare-gpu": shakespeare_gpu,
+}
+
+
+def preset(name: str) -> RunConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None

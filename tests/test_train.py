@@ -1,0 +1,185 @@
+"""The training loop: learning, schedules, resume equivalence, NaN handling, signals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import debug_config
+
+from fundamentallm.checkpoint import load_checkpoint
+from fundamentallm.config import TrainConfig
+from fundamentallm.data.dataset import Dataset
+from fundamentallm.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
+from fundamentallm.evaluate import evaluate
+from fundamentallm.train import NullCallback, learning_rate, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_debug_run_learns_well_below_the_unigram_baseline(tiny_dataset, tmp_path):
+    result = train(tiny_dataset, debug_config(max_steps=300), tmp_path / "run")
+    assert result.stop_reason == "max_steps" and result.steps == 300
+    metrics = evaluate(result.best_checkpoint, tiny_dataset, "val")
+    assert metrics.bits_per_char < metrics.unigram_bits_per_char - 0.8, metrics
+    assert metrics.unigram_bits_per_char < metrics.uniform_bits_per_char
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {line["kind"] for line in lines} == {"train", "eval"}
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 300
+
+
+def test_learning_rate_schedules():
+    cosine = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
+    assert learning_rate(cosine, 0, 0.0) == pytest.approx(0.1)
+    assert learning_rate(cosine, 9, 0.0) == pytest.approx(1.0)
+    assert learning_rate(cosine, 60, 0.0) == pytest.approx(0.55)  # half-way through the decay
+    assert learning_rate(cosine, 110, 1.0) == pytest.approx(0.1)
+    wsd = TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=0, schedule="wsd", decay_fraction=0.2, max_steps=100)
+    assert learning_rate(wsd, 50, 0.5) == 1.0
+    assert learning_rate(wsd, 90, 0.9) == pytest.approx(0.5)
+    timed = TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=5, max_steps=0, time_budget_s=60)
+    assert learning_rate(timed, 1000, 0.5) == pytest.approx(0.5)  # follows elapsed time, not steps
+    assert learning_rate(timed, 1000, 1.0) == pytest.approx(0.0)
+
+
+def test_time_budget_ends_fully_decayed(tiny_dataset, tmp_path):
+    seen: list[float] = []
+
+    class Watch(NullCallback):
+        def on_train_step(self, step, metrics):
+            seen.append(metrics["lr"])
+
+    config = debug_config(max_steps=0, time_budget_s=4.0, log_interval=1, min_lr_ratio=0.0, warmup_steps=2)
+    started = time.monotonic()
+    result = train(tiny_dataset, config, tmp_path / "run", callbacks=[Watch()])
+    assert result.stop_reason == "time_budget"
+    assert 4.0 <= result.elapsed_seconds < 8.0 and time.monotonic() - started < 15
+    assert seen[-1] < 0.15 * config.train.lr  # the last steps ran at the end of the decay
+
+
+class _InterruptAt(NullCallback):
+    """Sends this process SIGINT at a given step, as a user pressing Ctrl-C would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_step(self, step, metrics):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_dataset, tmp_path):
+    config = debug_config(max_steps=60, log_interval=1, eval_interval=20, checkpoint_interval=25)
+    config = config.replace(model=config.model.replace(dropout=0.1))  # dropout exercises the RNG state
+    straight = train(tiny_dataset, config, tmp_path / "straight")
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT received: saved .*latest.pt at step 33"):
+        train(tiny_dataset, config, tmp_path / "resumed", callbacks=[_InterruptAt(33)])
+    assert load_checkpoint(tmp_path / "resumed" / "latest.pt").step == 33
+    resumed = train(tiny_dataset, config, tmp_path / "resumed", resume=True)
+    assert resumed.steps == straight.steps == 60
+    assert resumed.final_train_loss == straight.final_train_loss
+    assert resumed.best_val_loss == straight.best_val_loss
+    a = load_checkpoint(straight.latest_checkpoint).model_state
+    b = load_checkpoint(resumed.latest_checkpoint).model_state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tiny_dataset, tmp_path):
+    config = debug_config(max_steps=5)
+    train(tiny_dataset, config, tmp_path / "run")
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        train(tiny_dataset, config, tmp_path / "run")
+    with pytest.raises(CheckpointError, match="nothing to resume from"):
+        train(tiny_dataset, config, tmp_path / "empty", resume=True)
+    other = config.replace(model=config.model.replace(d_model=48))
+    with pytest.raises(CheckpointError, match="model config differs"):
+        train(tiny_dataset, other, tmp_path / "run", resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    from fundamentallm import model as model_module
+
+    original = model_module.CharTransformer.forward
+    calls = {"n": 0}
+
+    def poisoned(self, ids, targets=None, caches=None):
+        logits, loss = original(self, ids, targets, caches)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 13:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_module.CharTransformer, "forward", poisoned)
+    config = debug_config(max_steps=50, checkpoint_interval=5, eval_interval=5)
+    with pytest.raises(TrainingDiverged, match=r"training loss became nan at step 13 .*last good checkpoint is"):
+        train(tiny_dataset, config, tmp_path / "run")
+    kept = load_checkpoint(tmp_path / "run" / "latest.pt")
+    assert kept.step == 10
+    assert all(torch.isfinite(t).all() for t in kept.model_state.values())
+
+
+def test_vocab_size_must_match_the_data(tiny_dataset, tmp_path):
+    config = debug_config(max_steps=5)
+    config = config.replace(model=config.model.replace(vocab_size=7))
+    with pytest.raises(ConfigError, match="vocab_size is 7 but the dataset's vocabulary has"):
+        train(tiny_dataset, config, tmp_path / "run")
+    long_context = debug_config(max_steps=5)
+    long_context = long_context.replace(model=long_context.model.replace(context_length=5000))
+    with pytest.raises(ConfigError, match="too few for context_length 5000"):
+        train(tiny_dataset, long_context, tmp_path / "run2")
+
+
+def test_checkpoint_is_self_contained(tiny_dataset, tmp_path):
+    result = train(tiny_dataset, debug_config(max_steps=10), tmp_path / "run")
+    ckpt = load_checkpoint(result.latest_checkpoint)
+    assert ckpt.vocab == Dataset(tiny_dataset).vocab
+    assert ckpt.config.model.vocab_size == ckpt.vocab.size
+    assert set(ckpt.raw) >= {"model", "optimizer", "step", "rng", "config", "vocab", "vocab_hash", "elapsed_s"}
+
+
+def test_sigterm_to_the_command_saves_and_resume_finishes(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "fundamentallm.cli",
+        "train",
+        str(tiny_dataset),
+        "--out",
+        str(run),
+        "--preset",
+        "debug",
+        "--max-steps",
+        "100000",
+        "--no-eval",
+    ]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "error: SIGTERM received: saved" in stderr
+    step = load_checkpoint(run / "latest.pt").step
+    assert step > 0
+    finish = subprocess.run(
+        [*command[:-3], "--max-steps", str(step + 20), "--resume", "--no-eval", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finish.returncode == 0, finish.stderr
+    assert json.loads(finish.stdout)["train"]["steps"] == step + 20
+    assert math.isfinite(json.loads(finish.stdout)["train"]["final_train_loss"])
