@@ -1,0 +1,184 @@
+"""Exact evaluation over a whole split: loss, perplexity and bits per character, from sums.
+
+Context policy (sliding window with stride S over windows of the context length T): the
+first window scores all T of its targets; each following window starts S characters later
+and scores only its last S targets, which the previous window did not reach. Every
+character after the first is scored exactly once, the first T with the context that
+precedes them and all later ones with at least T - S characters of context (the last
+window is aligned to the end of the split). The figures are sums over all scored
+characters: loss = total nats / characters, perplexity = exp(loss),
+bits per character = loss / ln 2.
+
+Two baselines on the same split put the figure in perspective: the uniform model (log2 of
+the vocabulary size) and the unigram entropy (the split's own character frequencies; no
+model that ignores context can beat it on this split).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fundamentallm.checkpoint import load_checkpoint
+from fundamentallm.data.dataset import Dataset
+from fundamentallm.errors import CheckpointError, ConfigError
+from fundamentallm.progress import Progress, null_progress
+from fundamentallm.runtime import Precision, resolve_device, resolve_precision
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    split: str
+    characters: int
+    total_nats: float
+    loss: float
+    perplexity: float
+    bits_per_char: float
+    uniform_bits_per_char: float
+    unigram_bits_per_char: float
+    vocab_size: int
+    context_length: int
+    stride: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def metrics_from_sums(total_nats: float, characters: int) -> tuple[float, float, float]:
+    """(loss in nats/char, perplexity, bits per character) from a sum of nats over characters."""
+    if characters <= 0:
+        raise ValueError("no characters were scored")
+    loss = total_nats / characters
+    return loss, math.exp(loss), loss / LN2
+
+
+def unigram_bits(counts: np.ndarray) -> float:
+    """Entropy in bits of the character distribution given by `counts`."""
+    counts = counts[counts > 0].astype(np.float64)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def window_plan(n: int, context: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored target index within the window) for each window over n tokens.
+
+    A window covers tokens[start : start + T + 1]: inputs start..start+T-1, targets
+    start+1..start+T. Target j of the window (0-based) is token start + 1 + j.
+    """
+    context = min(context, n - 1)
+    plan = [(0, 0)]
+    scored_to = context  # targets 1..context are scored by the first window
+    start = 0
+    while scored_to < n - 1:
+        start = min(start + stride, n - 1 - context)
+        first = scored_to - start  # first target index not yet scored: token scored_to + 1
+        plan.append((start, first))
+        scored_to = start + context
+    return plan
+
+
+@torch.no_grad()
+def score_tokens(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    context: int,
+    stride: int,
+    *,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    precision: Precision | None = None,
+    progress: Progress = null_progress,
+) -> tuple[float, int]:
+    """Total nats and number of scored characters over `tokens` with the sliding-window policy."""
+    device = device or torch.device("cpu")
+    precision = precision or Precision("fp32", None)
+    if len(tokens) < 2:
+        raise ConfigError("a split needs at least two characters to be scored")
+    if not 1 <= stride <= context:
+        raise ConfigError(f"stride must be between 1 and the context length {context}; got {stride}")
+    model.eval()
+    data = torch.from_numpy(tokens.astype(np.int64, copy=False))
+    plan = window_plan(len(tokens), context, stride)
+    width = min(context, len(tokens) - 1)
+    offsets = torch.arange(width + 1)
+    total = 0.0
+    count = 0
+    for i in range(0, len(plan), batch_size):
+        chunk = plan[i : i + batch_size]
+        starts = torch.tensor([s for s, _ in chunk])
+        firsts = torch.tensor([f for _, f in chunk])
+        window = data[starts[:, None] + offsets].to(device)  # (B, T + 1)
+        with precision.autocast(device):
+            logits, _ = model(window[:, :-1])
+        nats = F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), window[:, 1:].reshape(-1), reduction="none"
+        ).view(len(chunk), width)
+        mask = torch.arange(width)[None, :] >= firsts[:, None]
+        total += float(nats.double().cpu()[mask].sum())
+        count += int(mask.sum())
+        progress("evaluate", min(i + batch_size, len(plan)), len(plan))
+    if count != len(tokens) - 1:  # every character after the first, exactly once
+        raise AssertionError(f"scored {count} of {len(tokens) - 1} characters")
+    return total, count
+
+
+def evaluate(
+    checkpoint: str | Path,
+    dataset: str | Path,
+    split: str = "val",
+    *,
+    stride: int | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: Progress = null_progress,
+) -> EvalResult:
+    """Exact figures of a checkpoint on one split of a dataset (default stride: half the context)."""
+    started = time.perf_counter()
+    data = Dataset(dataset)
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.vocab_hash != data.vocab_hash:
+        raise CheckpointError(
+            f"{checkpoint} was trained with vocabulary {ckpt.vocab_hash[:12]}, but {dataset} uses "
+            f"{data.vocab_hash[:12]}: ids would mean different characters; evaluate on the dataset it was trained on"
+        )
+    torch_device = resolve_device(device)
+    model = ckpt.build_model(torch_device)
+    context = ckpt.config.model.context_length
+    stride = stride or max(1, context // 2)
+    tokens = data.tokens(split)
+    total, count = score_tokens(
+        model,
+        tokens,
+        context,
+        stride,
+        batch_size=batch_size,
+        device=torch_device,
+        precision=resolve_precision(precision, torch_device),
+        progress=progress,
+    )
+    loss, perplexity, bpc = metrics_from_sums(total, count)
+    return EvalResult(
+        split=split,
+        characters=count,
+        total_nats=total,
+        loss=loss,
+        perplexity=perplexity,
+        bits_per_char=bpc,
+        uniform_bits_per_char=math.log2(data.vocab.size),
+        unigram_bits_per_char=unigram_bits(data.token_counts(split)),
+        vocab_size=data.vocab.size,
+        context_length=context,
+        stride=stride,
+        seconds=time.perf_counter() - started,
+    )
