@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,10 @@ from rich.table import Table
 
 from fundamentallm import __version__
 from fundamentallm.errors import FundamentaLLMError
+
+_command_start = time.monotonic()
+"""When the current command started: a training time budget counts from here, so loading
+the data and building the model are inside it. Reset at each invocation."""
 
 app = typer.Typer(
     name="fundamentallm",
@@ -51,6 +56,8 @@ def main(
     ] = False,
 ) -> None:
     """Train character-level transformer language models from scratch."""
+    global _command_start
+    _command_start = time.monotonic()
     from rich.logging import RichHandler
 
     handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
@@ -213,6 +220,248 @@ def _print_prepare(result: Any) -> None:
     if validation.data_docs_path:
         table.add_row("data docs", validation.data_docs_path)
     out.print(table)
+
+
+def _run_config(preset_name: str, config_file: Path | None, overrides: list[str] | None, changes: dict[str, Any]):
+    from fundamentallm.config import RunConfig, load_config_file, parse_override
+    from fundamentallm.presets import preset
+
+    config = preset(preset_name)
+    if config_file:
+        config = config.with_overrides(_flatten(load_config_file(config_file)))
+    items = dict(parse_override(item) for item in overrides or [])
+    items.update({k: v for k, v in changes.items() if v is not None})
+    return RunConfig.from_dict(config.with_overrides(items).to_dict())
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _print_eval(result: Any, title: str) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("loss", f"{result.loss:.4f} nats/char over {result.characters:,} characters ({result.split})")
+    table.add_row("perplexity", f"{result.perplexity:.3f}")
+    table.add_row("bits/char", f"{result.bits_per_char:.4f}")
+    table.add_row(
+        "baselines",
+        f"uniform {result.uniform_bits_per_char:.3f} bits/char, unigram {result.unigram_bits_per_char:.3f} bits/char",
+    )
+    table.add_row("context", f"{result.context_length} (stride {result.stride}), {result.seconds:.1f}s")
+    out.print(table)
+
+
+@app.command()
+def train(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory made by 'fundamentallm prepare' (datasets/<id>).")],
+    run_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory for checkpoints and logs.")] = Path(
+        "runs/latest"
+    ),
+    preset_name: Annotated[
+        str, typer.Option("--preset", "-p", help="Starting configuration: debug, cpu-small or shakespeare-gpu.")
+    ] = "cpu-small",
+    config_file: Annotated[
+        Path | None, typer.Option("--config", "-c", help="JSON or TOML file with model/train settings over the preset.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override one setting, e.g. --set train.lr=0.002 (repeatable).")
+    ] = None,
+    time_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--time-budget",
+            help="Train for this long (e.g. 90s, 15m, 1h), counted from the command's start; the learning rate "
+            "follows elapsed time and is fully decayed at the end.",
+        ),
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps (0: no limit).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="auto, fp32 or bf16.")] = None,
+    compile_model: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.", show_default=False)
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest.pt.")] = False,
+    evaluate_after: Annotated[
+        bool, typer.Option("--eval/--no-eval", help="Evaluate the best checkpoint exactly on val at the end.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Train a model on an encoded dataset; checkpoints go to the run directory."""
+    with _user_errors():
+        from fundamentallm.config import parse_duration
+        from fundamentallm.train import ProgressPrinter
+        from fundamentallm.train import train as run_train
+
+        changes: dict[str, Any] = {
+            "train.device": device,
+            "train.precision": precision,
+            "train.compile": compile_model,
+            "train.max_steps": max_steps,
+        }
+        if time_budget is not None:
+            changes["train.time_budget_s"] = parse_duration(time_budget)
+            if max_steps is None:
+                changes["train.max_steps"] = 0
+        config = _run_config(preset_name, config_file, overrides, changes)
+        result = run_train(
+            dataset, config, run_dir, resume=resume, callbacks=[ProgressPrinter()], clock_start=_command_start
+        )
+        evaluation = None
+        if evaluate_after:
+            from fundamentallm.evaluate import evaluate as run_evaluate
+
+            evaluation = run_evaluate(result.best_checkpoint, dataset, "val", device=config.train.device)
+    if as_json:
+        payload = {"train": result.to_dict(), "eval": evaluation.to_dict() if evaluation else None}
+        print(json.dumps(payload, indent=2))
+        return
+    console.print(
+        f"trained {result.steps:,} steps, {result.tokens:,} tokens in {result.train_seconds:.0f}s "
+        f"({result.tokens_per_s:,.0f} tok/s, {result.device}, {result.precision}); stopped: {result.stop_reason}"
+    )
+    console.print(f"checkpoints: {result.best_checkpoint} (best), {result.latest_checkpoint} (latest)")
+    if evaluation:
+        _print_eval(evaluation, "validation (exact, whole split)")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file (best.pt or latest.pt).")],
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory the model was trained on.")],
+    split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "val",
+    stride: Annotated[
+        int | None, typer.Option("--stride", help="Sliding-window stride (default: half the context).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Exact loss, perplexity and bits per character over a whole split, with baselines."""
+    with _user_errors():
+        from fundamentallm.evaluate import evaluate as run_evaluate
+
+        with _progress_bars(console.is_terminal) as report:
+            result = run_evaluate(checkpoint, dataset, split, stride=stride, device=device, progress=report)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    _print_eval(result, f"{split} (exact, whole split)")
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file (best.pt or latest.pt).")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue (empty: start from a newline).")] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Characters to generate.")] = 500,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 for greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely characters (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus: keep characters up to this probability.")] = 1.0,
+    repetition_penalty: Annotated[
+        float, typer.Option("--repetition-penalty", help="1 is off; >1 avoids repeats.")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples generated at once.")] = 1,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop a sample at this string (repeatable).")] = None,
+    unknown: Annotated[
+        str, typer.Option("--unknown", help="Prompt characters outside the vocabulary: error or unk (warn).")
+    ] = "error",
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="Keep a prompt loop open; ':help' lists settings.")
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Generate text from a checkpoint, streaming characters as they come."""
+    with _user_errors():
+        from fundamentallm.sample import SampleConfig
+
+        config = SampleConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            num_samples=num_samples,
+            stop=tuple(stop or ()),
+            unknown=unknown,  # type: ignore[arg-type]
+        )
+        sampler = _sampler(checkpoint, device)
+        if interactive:
+            _interactive(sampler, config)
+        else:
+            _stream(sampler, prompt, config)
+
+
+def _sampler(checkpoint: Path, device: str) -> Any:
+    from fundamentallm.checkpoint import load_checkpoint
+    from fundamentallm.runtime import resolve_device, resolve_precision
+    from fundamentallm.sample import Sampler
+
+    torch_device = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint)
+    return Sampler(ckpt.build_model(torch_device), ckpt.vocab, torch_device, resolve_precision("auto", torch_device))
+
+
+def _stream(sampler: Any, prompt: str, config: Any) -> None:
+    if config.num_samples == 1:
+        sys.stdout.write(prompt)
+        for pieces in sampler.stream(prompt, config):
+            sys.stdout.write(pieces[0])
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    for i, text in enumerate(sampler.generate(prompt, config)):
+        print(f"--- sample {i + 1} ---\n{prompt}{text}")
+
+
+_INTERACTIVE_HELP = """settings: ':temperature 0.5', ':top_k 40', ':top_p 0.9', ':max_new_tokens 300', ':seed 7',
+':repetition_penalty 1.2', ':num_samples 2', ':stop END' (':stop' alone clears), ':show', ':help', ':quit'.
+Anything else is a prompt; an empty line continues from a newline."""
+
+
+def _interactive(sampler: Any, config: Any) -> None:
+    from fundamentallm.errors import FundamentaLLMError
+
+    console.print(_INTERACTIVE_HELP)
+    while True:
+        try:
+            line = input("prompt> ")
+        except EOFError:
+            print()
+            return
+        if line.startswith(":"):
+            name, _, value = line[1:].strip().partition(" ")
+            if name in ("quit", "q", "exit"):
+                return
+            if name in ("help", "h"):
+                console.print(_INTERACTIVE_HELP)
+                continue
+            if name == "show":
+                console.print(json.dumps(config.to_dict()))
+                continue
+            try:
+                if name == "stop":
+                    config = config.replace(stop=(value,) if value else ())
+                elif name in config.to_dict():
+                    kind = type(getattr(config, name))
+                    config = config.replace(**{name: kind(value)})
+                else:
+                    console.print(f"unknown setting {name!r}; ':help' lists them")
+                    continue
+            except (ValueError, FundamentaLLMError) as exc:
+                console.print(f"error: {exc}")
+            continue
+        try:
+            _stream(sampler, line, config)
+        except FundamentaLLMError as exc:
+            console.print(f"error: {exc}")
 
 
 @app.command()
