@@ -364,7 +364,14 @@ class TrainConfig(Config):
         "cosine", "After warm-up: cosine decay to the floor, or warmup-stable-decay (constant, then linear decay)."
     )
     decay_fraction: float = setting(0.2, "wsd only: share of training spent decaying to the floor.")
-    weight_decay: float = setting(0.1, "AdamW weight decay (matrices and embeddings only).")
+    optimizer: Literal["adamw", "muon"] = setting(
+        "adamw",
+        "adamw: AdamW for every parameter. muon: Muon (orthogonalised momentum) for the blocks' weight matrices "
+        "at muon_lr, AdamW at lr for embeddings and norms.",
+    )
+    muon_lr: float = setting(0.02, "Peak learning rate of Muon (optimizer = muon).")
+    muon_momentum: float = setting(0.95, "Momentum of Muon (optimizer = muon).")
+    weight_decay: float = setting(0.1, "Decoupled weight decay (matrices and embeddings only).")
     beta1: float = setting(0.9, "AdamW beta1.")
     beta2: float = setting(0.99, "AdamW beta2.")
     grad_clip: float = setting(1.0, "Clip the global gradient norm to this (0: off).")
@@ -405,6 +412,10 @@ class TrainConfig(Config):
             raise ConfigError("TrainConfig needs max_steps or time_budget_s (both are 0)")
         if self.lr <= 0:
             self._fail("lr", "must be positive")
+        if self.muon_lr <= 0:
+            self._fail("muon_lr", "must be positive")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            self._fail("muon_momentum", "must be in [0, 1)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             self._fail("min_lr_ratio", "must be in [0, 1]")
         if not 0.0 < self.decay_fraction <= 1.0:

@@ -3,9 +3,9 @@
 One call, `train(dataset, config, run_dir)`, trains a model on an encoded dataset:
 
 - batches are random windows of context + 1 tokens from the training split;
-- AdamW (weight decay on matrices and embeddings only; fused where PyTorch offers it),
-  linear warm-up, then cosine or warmup-stable-decay to a floor; gradient clipping and
-  accumulation;
+- AdamW (weight decay on matrices and embeddings only; fused where PyTorch offers it), or
+  Muon for the blocks' weight matrices (see `fundamentallm.optim`); linear warm-up, then
+  cosine or warmup-stable-decay to a floor; gradient clipping and accumulation;
 - the schedule follows steps, or elapsed wall-clock time when a time budget is set, so a
   budgeted run ends with the learning rate fully decayed;
 - bf16 autocast where it pays (see `fundamentallm.runtime`), fp32 elsewhere; optional
@@ -45,6 +45,7 @@ from fundamentallm.data.dataset import Dataset
 from fundamentallm.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from fundamentallm.fsutil import atomic_write_json
 from fundamentallm.model import CharTransformer
+from fundamentallm.optim import build_optimizer
 from fundamentallm.runtime import Precision, configure_backends, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -216,22 +217,6 @@ def subset_loss(
     return total / count
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    kwargs = {"lr": config.lr, "betas": (config.beta1, config.beta2)}
-    if device.type in ("cuda", "cpu"):
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError):
-            pass
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
-
-
 class _StopFlag:
     """Set by SIGINT/SIGTERM while training; the loop saves a checkpoint and stops."""
 
@@ -331,7 +316,7 @@ def train(
     configure_backends(device, tc.threads)
     torch.manual_seed(tc.seed)
     model = CharTransformer(mc).to(device)
-    optimizer = _optimizer(model, tc, device)
+    optimizer = build_optimizer(model, tc, device)
     batches = Batches(train_tokens, mc.context_length, tc.batch_size, device, tc.seed + 1)
     val_data = torch.from_numpy(val_tokens.astype(np.int64, copy=False))
     eval_starts = fixed_windows(len(val_data), mc.context_length, tc.eval_batches * tc.batch_size, tc.seed + 2)
@@ -413,8 +398,7 @@ def train(
                 break
             progress = elapsed() / tc.time_budget_s if tc.time_budget_s else step / tc.max_steps
             lr = learning_rate(tc, step, progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimizer.set_lr_factor(lr / tc.lr)
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for _ in range(tc.grad_accum):

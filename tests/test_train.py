@@ -65,7 +65,7 @@ def test_time_budget_ends_fully_decayed(tiny_dataset, tmp_path):
     assert seen[-1] < 0.15 * config.train.lr  # the last steps ran at the end of the decay
 
 
-class _InterruptAt(NullCallback):
+class InterruptAt(NullCallback):
     """Sends this process SIGINT at a given step, as a user pressing Ctrl-C would."""
 
     def __init__(self, step: int):
@@ -81,7 +81,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_dataset, 
     config = config.replace(model=config.model.replace(dropout=0.1))  # dropout exercises the RNG state
     straight = train(tiny_dataset, config, tmp_path / "straight")
     with pytest.raises(TrainingInterrupted, match=r"SIGINT received: saved .*latest.pt at step 33"):
-        train(tiny_dataset, config, tmp_path / "resumed", callbacks=[_InterruptAt(33)])
+        train(tiny_dataset, config, tmp_path / "resumed", callbacks=[InterruptAt(33)])
     assert load_checkpoint(tmp_path / "resumed" / "latest.pt").step == 33
     resumed = train(tiny_dataset, config, tmp_path / "resumed", resume=True)
     assert resumed.steps == straight.steps == 60

@@ -1,0 +1,244 @@
+"""Benchmarks of the model and trainer on Tiny Shakespeare.
+
+    python benchmarks/bench_train.py quality --budget 2m            # exact val loss after a time budget
+    python benchmarks/bench_train.py quality --budget 15m --preset cpu-small
+    python benchmarks/bench_train.py throughput                     # tokens/s and model FLOP utilisation
+    python benchmarks/bench_train.py generation                     # characters/s with and without KV cache
+
+quality: prepares Tiny Shakespeare with the classic contiguous split (first 90% of
+characters train, last 10% validation), runs ``fundamentallm train --time-budget B`` as a
+fresh process (the budget counts from the command's start, so loading data and building
+the model are inside it), and evaluates the final checkpoint exactly over the whole
+validation split (sliding window, stride half the context). It prints the process wall
+time, steps, tokens/s and the exact loss, perplexity and bits per character.
+
+throughput: training tokens/s at the ``shakespeare-gpu`` and ``cpu-small`` shapes, and model
+FLOP utilisation: model FLOPs per second (6 x non-embedding parameters + 6 x layers x
+context x width per token, forward and backward, the attention term as in the PaLM paper)
+against a large matrix product of the same dtype measured in the same run.
+
+generation: characters per second generating 512 characters after a 256-character
+prompt at context 256, with and without the KV cache.
+
+Run with the machine otherwise idle; figures go to benchmarks/RESULTS.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def shakespeare_dataset(text: Path, out: Path) -> Path:
+    from fundamentallm.config import DataConfig
+    from fundamentallm.data.prepare import prepare
+
+    config = DataConfig.from_dict(
+        {
+            "ingest": {"sources": [str(text)]},
+            "encode": {"split": "contiguous", "train_fraction": 0.9, "val_fraction": 0.1, "test_fraction": 0.0},
+        }
+    )
+    return Path(prepare(config, out, data_docs=False).dataset.path)
+
+
+def quality(args: argparse.Namespace) -> None:
+    from fundamentallm.evaluate import evaluate
+
+    dataset = shakespeare_dataset(args.shakespeare, args.data)
+    results = []
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+            run = Path(tmp) / "run"
+            command = [
+                sys.executable,
+                "-m",
+                "fundamentallm.cli",
+                "train",
+                str(dataset),
+                "--out",
+                str(run),
+                "--preset",
+                args.preset,
+                "--time-budget",
+                args.budget,
+                "--no-eval",
+                "--json",
+            ]
+            for item in args.set or []:
+                command += ["--set", item]
+            started = time.monotonic()
+            proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+            wall = time.monotonic() - started
+            if proc.returncode != 0:
+                sys.exit(f"training failed:\n{proc.stderr[-4000:]}")
+            trained = json.loads(proc.stdout)["train"]
+            figures = evaluate(run / "latest.pt", dataset, "val")
+            record = {"wall_s": wall, **trained, "exact": figures.to_dict()}
+            results.append(record)
+            print(
+                f"run {repeat + 1}: wall {wall:.1f}s, {trained['steps']} steps, {trained['tokens']:,} tokens, "
+                f"{trained['tokens_per_s']:,.0f} tok/s ({trained['precision']}), "
+                f"val loss {figures.loss:.4f} nats/char, ppl {figures.perplexity:.3f}, {figures.bits_per_char:.4f} bpc"
+                f" (unigram {figures.unigram_bits_per_char:.3f}, uniform {figures.uniform_bits_per_char:.3f} bits)",
+                flush=True,
+            )
+    losses = [r["exact"]["loss"] for r in results]
+    print(
+        f"preset {args.preset}, budget {args.budget}, overrides {args.set or []}: "
+        f"median exact val loss {statistics.median(losses):.4f} over {len(losses)} run(s)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _matmul_rate(dtype, device, n: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(2 * n**3 / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def _train_step(forward, optimizer, x, y, precision, device) -> None:
+    import torch
+
+    with precision.autocast(device):
+        _, loss = forward(x, y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def throughput(args: argparse.Namespace) -> None:
+    import torch
+
+    from fundamentallm.model import CharTransformer
+    from fundamentallm.optim import build_optimizer
+    from fundamentallm.presets import preset
+    from fundamentallm.runtime import resolve_device, resolve_precision
+
+    device = resolve_device(args.device)
+    for name in args.presets:
+        config = preset(name)
+        mc, tc = config.model.replace(vocab_size=66), config.train
+        precision = resolve_precision(tc.precision if args.precision == "preset" else args.precision, device)
+        dtype = precision.dtype or torch.float32
+        peak = _matmul_rate(dtype, device)
+        torch.manual_seed(0)
+        model = CharTransformer(mc).to(device).train()
+        optimizer = build_optimizer(model, tc, device)
+        forward = torch.compile(model) if args.compile else model
+        batch = args.batch or tc.batch_size
+        x = torch.randint(0, 66, (batch, mc.context_length), device=device)
+        y = torch.randint(0, 66, (batch, mc.context_length), device=device)
+
+        for _ in range(args.warmup):
+            _train_step(forward, optimizer, x, y, precision, device)
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            _train_step(forward, optimizer, x, y, precision, device)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        tokens = batch * mc.context_length
+        n = model.num_parameters(non_embedding=True)
+        flops_per_token = 6 * n + 6 * mc.n_layer * mc.context_length * mc.d_model
+        achieved = flops_per_token * tokens / seconds
+        print(
+            f"{name}: {mc.n_layer}x{mc.d_model}, context {mc.context_length}, batch {batch}, {precision.name}, "
+            f"compile={args.compile}: {tokens / seconds:,.0f} tokens/s, {achieved / 1e9:.1f} GFLOP/s model, "
+            f"matmul peak {peak / 1e9:.1f} GFLOP/s -> MFU {achieved / peak:.1%}",
+            flush=True,
+        )
+
+
+def generation(args: argparse.Namespace) -> None:
+    import torch
+
+    from fundamentallm.config import ModelConfig
+    from fundamentallm.data.vocab import Vocab
+    from fundamentallm.model import CharTransformer
+    from fundamentallm.runtime import resolve_device
+    from fundamentallm.sample import SampleConfig, Sampler
+
+    device = resolve_device(args.device)
+    vocab = Vocab([chr(c) for c in range(32, 97)])
+    torch.manual_seed(0)
+    model = CharTransformer(ModelConfig(vocab_size=vocab.size, context_length=256, n_layer=6, n_head=6, d_model=384))
+    model = model.to(device)
+    prompt = "".join(vocab.chars[i % len(vocab.chars)] for i in range(256))
+    config = SampleConfig(max_new_tokens=args.tokens, temperature=1.0, seed=0)
+    rates = {}
+    for use_cache in (True, False):
+        sampler = Sampler(model, vocab, device, use_cache=use_cache)
+        sampler.generate(prompt, config.replace(max_new_tokens=8))
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            sampler.generate(prompt, config)
+            runs.append(args.tokens / (time.perf_counter() - start))
+        rates[use_cache] = statistics.median(runs)
+        print(
+            f"KV cache {'on ' if use_cache else 'off'}: {rates[use_cache]:,.1f} characters/s "
+            f"(runs: {', '.join(f'{r:.1f}' for r in runs)})",
+            flush=True,
+        )
+    print(f"speed-up from the cache: {rates[True] / rates[False]:.1f}x (6x384 model, context 256, {device})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quality", help="exact validation loss after a time budget")
+    q.add_argument("--budget", default="2m")
+    q.add_argument("--preset", default="cpu-small")
+    q.add_argument("--set", action="append", help="setting override, as for 'fundamentallm train --set'")
+    q.add_argument("--repeats", type=int, default=1)
+    q.add_argument("--shakespeare", type=Path, default=DEFAULT_SHAKESPEARE)
+    q.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fundamentallm-bench-data")
+    q.add_argument("--json", type=Path)
+    t = sub.add_parser("throughput", help="training tokens/s and model FLOP utilisation")
+    t.add_argument("--presets", nargs="+", default=["shakespeare-gpu", "cpu-small"])
+    t.add_argument("--device", default="auto")
+    t.add_argument("--precision", default="preset", help="preset (each preset's own), auto, fp32 or bf16")
+    t.add_argument("--compile", action="store_true")
+    t.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--steps", type=int, default=10)
+    g = sub.add_parser("generation", help="characters/s with and without the KV cache")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--tokens", type=int, default=512)
+    g.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.command == "quality" and not args.shakespeare.is_file():
+        sys.exit(f"{args.shakespeare}: not found (give --shakespeare PATH)")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    {"quality": quality, "throughput": throughput, "generation": generation}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
