@@ -357,7 +357,16 @@ def evaluate(
 
 @app.command()
 def sample(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file (best.pt or latest.pt).")],
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint file (best.pt or latest.pt); or give --model.", show_default=False)
+    ] = None,
+    model_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="A registered or logged MLflow model instead of a file, e.g. models:/fundamentallm-char@champion.",
+        ),
+    ] = None,
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue (empty: start from a newline).")] = "",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Characters to generate.")] = 500,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 for greedy.")] = 0.8,
@@ -377,9 +386,17 @@ def sample(
     ] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
 ) -> None:
-    """Generate text from a checkpoint, streaming characters as they come."""
+    """Generate text from a checkpoint or a registered model, streaming characters as they come."""
     with _user_errors():
+        from fundamentallm.errors import ConfigError
         from fundamentallm.sample import SampleConfig
+
+        if (checkpoint is None) == (model_uri is None):
+            raise ConfigError("give either a checkpoint file or --model URI (not both)")
+        if model_uri is not None:
+            from fundamentallm.registry import download_checkpoint
+
+            checkpoint = download_checkpoint(model_uri)
 
         config = SampleConfig(
             max_new_tokens=max_new_tokens,

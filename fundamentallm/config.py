@@ -435,6 +435,42 @@ class RunConfig(Config):
     train: TrainConfig = setting(TrainConfig(), "Optimisation, schedule, evaluation and checkpoints.")
 
 
+# Sampling ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig(Config):
+    max_new_tokens: int = setting(500, "Characters to generate per sample.")
+    temperature: float = setting(0.8, "Softmax temperature; 0 means greedy (always the most likely character).")
+    top_k: int = setting(0, "Sample only among the k most likely characters (0: all).")
+    top_p: float = setting(1.0, "Sample only among the most likely characters whose probabilities sum to p (1: all).")
+    repetition_penalty: float = setting(
+        1.0, "Divide the logits of characters already in the text by this (1: off; >1 discourages repeats)."
+    )
+    seed: int = setting(0, "Random seed: the same seed, settings and prompt give the same text.")
+    num_samples: int = setting(1, "Samples to generate at once, in one batch.")
+    stop: tuple[str, ...] = setting((), "Strings that end a sample when generated (not included in the output).")
+    unknown: Literal["error", "unk"] = setting(
+        "error", "A prompt character outside the vocabulary: 'error' refuses, 'unk' maps it to the unknown id."
+    )
+
+    def check(self) -> None:
+        if self.max_new_tokens < 0:
+            self._fail("max_new_tokens", "must not be negative")
+        if self.temperature < 0:
+            self._fail("temperature", "must not be negative")
+        if self.top_k < 0:
+            self._fail("top_k", "must not be negative")
+        if not 0.0 < self.top_p <= 1.0:
+            self._fail("top_p", "must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            self._fail("repetition_penalty", "must be positive")
+        if self.num_samples < 1:
+            self._fail("num_samples", "must be at least 1")
+        if any(not s for s in self.stop):
+            raise ConfigError("SampleConfig.stop strings must not be empty")
+
+
 def parse_duration(text: str | float) -> float:
     """Seconds from '90', '90s', '15m', '1h', '1h30m' (a bare number is seconds)."""
     if isinstance(text, (int, float)):

@@ -23,6 +23,10 @@ class CorpusError(FundamentaLLMError):
     """A corpus source cannot be read or holds no usable text."""
 
 
+class DownloadError(CorpusError):
+    """A download failed in a way that may pass on its own (network, server error); worth a retry."""
+
+
 class DataValidationError(FundamentaLLMError):
     """The documents table failed one or more expectations.
 

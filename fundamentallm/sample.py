@@ -8,53 +8,19 @@ from the last half-context of characters, so `max_new_tokens` may exceed the con
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator
-from typing import Literal
 
 import torch
 
-from fundamentallm.config import Config, setting
+from fundamentallm.config import SampleConfig
 from fundamentallm.data.vocab import UNK_ID, Vocab
-from fundamentallm.errors import ConfigError
 from fundamentallm.model import CharTransformer
 from fundamentallm.runtime import Precision
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass(frozen=True)
-class SampleConfig(Config):
-    max_new_tokens: int = setting(500, "Characters to generate per sample.")
-    temperature: float = setting(0.8, "Softmax temperature; 0 means greedy (always the most likely character).")
-    top_k: int = setting(0, "Sample only among the k most likely characters (0: all).")
-    top_p: float = setting(1.0, "Sample only among the most likely characters whose probabilities sum to p (1: all).")
-    repetition_penalty: float = setting(
-        1.0, "Divide the logits of characters already in the text by this (1: off; >1 discourages repeats)."
-    )
-    seed: int = setting(0, "Random seed: the same seed, settings and prompt give the same text.")
-    num_samples: int = setting(1, "Samples to generate at once, in one batch.")
-    stop: tuple[str, ...] = setting((), "Strings that end a sample when generated (not included in the output).")
-    unknown: Literal["error", "unk"] = setting(
-        "error", "A prompt character outside the vocabulary: 'error' refuses, 'unk' maps it to the unknown id."
-    )
-
-    def check(self) -> None:
-        if self.max_new_tokens < 0:
-            self._fail("max_new_tokens", "must not be negative")
-        if self.temperature < 0:
-            self._fail("temperature", "must not be negative")
-        if self.top_k < 0:
-            self._fail("top_k", "must not be negative")
-        if not 0.0 < self.top_p <= 1.0:
-            self._fail("top_p", "must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            self._fail("repetition_penalty", "must be positive")
-        if self.num_samples < 1:
-            self._fail("num_samples", "must be at least 1")
-        if any(not s for s in self.stop):
-            raise ConfigError("SampleConfig.stop strings must not be empty")
+__all__ = ["SampleConfig", "Sampler", "apply_repetition_penalty", "filter_logits"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -97,3 +97,33 @@ def debug_config(**train: object):
 
     config = preset("debug")
     return config.replace(train=config.train.replace(**train))
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One temporary Prefect API for every flow test, with its own PREFECT_HOME."""
+    import os
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """A private embedded MLflow store (sqlite + artifacts) for the session."""
+    import os
+
+    store = tmp_path_factory.mktemp("mlruns")
+    saved = {k: os.environ.get(k) for k in ("FUNDAMENTALLM_MLRUNS", "MLFLOW_TRACKING_URI")}
+    os.environ["FUNDAMENTALLM_MLRUNS"] = str(store)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield store
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

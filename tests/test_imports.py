@@ -41,7 +41,7 @@ def test_importing_everything_starts_nothing_and_writes_nothing(tmp_path):
 
 def test_flows_and_tasks_import_from_the_checkout():
     proc = subprocess.run(
-        [sys.executable, "-c", "import flows.prepare_data, tasks.data"],
+        [sys.executable, "-c", "import flows.train_pipeline, tasks.data, tasks.pipeline"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 
 from fundamentallm.errors import DatasetError
@@ -35,14 +34,6 @@ DOCUMENTS_SCHEMA = pa.schema(
 )
 
 TOKEN_TYPES: dict[str, pa.DataType] = {"uint8": pa.uint8(), "uint16": pa.uint16(), "uint32": pa.uint32()}
-
-
-def token_dtype(vocab_size: int) -> str:
-    """Narrowest unsigned integer type that holds every id of a vocabulary of this size."""
-    for name in ("uint8", "uint16", "uint32"):
-        if vocab_size <= np.iinfo(name).max + 1:
-            return name
-    raise DatasetError(f"vocabulary of {vocab_size:,} entries is too large")
 
 
 def shard_schema(dtype: str) -> pa.Schema:

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fundamentallm.errors import CorpusError
+from fundamentallm.errors import CorpusError, DownloadError
 from fundamentallm.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
@@ -145,16 +145,16 @@ def download(
                     digest.update(block)
                     out.write(block)
             if expected_bytes is not None and received != expected_bytes:
-                raise CorpusError(f"{url}: truncated download, got {received:,} of {expected_bytes:,} bytes")
+                raise DownloadError(f"{url}: truncated download, got {received:,} of {expected_bytes:,} bytes")
             actual = digest.hexdigest()
             if sha256 is not None and actual != sha256:
                 raise CorpusError(f"{url}: sha256 mismatch, expected {sha256}, got {actual}")
     except urllib.error.HTTPError as exc:
-        raise CorpusError(f"{url}: download failed with HTTP {exc.code} {exc.reason}") from exc
+        raise DownloadError(f"{url}: download failed with HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
-        raise CorpusError(f"{url}: cannot download ({exc.reason})") from exc
+        raise DownloadError(f"{url}: cannot download ({exc.reason})") from exc
     except (OSError, http.client.HTTPException) as exc:
-        raise CorpusError(f"{url}: download failed ({exc})") from exc
+        raise DownloadError(f"{url}: download failed ({exc})") from exc
     return target
 
 
@@ -322,3 +322,46 @@ def iter_source(
             hint = f" (built-in corpora: {', '.join(BUILTIN_CORPORA)})"
         raise CorpusError(f"{path}: no such file or directory{hint}")
     yield RawDocument(str(path), _read_file(path, max_file_bytes))
+
+
+def fingerprint(
+    sources: tuple[str, ...], include: tuple[str, ...] = ("*",), exclude: tuple[str, ...] = (".*",)
+) -> str | None:
+    """A digest of what the sources hold, without normalising it, for caching ingestion.
+
+    Files are hashed by content (never by path or time alone); the built-in corpora by their
+    pinned hash or their text. None when the content cannot be known without downloading
+    (an http(s) source without a pinned sha256) or a source is missing: such a run is not
+    cached, and ingestion itself reports the problem.
+    """
+    digest = hashlib.sha256()
+    for spec in sources:
+        digest.update(f"source:{spec}\n".encode())
+        builtin = split_builtin(spec)
+        if builtin is not None:
+            if builtin[0] == "tinyshakespeare":
+                digest.update(TINYSHAKESPEARE_SHA256.encode())
+            else:
+                for document in _default_corpus():
+                    digest.update(hashlib.sha256(document.data).digest())
+            continue
+        if is_url(spec):
+            _, pinned = parse_pinned_url(spec)
+            if pinned is None:
+                return None
+            digest.update(pinned.encode())
+            continue
+        path = Path(spec)
+        if path.is_file():
+            digest.update(_file_sha256(path).encode())
+        elif path.is_dir():
+            for member, skipped in iter_directory(path, include, exclude):
+                digest.update(f"{member.relative_to(path).as_posix()}\n".encode())
+                if skipped is None:
+                    try:
+                        digest.update(_file_sha256(member).encode())
+                    except OSError:
+                        return None
+        else:
+            return None
+    return digest.hexdigest()

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from fundamentallm.data.codepoints import text_codepoints
-from fundamentallm.data.schema import token_dtype
 from fundamentallm.errors import DatasetError
 from fundamentallm.fsutil import atomic_write_json, read_json, sha256_json
 
@@ -23,6 +22,14 @@ VOCAB_FORMAT = "fundamentallm-char-vocab"
 UNK_ID = 0
 UNK_CHAR = "\ufffd"
 """What id 0 decodes to: the Unicode replacement character."""
+
+
+def token_dtype(vocab_size: int) -> str:
+    """Narrowest unsigned integer type that holds every id of a vocabulary of this size."""
+    for name in ("uint8", "uint16", "uint32"):
+        if vocab_size <= np.iinfo(name).max + 1:
+            return name
+    raise DatasetError(f"vocabulary of {vocab_size:,} entries is too large")
 
 
 class Vocab:

@@ -1,0 +1,208 @@
+"""Start and stop the local services: `python deployments/services.py up|down|status`.
+
+up: a Prefect server (sqlite), a process work pool and a worker for it, the deployments of
+`deployments/prefect.yaml`, and an MLflow tracking server on the embedded store. Everything
+binds to 127.0.0.1. Each service is started in a process group of its own, its PID written to
+`.services/<name>.pid` and its output to `.services/<name>.log`; `up` waits until each answers
+its health check and prints the URLs. down: stops exactly those process groups.
+
+Ports: PREFECT_PORT (4200), MLFLOW_PORT (5000), WORKER_HEALTH_PORT (8085).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = Path(os.environ.get("FUNDAMENTALLM_SERVICES_DIR", ROOT / ".services"))
+BIN = Path(sys.executable).parent
+POOL = "fundamentallm"
+HOST = "127.0.0.1"
+
+
+def _ports() -> dict[str, int]:
+    return {
+        "prefect": int(os.environ.get("PREFECT_PORT", "4200")),
+        "mlflow": int(os.environ.get("MLFLOW_PORT", "5000")),
+        "worker": int(os.environ.get("WORKER_HEALTH_PORT", "8085")),
+    }
+
+
+def _env() -> dict[str, str]:
+    ports = _ports()
+    sys.path.insert(0, str(ROOT))
+    from fundamentallm.tracking import store_dir
+
+    env = dict(os.environ)
+    env.update(
+        {
+            "PREFECT_API_URL": f"http://{HOST}:{ports['prefect']}/api",
+            "PREFECT_HOME": env.get("PREFECT_HOME", str(STATE / "prefect-home")),
+            "PREFECT_SERVER_API_HOST": HOST,
+            "PREFECT_SERVER_API_PORT": str(ports["prefect"]),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_WEBSERVER_HOST": HOST,
+            "PREFECT_WORKER_WEBSERVER_PORT": str(ports["worker"]),
+            "MLFLOW_TRACKING_URI": f"http://{HOST}:{ports['mlflow']}",
+            "FUNDAMENTALLM_MLRUNS": str(store_dir()),
+            "GX_ANALYTICS_ENABLED": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def _started_at(pid: int) -> str:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or ''."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _read_pid(name: str) -> tuple[int, str] | None:
+    pid_file = STATE / f"{name}.pid"
+    if not pid_file.exists():
+        return None
+    pid, _, started = pid_file.read_text().strip().partition(" ")
+    return int(pid), started
+
+
+def _alive(pid: int, started: str | None = None) -> bool:
+    """True when `pid` runs and, given its recorded start time, is still the process we started."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return started is None or not started or _started_at(pid) == started
+
+
+def _start(name: str, command: list[str], env: dict[str, str]) -> int:
+    recorded = _read_pid(name)
+    if recorded and _alive(*recorded):
+        print(f"{name}: already running (pid {recorded[0]})")
+        return recorded[0]
+    with open(STATE / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    (STATE / f"{name}.pid").write_text(f"{proc.pid} {_started_at(proc.pid)}")
+    return proc.pid
+
+
+def _wait(name: str, url: str, pid: int, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            raise SystemExit(f"{name} exited; see {STATE / (name + '.log')}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"{name} did not become healthy at {url} within {timeout:.0f}s; see {STATE / (name + '.log')}")
+
+
+def _run(command: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+def up() -> None:
+    STATE.mkdir(parents=True, exist_ok=True)
+    env = _env()
+    ports = _ports()
+    store = Path(env["FUNDAMENTALLM_MLRUNS"])
+    (store / "artifacts").mkdir(parents=True, exist_ok=True)
+    mlflow = _start(
+        "mlflow",
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            HOST,
+            "--port",
+            str(ports["mlflow"]),
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        env,
+    )
+    prefect = _start(
+        "prefect-server",
+        [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"])],
+        env,
+    )
+    _wait("prefect-server", f"http://{HOST}:{ports['prefect']}/api/health", prefect)
+    _wait("mlflow", f"http://{HOST}:{ports['mlflow']}/health", mlflow)
+    _run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
+    _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env)
+    worker = _start("worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--with-healthcheck"], env)
+    _wait("worker", f"http://{HOST}:{ports['worker']}/health", worker)
+    urls = {
+        "prefect": f"http://{HOST}:{ports['prefect']}",
+        "mlflow": f"http://{HOST}:{ports['mlflow']}",
+        "prefect_api": env["PREFECT_API_URL"],
+    }
+    (STATE / "urls.json").write_text(json.dumps(urls, indent=2))
+    print(f"Prefect UI:  {urls['prefect']}\nMLflow UI:   {urls['mlflow']}")
+    print("Deployments: train-pipeline/default (on demand), train-pipeline/nightly (03:00 UTC)")
+    print(
+        f"Use them from this shell with:\n  export PREFECT_API_URL={urls['prefect_api']} "
+        f"MLFLOW_TRACKING_URI={env['MLFLOW_TRACKING_URI']}"
+    )
+    print("  .venv/bin/prefect deployment run train-pipeline/default --param preset=cpu-quick")
+
+
+def down() -> None:
+    stopped = []
+    for name in ("worker", "prefect-server", "mlflow"):
+        recorded = _read_pid(name)
+        if recorded is None:
+            continue
+        pid, started = recorded
+        if _alive(pid, started):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while _alive(pid, started) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _alive(pid, started):
+                os.killpg(pid, signal.SIGKILL)
+            stopped.append(f"{name} (pid {pid})")
+        (STATE / f"{name}.pid").unlink()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+def status() -> None:
+    for name in ("prefect-server", "mlflow", "worker"):
+        recorded = _read_pid(name)
+        state = "stopped"
+        if recorded:
+            state = f"running (pid {recorded[0]})" if _alive(*recorded) else f"dead (stale pid {recorded[0]})"
+        print(f"{name}: {state}")
+
+
+if __name__ == "__main__":
+    actions = {"up": up, "down": down, "status": status}
+    if len(sys.argv) != 2 or sys.argv[1] not in actions:
+        raise SystemExit("usage: python deployments/services.py up|down|status")
+    actions[sys.argv[1]]()

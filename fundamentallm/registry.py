@@ -1,0 +1,155 @@
+"""Logging a trained model to MLflow and registering it, with the `champion` alias rule.
+
+The model is saved as an MLflow pyfunc from code (`fundamentallm/mlflow_model.py`), with the
+checkpoint as its artifact, this package's source beside it (so it loads where FundamentaLLM
+is not installed), pinned requirements, a signature and an input example. It is logged into
+the pipeline's run and registered as a new version of the model name.
+
+The alias ``champion`` moves to the new version only when its validation bits per character
+beat the current champion's on the same validation data (the same dataset id: same corpus,
+same split settings); otherwise the version stays registered without it and the record says
+why. The first version of a name becomes champion.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+MODEL_ARTIFACT = "model"
+
+
+@dataclass(frozen=True)
+class RegistrationRecord:
+    model_name: str
+    version: str
+    model_uri: str
+    champion: bool
+    reason: str
+    previous_champion: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _requirements() -> list[str]:
+    import mlflow
+    import numpy
+    import torch
+
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={numpy.__version__}",
+    ]
+
+
+def log_model(client: Any, run_id: str, checkpoint: str | Path, example_prompt: str) -> str:
+    """Save the pyfunc model and log it to the run under ``model/``; returns its ``runs:/`` URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from fundamentallm import mlflow_model
+
+    package = Path(mlflow_model.__file__).resolve().parent
+    example = [example_prompt]  # a list of prompts: predict(["The ", "Once "]) works as it reads
+    signature = infer_signature(example, ["generated text"], params=mlflow_model.DEFAULT_PARAMS)
+    with tempfile.TemporaryDirectory(prefix="fundamentallm-model-") as tmp:
+        path = Path(tmp) / MODEL_ARTIFACT
+        mlflow.pyfunc.save_model(
+            path,
+            python_model=str(package / "mlflow_model.py"),
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(package)],
+            signature=signature,
+            input_example=(example, {"max_new_tokens": 20}),
+            pip_requirements=_requirements(),
+        )
+        client.log_artifacts(run_id, str(path), MODEL_ARTIFACT)
+    return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
+
+def _champion(client: Any, name: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def register(
+    client: Any,
+    run_id: str,
+    name: str,
+    *,
+    val_bpc: float,
+    dataset_id: str,
+    tags: dict[str, str],
+    description: str,
+) -> RegistrationRecord:
+    """Register the run's logged model as a new version of `name` and apply the champion rule."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="Character-level transformer language models.")
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+    version_tags = {**tags, "val_bpc": repr(val_bpc), "dataset_id": dataset_id, "run_id": run_id}
+    version = client.create_model_version(name, source, run_id=run_id, tags=version_tags, description=description)
+    current = _champion(client, name)
+    if current is None:
+        promote, reason = True, f"first model registered as {name}: version {version.version} is champion"
+    elif current.tags.get("dataset_id") != dataset_id:
+        promote = False
+        reason = (
+            f"champion is version {current.version}, measured on other validation data "
+            f"(dataset {current.tags.get('dataset_id')}, this run {dataset_id}); not compared, alias kept. "
+            f"Promote by hand if wanted: MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, "
+            f"{version.version!r})"
+        )
+    else:
+        best = float(current.tags["val_bpc"])
+        promote = val_bpc < best
+        verdict = "beats" if promote else "does not beat"
+        reason = (
+            f"version {version.version} val {val_bpc:.4f} bits/char {verdict} champion version "
+            f"{current.version}'s {best:.4f} on the same validation data"
+        )
+        reason += f"; {CHAMPION} moves to version {version.version}" if promote else f"; {CHAMPION} stays"
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    log.info(reason)
+    return RegistrationRecord(
+        model_name=name,
+        version=str(version.version),
+        model_uri=f"models:/{name}/{version.version}",
+        champion=promote,
+        reason=reason,
+        previous_champion=None if current is None else str(current.version),
+    )
+
+
+def download_checkpoint(model_uri: str) -> Path:
+    """The checkpoint inside a logged or registered model (``models:/name@champion``, ``runs:/...``)."""
+    import mlflow
+
+    from fundamentallm.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    found = sorted(local.rglob("*.pt"))
+    if not found:
+        from fundamentallm.errors import CheckpointError
+
+        raise CheckpointError(f"{model_uri}: no checkpoint inside the model")
+    return found[0]

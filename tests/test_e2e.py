@@ -1,0 +1,175 @@
+"""End to end on real servers: Prefect server + worker + MLflow server on loopback ports,
+deployments from deployments/prefect.yaml, a run through the Prefect CLI, checks through
+MLflow's REST API, the registered model loaded in a fresh process, and the MLflow UI
+rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import prose
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _render(browser: str, url: str, profile: Path) -> str:
+    """The DOM of `url` after its scripts ran, from headless Chromium."""
+    proc = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.fixture
+def services(tmp_path):
+    ports = {"PREFECT_PORT": _free_port(), "MLFLOW_PORT": _free_port(), "WORKER_HEALTH_PORT": _free_port()}
+    env = {
+        **os.environ,
+        **{k: str(v) for k, v in ports.items()},
+        "FUNDAMENTALLM_SERVICES_DIR": str(tmp_path / "services"),
+        "FUNDAMENTALLM_MLRUNS": str(tmp_path / "mlruns"),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    up = subprocess.run(
+        [sys.executable, "deployments/services.py", "up"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    pids = {p.stem: int(p.read_text().split()[0]) for p in (tmp_path / "services").glob("*.pid")}
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield env, ports, up.stdout
+    finally:
+        down = subprocess.run(
+            [sys.executable, "deployments/services.py", "down"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert down.returncode == 0, down.stderr
+        for name, pid in pids.items():
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), (
+                f"{name} (pid {pid}) still runs after make down"
+            )
+
+
+def test_deployment_run_on_real_servers(services, tmp_path):
+    env, ports, printed = services
+    assert (
+        f"http://127.0.0.1:{ports['PREFECT_PORT']}" in printed and f"http://127.0.0.1:{ports['MLFLOW_PORT']}" in printed
+    )
+    api = f"http://127.0.0.1:{ports['PREFECT_PORT']}/api"
+    mlflow_url = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
+    client_env = {**env, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url}
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(prose(300 + i, 2500))
+    params = {
+        "preset": "debug",
+        "sources": json.dumps([str(corpus)]),
+        "data": json.dumps({"validation": {"context_length": 32}}),
+        "prompts": json.dumps(["the "]),
+        "model_name": "e2e-char",
+        "experiment": "e2e",
+        "data_dir": str(tmp_path / "data"),
+        "runs_dir": str(tmp_path / "runs"),
+    }
+    command = [str(BIN / "prefect"), "deployment", "run", "train-pipeline/default", "--watch", "--watch-timeout", "900"]
+    for key, value in params.items():
+        command += ["--param", f"{key}={value}"]
+    run = subprocess.run(command, cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=1000)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Completed" in run.stdout + run.stderr
+
+    # The run and the registered model, through MLflow's REST API.
+    experiment = _get(f"{mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=e2e")["experiment"]
+    request = urllib.request.Request(
+        f"{mlflow_url}/api/2.0/mlflow/runs/search",
+        data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        runs = json.loads(response.read())["runs"]
+    assert len(runs) == 1 and runs[0]["info"]["status"] == "FINISHED"
+    metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
+    assert metrics["val_bpc"] < metrics["val_unigram_bpc"]
+    alias = _get(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name=e2e-char&alias=champion")
+    assert alias["model_version"]["version"] == "1"
+
+    # The champion, loaded in a fresh process in another directory.
+    code = (
+        "import json, mlflow\n"
+        "m = mlflow.pyfunc.load_model('models:/e2e-char@champion')\n"
+        "print(json.dumps(m.predict(['the '], params={'max_new_tokens': 16})))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=client_env, capture_output=True, text=True, timeout=300
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert len(json.loads(loaded.stdout.strip().splitlines()[-1])[0]) == 16
+
+    # What a user sees: the MLflow UI lists the run and the registered model.
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (.ci/run installs Debian's chromium)")
+    page = _render(browser, f"{mlflow_url}/#/experiments/{experiment['experiment_id']}/runs", tmp_path / "profile1")
+    assert runs[0]["info"]["run_name"] in page
+    page = _render(browser, f"{mlflow_url}/#/models/{urllib.parse.quote('e2e-char')}", tmp_path / "profile2")
+    assert "e2e-char" in page and "champion" in page

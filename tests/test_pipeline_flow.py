@@ -1,0 +1,189 @@
+"""The train-pipeline flow under a temporary Prefect API and a private MLflow store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import prose
+
+from fundamentallm.config import DataConfig
+
+pytestmark = pytest.mark.flow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pipeline_env(tmp_path_factory, prefect_api, mlflow_store):
+    root = tmp_path_factory.mktemp("pipeline")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(prose(200 + i, 2500), encoding="utf-8")
+    data = DataConfig.from_dict({"validation": {"context_length": 32}, "encode": {"shard_tokens": 1 << 16}})
+    common = {
+        "preset": "debug",
+        "sources": [str(corpus)],
+        "data": data,
+        "prompts": ["the "],
+        "model_name": "test-char",
+        "experiment": "test-pipeline",
+        "data_dir": str(root / "data"),
+        "runs_dir": str(root / "runs"),
+    }
+    return root, common
+
+
+def _task_states(flow_run_id) -> dict[str, list[str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = {}
+    for run in sorted(runs, key=lambda r: r.expected_start_time):
+        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+    return states
+
+
+def _artifact_keys(flow_run_id) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key for a in artifacts}
+
+
+def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
+    import mlflow
+
+    from flows.train_pipeline import train_pipeline
+    from fundamentallm.tracking import client, tracking_uri
+
+    _root, common = pipeline_env
+    state = train_pipeline(**common, overrides=["train.max_steps=300"], return_state=True)
+    assert state.is_completed(), state.message
+    first = state.result()
+    assert first["registration"]["version"] == "1" and first["registration"]["champion"] is True
+    assert first["metrics"]["val"]["bits_per_char"] < first["metrics"]["val"]["unigram_bits_per_char"]
+    assert {"validation", "metrics", "samples"} <= _artifact_keys(state.state_details.flow_run_id)
+
+    mlflow_client = client()
+    run = mlflow_client.get_run(first["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    for key in ("prefect.flow_run_id", "prefect.flow_run_name", "corpus_hash", "vocab_hash", "git_commit", "device"):
+        assert tags.get(key), key
+    assert run.data.params["pipeline.preset"] == "debug"
+    assert run.data.params["pipeline.run.train.max_steps"] == "300"
+    for key in ("val_loss", "val_bpc", "val_perplexity", "test_bpc", "train_loss", "lr", "tokens_per_s", "grad_norm"):
+        assert key in run.data.metrics, key
+    assert len(mlflow_client.get_metric_history(run.info.run_id, "train_loss")) > 3
+    artifacts = {
+        a.path
+        for folder in ("data", "samples", "plots", "config", "model")
+        for a in mlflow_client.list_artifacts(run.info.run_id, folder)
+    }
+    for path in (
+        "data/manifest.json",
+        "data/vocab.json",
+        "data/validation.json",
+        "samples/samples.txt",
+        "plots/loss.png",
+        "config/config.json",
+        "model/MLmodel",
+    ):
+        assert path in artifacts, (path, artifacts)
+
+    mlflow.set_tracking_uri(tracking_uri())
+    model = mlflow.pyfunc.load_model("models:/test-char@champion")
+    outputs = model.predict(["the "], params={"max_new_tokens": 25, "temperature": 0.0})
+    assert len(outputs) == 1 and len(outputs[0]) == 25
+
+    # A second, worse model on the same corpus: encoding comes from the cache, champion stays.
+    state = train_pipeline(**common, overrides=["train.max_steps=3"], return_state=True)
+    assert state.is_completed(), state.message
+    second = state.result()
+    states = _task_states(state.state_details.flow_run_id)
+    assert states["encode"] == ["Cached"] and states["ingest"] == ["Cached"], states
+    assert second["registration"]["version"] == "2" and second["registration"]["champion"] is False
+    assert "does not beat" in second["registration"]["reason"]
+    assert str(mlflow_client.get_model_version_by_alias("test-char", "champion").version) == "1"
+    version = mlflow_client.get_model_version("test-char", "2")
+    assert version.tags["dataset_id"] and "val:" in version.description
+
+    # A cached record whose files were deleted is not trusted: encoding runs again.
+    import shutil
+
+    shutil.rmtree(second["dataset"])
+    state = train_pipeline(**common, overrides=["train.max_steps=3"], return_state=True)
+    assert state.is_completed(), state.message
+    assert _task_states(state.state_details.flow_run_id)["encode"] == ["Cached", "Completed"]
+    assert (Path(second["dataset"]) / "manifest.json").is_file()
+
+
+def test_a_bad_parameter_fails_before_any_work(pipeline_env):
+    from flows.train_pipeline import train_pipeline
+
+    root, common = pipeline_env
+    state = train_pipeline(**{**common, "preset": "huge"}, return_state=True)
+    assert state.is_failed() and "preset" in state.message
+    state = train_pipeline(**{**common, "data_dir": str(root / "never")}, overrides=["train.nope=1"], return_state=True)
+    assert state.is_failed() and "unknown setting 'train.nope'" in str(state.result(raise_on_failure=False))
+    state = train_pipeline(
+        **{**common, "data_dir": str(root / "never"), "data": {"encode": {"shard_tokens": -1}}}, return_state=True
+    )
+    assert state.is_failed() and "shard_tokens must be at least 1" in state.message
+    assert not (root / "never").exists()
+
+
+def test_a_failing_run_is_closed_as_failed_in_mlflow(pipeline_env):
+    from flows.train_pipeline import train_pipeline
+    from fundamentallm.tracking import client, experiment_id
+
+    root, common = pipeline_env
+    state = train_pipeline(**{**common, "sources": [str(root / "missing.txt")]}, return_state=True)
+    assert state.is_failed()
+    mlflow_client = client()
+    runs = mlflow_client.search_runs([experiment_id(mlflow_client, "test-pipeline")], order_by=["start_time DESC"])
+    assert runs[0].info.status == "FAILED"
+    assert "no such file or directory" in runs[0].data.tags["failure_reason"]
+
+
+def test_registered_model_loads_in_a_fresh_process_elsewhere(pipeline_env, mlflow_store, tmp_path):
+    code = (
+        "import json, mlflow\n"
+        "from fundamentallm.tracking import tracking_uri\n"
+        "mlflow.set_tracking_uri(tracking_uri())\n"
+        "m = mlflow.pyfunc.load_model('models:/test-char@champion')\n"
+        "print(json.dumps(m.predict(['the king'], params={'max_new_tokens': 12, 'seed': 3})))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout.strip().splitlines()[-1])[0]) == 12
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fundamentallm.cli",
+            "sample",
+            "--model",
+            "models:/test-char@champion",
+            "--prompt",
+            "the ",
+            "-n",
+            "15",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.startswith("the ") and len(cli.stdout.rstrip("\n")) == 19
