@@ -45,7 +45,6 @@ def _env() -> dict[str, str]:
     env.update(
         {
             "PREFECT_API_URL": f"http://{HOST}:{ports['prefect']}/api",
-            "PREFECT_HOME": env.get("PREFECT_HOME", str(STATE / "prefect-home")),
             "PREFECT_SERVER_API_HOST": HOST,
             "PREFECT_SERVER_API_PORT": str(ports["prefect"]),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

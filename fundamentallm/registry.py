@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,9 @@ def log_model(client: Any, run_id: str, checkpoint: str | Path, example_prompt: 
     package = Path(mlflow_model.__file__).resolve().parent
     example = [example_prompt]  # a list of prompts: predict(["The ", "Once "]) works as it reads
     signature = infer_signature(example, ["generated text"], params=mlflow_model.DEFAULT_PARAMS)
-    with tempfile.TemporaryDirectory(prefix="fundamentallm-model-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fundamentallm-model-") as tmp, warnings.catch_warnings():
+        # MLflow suggests type hints on predict; the signature below already describes it.
+        warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
         path = Path(tmp) / MODEL_ARTIFACT
         mlflow.pyfunc.save_model(
             path,
