@@ -73,9 +73,13 @@ def train_pipeline(
     tracker = MlflowTracker(mlflow_run_id)
     try:
         tracker.log_params({"pipeline": {**config.to_dict(), "run": run_config.to_dict()}})
-        link = ui_url(mlflow_run_id)
-        if link:
-            create_link_artifact(link, link_text="MLflow run", key="mlflow-run")
+        embedded = not tracking_uri().startswith(("http://", "https://"))
+        create_link_artifact(
+            ui_url(mlflow_run_id),
+            link_text=f"MLflow run {mlflow_run_id}",
+            key="mlflow-run",
+            description="Start `mlflow ui` on the embedded store (or `make up`) to open it" if embedded else None,
+        )
 
         documents = ingest_task(config.data.ingest, config.data_dir)
         if not Path(documents.path).is_file():  # a cached record whose files were deleted since

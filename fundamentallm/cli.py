@@ -72,7 +72,9 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except FundamentaLLMError as exc:
-        console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("interrupted")

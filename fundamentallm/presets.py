@@ -53,7 +53,7 @@ def cpu_quick() -> RunConfig:
 
 
 def cpu_small() -> RunConfig:
-    # Measured on a 2-core AVX2 CPU (benchmarks/RESULTS.md): 1.46 nats/char on Tiny Shakespeare in 15 minutes.
+    # Measured on a 2-core AVX2 CPU (benchmarks/RESULTS.md): 1.45 nats/char on Tiny Shakespeare in 15 minutes.
     return RunConfig(
         model=ModelConfig(context_length=128, n_layer=4, n_head=4, d_model=192, dropout=0.0),
         train=TrainConfig(

@@ -193,14 +193,13 @@ def end_run(run_id: str, failure: str | None = None) -> None:
     mlflow_client.set_terminated(run_id, "FAILED" if failure is not None else "FINISHED")
 
 
-def ui_url(run_id: str | None = None, experiment: str | None = None) -> str | None:
-    """Browser URL of a run when tracking goes to a server; None for the embedded store."""
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where `mlflow ui` (or `make up`) serves the embedded store by default."""
+
+
+def ui_url(run_id: str) -> str:
+    """Browser URL of a run: on the tracking server, or on a local `mlflow ui` of the embedded store."""
     uri = tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return None
-    base = mask_credentials(uri.rstrip("/"))
-    if run_id is None:
-        return base
-    mlflow_client = client()
-    run = mlflow_client.get_run(run_id)
+    base = mask_credentials(uri.rstrip("/")) if uri.startswith(("http://", "https://")) else LOCAL_UI
+    run = client().get_run(run_id)
     return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

@@ -59,13 +59,14 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     retry_condition_fn=_transient,
     cache_key_fn=_ingest_key,
     persist_result=True,
+    timeout_seconds=4 * 3600,
 )
 def ingest_task(config: IngestConfig, out_dir: str) -> DocumentsRecord:
     """Read and normalise the corpus sources into the documents table (retried: sources may be remote)."""
     return ingest(config, out_dir)
 
 
-@task(name="validate")
+@task(name="validate", timeout_seconds=3600)
 def validate_task(
     documents: DocumentsRecord, config: ValidationConfig, encode_config: EncodeConfig, out_dir: str
 ) -> ValidationRecord:
@@ -73,7 +74,7 @@ def validate_task(
     return validate_documents(documents, config, encode_config, out_dir)
 
 
-@task(name="encode", cache_key_fn=_encode_key, persist_result=True)
+@task(name="encode", cache_key_fn=_encode_key, persist_result=True, timeout_seconds=4 * 3600)
 def encode_task(documents: DocumentsRecord, config: EncodeConfig, out_dir: str, min_split_tokens: int) -> DatasetRecord:
     """Encode the documents into vocabulary, Parquet shards and manifest (a no-op when already done)."""
     return encode(documents.path, config, out_dir, min_split_tokens=min_split_tokens)

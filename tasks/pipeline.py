@@ -21,13 +21,13 @@ def train_task(dataset_path: str, config: RunConfig, run_dir: str, mlflow_run_id
     return result
 
 
-@task(name="evaluate")
+@task(name="evaluate", timeout_seconds=4 * 3600)
 def evaluate_task(checkpoint: str, dataset_path: str, mlflow_run_id: str) -> dict[str, dict[str, Any]]:
     """Exact loss, perplexity and bits per character on val and test."""
     return evaluate_stage(checkpoint, dataset_path, ("val", "test"), MlflowTracker(mlflow_run_id))
 
 
-@task(name="sample")
+@task(name="sample", timeout_seconds=1800)
 def sample_task(
     checkpoint: str, prompts: tuple[str, ...], config: SampleConfig, out_dir: str, mlflow_run_id: str
 ) -> dict[str, Any]:
@@ -35,7 +35,7 @@ def sample_task(
     return sample_stage(checkpoint, prompts, config, out_dir, MlflowTracker(mlflow_run_id))
 
 
-@task(name="register", retries=2, retry_delay_seconds=[2, 10])
+@task(name="register", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=1800)
 def register_task(
     checkpoint: str,
     mlflow_run_id: str,

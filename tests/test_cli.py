@@ -178,3 +178,9 @@ def test_directory_filters_and_hash_split_from_the_command_line(corpus_dir, tmp_
     assert record["documents"]["documents"] == 24  # doc0..3 and more10..29: skip.md not included, sub/ excluded
     manifest = json.loads(Path(record["dataset"]["manifest_path"]).read_text())
     assert manifest["config"]["split"] == "hash" and manifest["config"]["val_fraction"] == 0.25
+
+
+def test_error_messages_with_brackets_are_printed_as_they_are(tmp_path):
+    result = prepare("--out", str(tmp_path / "o"), "--set", "encode.split=[1]")
+    assert result.exit_code == 2
+    assert "got [1]" in result.output

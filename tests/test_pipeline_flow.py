@@ -72,7 +72,7 @@ def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
     first = state.result()
     assert first["registration"]["version"] == "1" and first["registration"]["champion"] is True
     assert first["metrics"]["val"]["bits_per_char"] < first["metrics"]["val"]["unigram_bits_per_char"]
-    assert {"validation", "metrics", "samples"} <= _artifact_keys(state.state_details.flow_run_id)
+    assert {"validation", "metrics", "samples", "mlflow-run"} <= _artifact_keys(state.state_details.flow_run_id)
 
     mlflow_client = client()
     run = mlflow_client.get_run(first["mlflow_run_id"])
