@@ -48,6 +48,14 @@ class CheckpointError(FundamentaLLMError):
     """A checkpoint is missing, unsafe, corrupt, or does not fit the data or model it is used with."""
 
 
+class RegistryError(FundamentaLLMError):
+    """The model registry cannot complete a registration (e.g. its champion lock is stuck)."""
+
+
+class TrackingUnavailable(FundamentaLLMError):
+    """The MLflow tracking server cannot be reached."""
+
+
 class TrainingDiverged(FundamentaLLMError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

@@ -9,13 +9,24 @@ The alias ``champion`` moves to the new version only when its validation bits pe
 beat the current champion's on the same validation data (the same dataset id: same corpus,
 same split settings); otherwise the version stays registered without it and the record says
 why. The first version of a name becomes champion.
+
+Two pipelines may register at the same moment: reading the champion and moving the alias is
+then a race whose loser could overwrite a better model. The comparison and the move are
+therefore done under a lock held in the registry itself, so it works for the embedded store
+and for a shared tracking server alike: a registered model named ``<name>.champion-lock``,
+created to take the lock (creation is atomic: a second create fails) and deleted to release
+it. A lock left by a killed process is broken after `LOCK_STALE_S` seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 import tempfile
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +35,9 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 MODEL_ARTIFACT = "model"
+LOCK_SUFFIX = ".champion-lock"
+LOCK_STALE_S = 300.0
+LOCK_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,53 @@ def _champion(client: Any, name: str) -> Any | None:
         return None
 
 
+def _already_exists(exc: Exception) -> bool:
+    return "RESOURCE_ALREADY_EXISTS" in str(getattr(exc, "error_code", ""))
+
+
+@contextlib.contextmanager
+def champion_lock(client: Any, name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the registry-wide lock of `name`'s champion alias (see the module docstring)."""
+    from mlflow.exceptions import MlflowException
+
+    from fundamentallm.errors import RegistryError
+
+    lock = f"{name}{LOCK_SUFFIX}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock, description=f"Held while a FundamentaLLM pipeline moves the {CHAMPION!r} alias of {name}."
+            )
+            break
+        except MlflowException as exc:
+            # "does not exist": the store found the name taken, then the holder released it before
+            # the store could read it back for its message. Either way: taken a moment ago.
+            if not (_already_exists(exc) or "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code)):
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException:
+            continue  # released meanwhile: try again at once
+        age_s = time.time() - held.creation_timestamp / 1000
+        if age_s > LOCK_STALE_S:
+            log.warning("breaking the %s lock left %.0f s ago by a process that did not release it", name, age_s)
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryError(
+                f"{lock} has been held for {age_s:.0f} s; another registration is stuck. "
+                f"Delete the registered model {lock!r} if no pipeline is registering {name}."
+            )
+        time.sleep(0.2 + random.random() * 0.3)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
 def register(
     client: Any,
     run_id: str,
@@ -103,33 +164,13 @@ def register(
     try:
         client.create_registered_model(name, description="Character-level transformer language models.")
     except MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+        if not _already_exists(exc):
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
     version_tags = {**tags, "val_bpc": repr(val_bpc), "dataset_id": dataset_id, "run_id": run_id}
     version = client.create_model_version(name, source, run_id=run_id, tags=version_tags, description=description)
-    current = _champion(client, name)
-    if current is None:
-        promote, reason = True, f"first model registered as {name}: version {version.version} is champion"
-    elif current.tags.get("dataset_id") != dataset_id:
-        promote = False
-        reason = (
-            f"champion is version {current.version}, measured on other validation data "
-            f"(dataset {current.tags.get('dataset_id')}, this run {dataset_id}); not compared, alias kept. "
-            f"Promote by hand if wanted: MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, "
-            f"{version.version!r})"
-        )
-    else:
-        best = float(current.tags["val_bpc"])
-        promote = val_bpc < best
-        verdict = "beats" if promote else "does not beat"
-        reason = (
-            f"version {version.version} val {val_bpc:.4f} bits/char {verdict} champion version "
-            f"{current.version}'s {best:.4f} on the same validation data"
-        )
-        reason += f"; {CHAMPION} moves to version {version.version}" if promote else f"; {CHAMPION} stays"
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
+    with champion_lock(client, name):
+        promote, reason, current = _apply_champion_rule(client, name, version.version, val_bpc, dataset_id)
     log.info(reason)
     return RegistrationRecord(
         model_name=name,
@@ -139,6 +180,34 @@ def register(
         reason=reason,
         previous_champion=None if current is None else str(current.version),
     )
+
+
+def _apply_champion_rule(
+    client: Any, name: str, version: str, val_bpc: float, dataset_id: str
+) -> tuple[bool, str, Any | None]:
+    current = _champion(client, name)
+    if current is None:
+        promote, reason = True, f"first model registered as {name}: version {version} is champion"
+    elif current.tags.get("dataset_id") != dataset_id:
+        promote = False
+        reason = (
+            f"champion is version {current.version}, measured on other validation data "
+            f"(dataset {current.tags.get('dataset_id')}, this run {dataset_id}); not compared, alias kept. "
+            f"Promote by hand if wanted: MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, "
+            f"{version!r})"
+        )
+    else:
+        best = float(current.tags["val_bpc"])
+        promote = val_bpc < best
+        verdict = "beats" if promote else "does not beat"
+        reason = (
+            f"version {version} val {val_bpc:.4f} bits/char {verdict} champion version "
+            f"{current.version}'s {best:.4f} on the same validation data"
+        )
+        reason += f"; {CHAMPION} moves to version {version}" if promote else f"; {CHAMPION} stays"
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return promote, reason, current
 
 
 def download_checkpoint(model_uri: str) -> Path:
