@@ -2,11 +2,18 @@
 
 up: a Prefect server (sqlite), a process work pool and a worker for it, the deployments of
 `deployments/prefect.yaml`, and an MLflow tracking server on the embedded store. Everything
-binds to 127.0.0.1. Each service is started in a process group of its own, its PID written to
-`.services/<name>.pid` and its output to `.services/<name>.log`; `up` waits until each answers
+binds to 127.0.0.1 (see below). Each service is started in a process group of its own, its
+PID written to `.services/<name>.pid` and its output to `.services/<name>.log`; `up` waits until each answers
 its health check and prints the URLs. down: stops exactly those process groups.
 
 Ports: PREFECT_PORT (4200), MLFLOW_PORT (5000), WORKER_HEALTH_PORT (8085).
+
+Everything listens on 127.0.0.1 only, unless FUNDAMENTALLM_BIND_HOST names another address
+for the Prefect and MLflow servers (0.0.0.0: all interfaces; clients here still use 127.0.0.1).
+
+Flow runs started by the worker send a heartbeat every 30 s (PREFECT_FLOWS_HEARTBEAT_FREQUENCY),
+and `deployments/automations.py` installs the automation that marks a run Crashed when its
+heartbeats stop (a killed worker or machine), so no run stays "Running" for ever.
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("FUNDAMENTALLM_SERVICES_DIR", ROOT / ".services"))
 BIN = Path(sys.executable).parent
 POOL = "fundamentallm"
-HOST = "127.0.0.1"
+BIND = os.environ.get("FUNDAMENTALLM_BIND_HOST", "127.0.0.1")
+"""Where the servers listen: loopback only, unless the user sets FUNDAMENTALLM_BIND_HOST (e.g. 0.0.0.0)."""
+HOST = "127.0.0.1" if BIND in ("0.0.0.0", "::") else BIND
+"""Where clients on this machine reach them."""
 
 
 def _ports() -> dict[str, int]:
@@ -45,7 +55,7 @@ def _env() -> dict[str, str]:
     env.update(
         {
             "PREFECT_API_URL": f"http://{HOST}:{ports['prefect']}/api",
-            "PREFECT_SERVER_API_HOST": HOST,
+            "PREFECT_SERVER_API_HOST": BIND,
             "PREFECT_SERVER_API_PORT": str(ports["prefect"]),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_WORKER_WEBSERVER_HOST": HOST,
@@ -53,6 +63,7 @@ def _env() -> dict[str, str]:
             "MLFLOW_TRACKING_URI": f"http://{HOST}:{ports['mlflow']}",
             "FUNDAMENTALLM_MLRUNS": str(store_dir()),
             "GX_ANALYTICS_ENABLED": "false",
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"),
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -133,7 +144,7 @@ def up() -> None:
             str(BIN / "mlflow"),
             "server",
             "--host",
-            HOST,
+            BIND,
             "--port",
             str(ports["mlflow"]),
             "--backend-store-uri",
@@ -147,13 +158,14 @@ def up() -> None:
     )
     prefect = _start(
         "prefect-server",
-        [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"])],
+        [str(BIN / "prefect"), "server", "start", "--host", BIND, "--port", str(ports["prefect"])],
         env,
     )
     _wait("prefect-server", f"http://{HOST}:{ports['prefect']}/api/health", prefect)
     _wait("mlflow", f"http://{HOST}:{ports['mlflow']}/health", mlflow)
     _run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
     _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env)
+    _run([sys.executable, "deployments/automations.py"], env)
     worker = _start("worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--with-healthcheck"], env)
     _wait("worker", f"http://{HOST}:{ports['worker']}/health", worker)
     urls = {

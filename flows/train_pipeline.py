@@ -13,18 +13,47 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
-from prefect import flow, runtime
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
 
 from fundamentallm.config import DataConfig, SampleConfig
+from fundamentallm.errors import TrackingUnavailable
 from fundamentallm.pipeline import PipelineConfig, PipelineSummary, PresetName, version_description
 from fundamentallm.report import metrics_rows, validation_markdown
-from fundamentallm.tracking import MlflowTracker, end_run, git_commit, start_run, store_dir, tracking_uri, ui_url
+from fundamentallm.tracking import (
+    MlflowTracker,
+    close_abandoned_runs,
+    end_run,
+    git_commit,
+    start_run,
+    store_dir,
+    tracking_uri,
+    ui_url,
+)
 from tasks.data import encode_task, ingest_task, validate_task
 from tasks.pipeline import evaluate_task, register_task, sample_task, train_task
 
 DEFAULT_SAMPLE = PipelineConfig().sample
+
+
+def _ended_flow_run(mlflow_run: Any) -> str | None:
+    """Why an MLflow run still marked RUNNING has nobody left to close it: its Prefect flow run has ended."""
+    flow_run_id = mlflow_run.data.tags.get("prefect.flow_run_id")
+    if not flow_run_id:
+        return None
+    try:
+        with get_client(sync_client=True) as prefect_client:
+            flow_run = prefect_client.read_flow_run(UUID(flow_run_id))
+    except (ObjectNotFound, ValueError):
+        return None  # a flow run of another Prefect server: not ours to judge
+    if flow_run.state is None or not flow_run.state.is_final():
+        return None
+    message = f": {flow_run.state.message}" if flow_run.state.message else ""
+    return f"Prefect flow run {flow_run.name} ({flow_run_id}) ended {flow_run.state.name}{message}"
 
 
 @flow(name="train-pipeline")
@@ -72,6 +101,9 @@ def train_pipeline(
     )
     tracker = MlflowTracker(mlflow_run_id)
     try:
+        closed = close_abandoned_runs(config.experiment, _ended_flow_run)
+        if closed:
+            get_run_logger().warning("closed %d MLflow run(s) abandoned by ended flow runs: %s", len(closed), closed)
         tracker.log_params({"pipeline": {**config.to_dict(), "run": run_config.to_dict()}})
         embedded = not tracking_uri().startswith(("http://", "https://"))
         create_link_artifact(
@@ -130,7 +162,10 @@ def train_pipeline(
             registration=registration.to_dict(),
         )
     except BaseException as exc:
-        end_run(mlflow_run_id, failure=f"{type(exc).__name__}: {exc}")
+        try:
+            end_run(mlflow_run_id, failure=f"{type(exc).__name__}: {exc}")
+        except TrackingUnavailable as lost:
+            get_run_logger().error("%s; the MLflow run stays RUNNING until the next pipeline run closes it", lost)
         raise
     end_run(mlflow_run_id)
     return summary.to_dict()

@@ -127,3 +127,74 @@ def mlflow_store(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# Real services on loopback ports, for the end-to-end tests ------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str, payload: dict | None = None) -> dict:
+    """GET `url` (or POST `payload` as JSON) and decode the JSON answer."""
+    import json
+    import urllib.request
+
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def services_command(action: str, env: dict[str, str]) -> str:
+    """Run `deployments/services.py ACTION` (what `make up` / `make down` run); returns its output."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "deployments/services.py", action],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"services.py {action} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def start_services(state_dir: Path, **extra_env: str):
+    """Start the Prefect server, worker and MLflow server on free ports in `state_dir`; yields
+    (env, ports, what `up` printed); stops them, and checks each started process is gone."""
+    import os
+
+    ports = {"PREFECT_PORT": free_port(), "MLFLOW_PORT": free_port(), "WORKER_HEALTH_PORT": free_port()}
+    env = {
+        **os.environ,
+        **{k: str(v) for k, v in ports.items()},
+        "FUNDAMENTALLM_SERVICES_DIR": str(state_dir / "services"),
+        "FUNDAMENTALLM_MLRUNS": str(state_dir / "mlruns"),
+        "PREFECT_HOME": str(state_dir / "prefect-home"),
+        **extra_env,
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    started: dict[str, int] = {}
+    try:
+        printed = services_command("up", env)
+        started = {p.stem: int(p.read_text().split()[0]) for p in (state_dir / "services").glob("*.pid")}
+        yield env, ports, printed
+    finally:
+        # Services restarted by a test wrote new pid files: stop whatever they name now.
+        started.update({p.stem: int(p.read_text().split()[0]) for p in (state_dir / "services").glob("*.pid")})
+        services_command("down", env)
+        for name, pid in started.items():
+            status = Path(f"/proc/{pid}/status")
+            assert not status.exists() or "zombie" in status.read_text().lower(), f"{name} (pid {pid}) still runs"

@@ -6,9 +6,7 @@ rendered in headless Chromium."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.parse
@@ -16,22 +14,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import prose
+from conftest import get_json, prose, start_services
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.loads(response.read())
 
 
 def _chromium() -> str | None:
@@ -70,42 +57,7 @@ def _render(browser: str, url: str, profile: Path) -> str:
 
 @pytest.fixture
 def services(tmp_path):
-    ports = {"PREFECT_PORT": _free_port(), "MLFLOW_PORT": _free_port(), "WORKER_HEALTH_PORT": _free_port()}
-    env = {
-        **os.environ,
-        **{k: str(v) for k, v in ports.items()},
-        "FUNDAMENTALLM_SERVICES_DIR": str(tmp_path / "services"),
-        "FUNDAMENTALLM_MLRUNS": str(tmp_path / "mlruns"),
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("PREFECT_API_URL", None)
-    up = subprocess.run(
-        [sys.executable, "deployments/services.py", "up"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    pids = {p.stem: int(p.read_text().split()[0]) for p in (tmp_path / "services").glob("*.pid")}
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        yield env, ports, up.stdout
-    finally:
-        down = subprocess.run(
-            [sys.executable, "deployments/services.py", "down"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert down.returncode == 0, down.stderr
-        for name, pid in pids.items():
-            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), (
-                f"{name} (pid {pid}) still runs after make down"
-            )
+    yield from start_services(tmp_path)
 
 
 def test_deployment_run_on_real_servers(services, tmp_path):
@@ -139,7 +91,7 @@ def test_deployment_run_on_real_servers(services, tmp_path):
     assert "Completed" in run.stdout + run.stderr
 
     # The run and the registered model, through MLflow's REST API.
-    experiment = _get(f"{mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=e2e")["experiment"]
+    experiment = get_json(f"{mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=e2e")["experiment"]
     request = urllib.request.Request(
         f"{mlflow_url}/api/2.0/mlflow/runs/search",
         data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
@@ -150,7 +102,7 @@ def test_deployment_run_on_real_servers(services, tmp_path):
     assert len(runs) == 1 and runs[0]["info"]["status"] == "FINISHED"
     metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
     assert metrics["val_bpc"] < metrics["val_unigram_bpc"]
-    alias = _get(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name=e2e-char&alias=champion")
+    alias = get_json(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name=e2e-char&alias=champion")
     assert alias["model_version"]["version"] == "1"
 
     # The champion, loaded in a fresh process in another directory.
