@@ -9,6 +9,7 @@ vocabulary (its characters and hash), so a checkpoint alone is enough to generat
 
 from __future__ import annotations
 
+import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,17 @@ CHECKPOINT_VERSION = 1
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write `state` (see `Checkpoint`) atomically: readers see the old file or the new one."""
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Serialised in memory first: PyTorch reports a failed file write without its cause, Python's
+    # own write says "No space left on device" when that is what happened.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+    except OSError as exc:
+        raise CheckpointError(
+            f"{path}: cannot write the checkpoint ({exc.strerror or exc}); the previous one is kept"
+        ) from exc
 
 
 @dataclass

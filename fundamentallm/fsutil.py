@@ -7,6 +7,10 @@ directory and published with one `rename`.
 
 The threat handled is a process killed mid-write (SIGKILL, OOM, Ctrl-C), not power
 loss: files are not fsync'ed, which would cost more than the rest of a data run.
+
+Temporary names carry the writer's PID and host (``.tmp-<pid>@<host>~...``); the next
+writer in the same directory removes those whose process is gone (`sweep_stale`), so a
+killed run leaves nothing behind for long.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -24,6 +31,46 @@ from typing import Any
 
 TEMP_PREFIX = ".tmp-"
 """Names starting with this are unfinished output; readers ignore them."""
+
+log = logging.getLogger(__name__)
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
+_OWNER = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)@([^~]+)~")
+
+
+def _temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}@{_HOST}~"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(directory: str | os.PathLike[str]) -> list[str]:
+    """Remove temporary files and directories in `directory` left by dead processes of this host."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        owner = _OWNER.match(entry.name)
+        if owner is None or owner.group(2) != _HOST or _pid_alive(int(owner.group(1))):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        removed.append(entry.path)
+    if removed:
+        log.info("removed %d unfinished file(s) left by killed runs in %s", len(removed), directory)
+    return removed
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:
@@ -55,7 +102,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{final.name}")
+    sweep_stale(final.parent)
+    tmp = final.with_name(f"{_temp_prefix()}{uuid.uuid4().hex[:12]}~{final.name}")
     try:
         yield tmp
         os.replace(tmp, final)
@@ -90,7 +138,8 @@ def staging_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent))
+    sweep_stale(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix()}{final.name}-", dir=final.parent))
     try:
         yield tmp
     finally:

@@ -43,7 +43,7 @@ from fundamentallm.checkpoint import load_checkpoint, save_checkpoint
 from fundamentallm.config import RunConfig, TrainConfig
 from fundamentallm.data.dataset import Dataset
 from fundamentallm.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
-from fundamentallm.fsutil import atomic_write_json
+from fundamentallm.fsutil import atomic_write_json, atomic_write_text
 from fundamentallm.model import CharTransformer
 from fundamentallm.optim import build_optimizer
 from fundamentallm.runtime import Precision, configure_backends, resolve_device, resolve_precision
@@ -92,6 +92,30 @@ class JsonlLogger(NullCallback):
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self._write({"kind": "eval", "step": step, **metrics})
+
+
+def trim_metrics(path: Path, last_step: int) -> int:
+    """Keep the records of `path` up to `last_step`, the step a resumed run restarts from.
+
+    A run killed after its last checkpoint logged steps that the resumed run will log again,
+    and maybe half a line; both are dropped. Returns how many records were dropped.
+    """
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return dropped
 
 
 def _duration(seconds: float) -> str:
@@ -337,6 +361,8 @@ def train(
     forward = torch.compile(model) if tc.compile else model
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None and trim_metrics(run_dir / "metrics.jsonl", step):
+        log.info("dropped metrics logged after step %d by the interrupted run", step)
     atomic_write_json(run_dir / "config.json", {"config": config.to_dict(), "dataset": str(dataset)})
     sinks: list[TrainCallback] = [JsonlLogger(run_dir / "metrics.jsonl"), *callbacks]
     parameters = model.num_parameters()
