@@ -28,7 +28,9 @@ class Dataset:
         try:
             manifest = read_json(manifest_path)
         except FileNotFoundError as exc:
-            raise DatasetError(f"{manifest_path}: not found; is {self.path} a dataset made by 'fundamentallm prepare'?") from exc
+            raise DatasetError(
+                f"{manifest_path}: not found; is {self.path} a dataset made by 'fundamentallm prepare'?"
+            ) from exc
         except ValueError as exc:
             raise DatasetError(f"{manifest_path}: not valid JSON ({exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:

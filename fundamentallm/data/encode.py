@@ -298,7 +298,14 @@ class _ShardWriter:
         name = f"{self.split}-{self.index:05d}.parquet"
         self.pending.append(
             self.pool.submit(
-                _write_shard, self.directory / name, tokens, self.split, self.index, self.written, self.vocab, self.config
+                _write_shard,
+                self.directory / name,
+                tokens,
+                self.split,
+                self.index,
+                self.written,
+                self.vocab,
+                self.config,
             )
         )
         self.written += self.filled
@@ -403,7 +410,9 @@ def encode(
         unknown[split] = tokens[split] - int(known.sum())
         id_counts[split] = [unknown[split], *known.tolist()]
         if unknown[split]:
-            log.warning("%s split: %d characters not in the training vocabulary, encoded as unknown", split, unknown[split])
+            log.warning(
+                "%s split: %d characters not in the training vocabulary, encoded as unknown", split, unknown[split]
+            )
 
     with staging_dir(final) as stage, ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard") as pool:
         vocab.save(stage / VOCAB)

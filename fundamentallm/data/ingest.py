@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from fundamentallm.config import IngestConfig
 from fundamentallm.data.codepoints import add_counts, count_codepoints, counts_to_dict, iter_codepoint_chunks
 from fundamentallm.data.schema import DOCUMENTS_SCHEMA
-from fundamentallm.data.sources import RawDocument, SkippedSource, iter_source
+from fundamentallm.data.sources import RawDocument, SkippedSource, iter_source, redact_url
 from fundamentallm.errors import CorpusError
 from fundamentallm.fsutil import atomic_write_json, publish_dir, staging_dir
 from fundamentallm.progress import Progress, null_progress
@@ -73,7 +73,7 @@ class Document:
 
     @property
     def control_count(self) -> int:
-        codes = CONTROL_CODEPOINTS[CONTROL_CODEPOINTS < len(self.histogram)]
+        codes = CONTROL_CODEPOINTS[len(self.histogram) > CONTROL_CODEPOINTS]
         return int(self.histogram[codes].sum())
 
     @property
@@ -108,7 +108,9 @@ def _decode_legacy(data: bytes) -> str:
         return data.decode("latin-1")
 
 
-def normalise(raw: RawDocument, policy: str = "strict", max_binary_control_share: float = 0.1) -> Document | SkippedSource:
+def normalise(
+    raw: RawDocument, policy: str = "strict", max_binary_control_share: float = 0.1
+) -> Document | SkippedSource:
     """Decode and normalise one raw document, or say why it is skipped.
 
     Raises `CorpusError` for invalid UTF-8 under the strict policy, naming the byte offset.
@@ -248,7 +250,7 @@ class _DocumentsWriter:
         histogram = pa.MapArray.from_arrays(
             pa.array(hist_offsets),
             pa.array(np.concatenate(codes).astype(np.uint32)),
-            pa.array(np.concatenate([d.histogram[c] for d, c in zip(docs, codes)]).astype(np.int64)),
+            pa.array(np.concatenate([d.histogram[c] for d, c in zip(docs, codes, strict=True)]).astype(np.int64)),
             type=DOCUMENTS_SCHEMA.field("char_histogram").type,
         )
         columns = [
@@ -276,7 +278,7 @@ def _nothing_usable(config: IngestConfig, skipped: list[dict[str, str]]) -> Corp
     shown = "; ".join(f"{s['source']}: {s['reason']}" for s in skipped[:5])
     more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
     detail = f": {shown}{more}" if skipped else ""
-    return CorpusError(f"no usable text in {', '.join(config.sources)}{detail}")
+    return CorpusError(f"no usable text in {', '.join(map(redact_url, config.sources))}{detail}")
 
 
 def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_progress) -> DocumentsRecord:
@@ -287,6 +289,7 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
     """
     started = time.perf_counter()
     root = Path(out_dir) / "documents"
+    sources = [redact_url(spec) for spec in config.sources]  # credentials in a URL are never recorded
     read: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     duplicates: list[dict[str, str]] = []
@@ -332,7 +335,7 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
         final = root / corpus_hash[:16]
         report = {
             "corpus_hash": corpus_hash,
-            "sources": list(config.sources),
+            "sources": sources,
             "documents": len(read),
             "characters": total_chars,
             "bytes": total_bytes,
@@ -352,7 +355,7 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
         path=str(final / "documents.parquet"),
         report_path=str(final / "ingest-report.json"),
         corpus_hash=corpus_hash,
-        sources=list(config.sources),
+        sources=sources,
         documents=len(read),
         characters=total_chars,
         bytes=total_bytes,

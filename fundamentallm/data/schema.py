@@ -47,4 +47,6 @@ def shard_schema(dtype: str) -> pa.Schema:
 def check_schema(actual: pa.Schema, expected: pa.Schema, path: str) -> None:
     """Raise `DatasetError` naming `path` unless the columns match exactly (metadata aside)."""
     if not actual.remove_metadata().equals(expected.remove_metadata()):
-        raise DatasetError(f"{path}: unexpected schema; expected {expected.remove_metadata()}, found {actual.remove_metadata()}")
+        raise DatasetError(
+            f"{path}: unexpected schema; expected {expected.remove_metadata()}, found {actual.remove_metadata()}"
+        )

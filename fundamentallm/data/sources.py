@@ -4,7 +4,10 @@ A source is named by one string:
 
 - a path to a file, or to a directory read recursively (filtered by include/exclude globs);
 - an ``http://`` or ``https://`` URL, downloaded once into a cache; a fragment
-  ``#sha256=<hex>`` pins the content, checked before the file is used;
+  ``#sha256=<hex>`` pins the content, checked before the file is used. Credentials in the
+  URL (``https://user:token@host/file``) are sent as HTTP basic authentication and never
+  shown: the document's source label, log lines and error messages name the URL as
+  ``https://***@host/file``;
 - a built-in corpus name: ``default`` (the English reference text CPython ships in
   ``pydoc_data.topics``, present wherever Python is) or ``tinyshakespeare`` (the classic
   1,115,394-byte file, fetched from its well-known URL with its sha256 pinned).
@@ -17,6 +20,7 @@ so a large directory is never held in memory at once.
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hashlib
 import http.client
@@ -84,6 +88,29 @@ def split_builtin(spec: str) -> tuple[str, str | None] | None:
 # Downloads ------------------------------------------------------------------------------
 
 
+def redact_url(text: str) -> str:
+    """`text` with the user:password of a URL in it replaced by ``***``, for labels, logs and messages."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    authority = rest[:end]
+    if "@" not in authority:
+        return text
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{rest[end:]}"
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """The URL without user:password, and the HTTP basic ``Authorization`` value they make (or None)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), "Basic " + base64.b64encode(pair).decode("ascii")
+
+
 def parse_pinned_url(url: str) -> tuple[str, str | None]:
     """Split ``URL#sha256=<hex>`` into the URL and the lower-case hex digest (or None)."""
     base, _, fragment = url.partition("#")
@@ -92,7 +119,7 @@ def parse_pinned_url(url: str) -> tuple[str, str | None]:
     key, _, value = fragment.partition("=")
     value = value.strip().lower()
     if key != "sha256" or not _SHA256_HEX.match(value):
-        raise CorpusError(f"{url}: the URL fragment must be #sha256=<64 hex digits> to pin the content")
+        raise CorpusError(f"{redact_url(url)}: the URL fragment must be #sha256=<64 hex digits> to pin the content")
     return base, value
 
 
@@ -116,45 +143,57 @@ def download(
 
     Only http(s) is accepted. The body is streamed into a temporary file, checked for
     truncation (against Content-Length), size (`max_bytes`) and, when given, `sha256`,
-    then renamed into the cache; a failed download leaves nothing behind.
+    then renamed into the cache; a failed download leaves nothing behind. Credentials in
+    the URL are sent as basic authentication (never to a host it redirects to) and are
+    masked in every message. A server error (5xx, 408, 425, 429) or a network failure raises
+    `DownloadError`, worth a retry; any other refusal (404, 401, ...) a plain `CorpusError`.
     """
+    label = redact_url(url)
+    url, authorization = _split_credentials(url)
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
-        raise CorpusError(f"{url}: only http:// and https:// URLs can be downloaded")
+        raise CorpusError(f"{label}: only http:// and https:// URLs can be downloaded")
     target = Path(cache_dir) / "downloads" / _cache_name(url)
     if target.is_file():
         if sha256 is None or _file_sha256(target) == sha256:
-            log.info("using cached download of %s (%s)", url, target)
+            log.info("using cached download of %s (%s)", label, target)
             return target
-        log.warning("cached copy of %s does not match the pinned sha256; downloading again", url)
-    log.info("downloading %s", url)
+        log.warning("cached copy of %s does not match the pinned sha256; downloading again", label)
+    log.info("downloading %s", label)
     request = urllib.request.Request(url, headers={"User-Agent": "fundamentallm"})
+    if authorization:
+        request.add_unredirected_header("Authorization", authorization)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response, atomic_path(target) as tmp:
             expected = response.headers.get("Content-Length")
             expected_bytes = int(expected) if expected and expected.isdigit() else None
             if expected_bytes is not None and expected_bytes > max_bytes:
-                raise CorpusError(f"{url}: {expected_bytes:,} bytes is more than the {max_bytes:,}-byte download limit")
+                raise CorpusError(
+                    f"{label}: {expected_bytes:,} bytes is more than the {max_bytes:,}-byte download limit"
+                )
             digest = hashlib.sha256()
             received = 0
             with open(tmp, "wb") as out:
                 while block := response.read(1 << 20):
                     received += len(block)
                     if received > max_bytes:
-                        raise CorpusError(f"{url}: more than the {max_bytes:,}-byte download limit")
+                        raise CorpusError(f"{label}: more than the {max_bytes:,}-byte download limit")
                     digest.update(block)
                     out.write(block)
             if expected_bytes is not None and received != expected_bytes:
-                raise DownloadError(f"{url}: truncated download, got {received:,} of {expected_bytes:,} bytes")
+                raise DownloadError(f"{label}: truncated download, got {received:,} of {expected_bytes:,} bytes")
             actual = digest.hexdigest()
             if sha256 is not None and actual != sha256:
-                raise CorpusError(f"{url}: sha256 mismatch, expected {sha256}, got {actual}")
+                raise CorpusError(f"{label}: sha256 mismatch, expected {sha256}, got {actual}")
     except urllib.error.HTTPError as exc:
-        raise DownloadError(f"{url}: download failed with HTTP {exc.code} {exc.reason}") from exc
+        transient = exc.code >= 500 or exc.code in (408, 425, 429)
+        raise (DownloadError if transient else CorpusError)(
+            f"{label}: download failed with HTTP {exc.code} {exc.reason}"
+        ) from exc
     except urllib.error.URLError as exc:
-        raise DownloadError(f"{url}: cannot download ({exc.reason})") from exc
+        raise DownloadError(f"{label}: cannot download ({exc.reason})") from exc
     except (OSError, http.client.HTTPException) as exc:
-        raise DownloadError(f"{url}: download failed ({exc})") from exc
+        raise DownloadError(f"{label}: download failed ({exc})") from exc
     return target
 
 
@@ -297,13 +336,15 @@ def iter_source(
     if is_url(spec):
         url, pinned = parse_pinned_url(spec)
         path = download(url, cache_dir, sha256=pinned, max_bytes=max_download_bytes, timeout_s=download_timeout_s)
-        yield RawDocument(url, _read_file(path, max_download_bytes))
+        yield RawDocument(redact_url(url), _read_file(path, max_download_bytes))
         return
     path = Path(spec)
     if path.is_dir():
         found = False
         for member, skipped in iter_directory(path, include, exclude):
             if skipped is not None:
+                if member == path:  # the source directory itself cannot be read: say why, not "no files"
+                    raise CorpusError(f"{path}: {skipped.reason}")
                 yield skipped
                 continue
             found = True

@@ -246,7 +246,9 @@ def validate_documents(
     for table, expectations in suites.items():
         suite = context.suites.add(gx.ExpectationSuite(name=table, expectations=expectations))
         batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe(table)
-        definitions.append(context.validation_definitions.add(gx.ValidationDefinition(name=table, data=batch, suite=suite)))
+        definitions.append(
+            context.validation_definitions.add(gx.ValidationDefinition(name=table, data=batch, suite=suite))
+        )
 
     checks: list[dict[str, Any]] = []
     raw_results: dict[str, Any] = {}
@@ -290,8 +292,9 @@ def validate_documents(
     )
     if failed:
         lines = [_failure_line(c) for c in failed]
-        message = f"corpus {', '.join(documents.sources)}: {len(failed)} of {len(checks)} expectations failed:\n" + "\n".join(
-            f"  - {line}" for line in lines
+        message = (
+            f"corpus {', '.join(documents.sources)}: {len(failed)} of {len(checks)} expectations failed:\n"
+            + "\n".join(f"  - {line}" for line in lines)
         )
         message += f"\nfull report: {report_path}"
         raise DataValidationError(message, lines, str(report_path))
