@@ -5,9 +5,12 @@ Input: prompts, as a list of strings, a single string, or a DataFrame whose ``pr
 column (or first column) holds them. Output: one generated continuation per prompt.
 Parameters (all optional): ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
 ``seed``. Requests are bounded: at most `MAX_PROMPTS` prompts of `MAX_PROMPT_CHARS`
-characters and `MAX_NEW_TOKENS` new characters each; a request beyond them is refused with
-a clear message rather than run out of memory. The checkpoint is loaded on the CPU (a model
-trained on a GPU samples anywhere) with ``weights_only=True``.
+characters and `MAX_NEW_TOKENS` new characters each, `MAX_REQUEST_NEW_TOKENS` in all; a
+request beyond them, or with a parameter that is not a number, out of range (a seed beyond
+64 bits, a temperature between 0 and `MIN_TEMPERATURE`, where float32 sampling would divide
+by zero) or refused by `SampleConfig`, is refused with a message naming the parameter (HTTP 400 when served)
+rather than run out of memory or fail inside the sampler. The checkpoint is loaded on the
+CPU (a model trained on a GPU samples anywhere) with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from mlflow.pyfunc import PythonModel
 MAX_PROMPTS = 64
 MAX_PROMPT_CHARS = 8192
 MAX_NEW_TOKENS = 4096
+MAX_REQUEST_NEW_TOKENS = 8192
+"""Characters generated for one request, all prompts together: keeps a request inside the
+serving timeout (60 s by default) for models of a few million parameters on a CPU."""
+MIN_TEMPERATURE = 1e-6
 
 DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0}
 
@@ -43,6 +50,14 @@ def _refuse(message: str) -> Exception:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+def _number(settings: dict[str, Any], name: str, kind: type) -> Any:
+    value = settings[name]
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise _refuse(f"{name} must be {'an integer' if kind is int else 'a number'}; got {value!r}") from None
+
+
 class CharLanguageModel(PythonModel):
     """Generates text from a FundamentaLLM checkpoint."""
 
@@ -61,17 +76,30 @@ class CharLanguageModel(PythonModel):
         prompts = _prompts(model_input)
         if len(prompts) > MAX_PROMPTS:
             raise _refuse(f"{len(prompts)} prompts in one request; at most {MAX_PROMPTS}")
-        if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
-            raise _refuse(f"a prompt is longer than {MAX_PROMPT_CHARS} characters")
-        if not 0 <= int(settings["max_new_tokens"]) <= MAX_NEW_TOKENS:
-            raise _refuse(f"max_new_tokens must be between 0 and {MAX_NEW_TOKENS}")
+        for i, prompt in enumerate(prompts):
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise _refuse(f"prompt {i} has {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+        max_new_tokens = _number(settings, "max_new_tokens", int)
+        if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise _refuse(f"max_new_tokens must be between 0 and {MAX_NEW_TOKENS}; got {max_new_tokens}")
+        if len(prompts) * max_new_tokens > MAX_REQUEST_NEW_TOKENS:
+            raise _refuse(
+                f"{len(prompts)} prompts x {max_new_tokens} new characters is more than the "
+                f"{MAX_REQUEST_NEW_TOKENS} characters one request may generate; split the request"
+            )
+        temperature = _number(settings, "temperature", float)
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise _refuse(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}; got {temperature!r}")
+        seed = _number(settings, "seed", int)
+        if not -(2**63) <= seed < 2**64:
+            raise _refuse(f"seed must be a 64-bit integer; got {seed}")
         try:
             config = SampleConfig(
-                max_new_tokens=int(settings["max_new_tokens"]),
-                temperature=float(settings["temperature"]),
-                top_k=int(settings["top_k"]),
-                top_p=float(settings["top_p"]),
-                seed=int(settings["seed"]),
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=_number(settings, "top_k", int),
+                top_p=_number(settings, "top_p", float),
+                seed=seed,
                 unknown="unk",
             )
         except (FundamentaLLMError, ValueError) as exc:

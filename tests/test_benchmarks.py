@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,36 @@ def test_bench_prepare_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "MB/s" in proc.stdout and "peak RSS" in proc.stdout
     assert (tmp_path / "r.json").read_text().count('"mb_s"') == 2
+
+
+def test_bench_serve_smoke(tmp_path):
+    text = tmp_path / "small.txt"
+    text.write_text("".join(prose(i, 2000) for i in range(3)))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_serve.py",
+            "--source",
+            str(text),
+            "--steps",
+            "5",
+            "--requests",
+            "16",
+            "--threads",
+            "4",
+            "--max-new-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "requests/s" in proc.stdout and "p99" in proc.stdout
+    figures = json.loads((tmp_path / "r.json").read_text())
+    assert figures["wrong_answers"] == 0 and figures["requests"] == 16 and figures["requests_per_s"] > 0
