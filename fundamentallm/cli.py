@@ -7,8 +7,10 @@ non-zero exit status; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -60,11 +62,20 @@ def main(
     _command_start = time.monotonic()
     from rich.logging import RichHandler
 
-    handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    else:  # piped or redirected: one plain line per record, never wrapped at 80 columns, so it can be grepped
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
     logger = logging.getLogger("fundamentallm")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
+
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE}
+"""OS errors about the machine rather than the program: reported in one line, like bad input."""
 
 
 @contextmanager
@@ -76,6 +87,16 @@ def _user_errors() -> Iterator[None]:
 
         console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        from rich.markup import escape
+
+        where = f": {exc.filename}" if exc.filename else ""
+        hint = "; free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        message = f"{os.strerror(exc.errno)}{where}{hint} (unfinished output was removed)"
+        console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("interrupted")
         raise typer.Exit(130) from None
@@ -268,7 +289,8 @@ def train(
         "runs/latest"
     ),
     preset_name: Annotated[
-        str, typer.Option("--preset", "-p", help="Starting configuration: debug, cpu-small or shakespeare-gpu.")
+        str,
+        typer.Option("--preset", "-p", help="Starting configuration: debug, cpu-quick, cpu-small or shakespeare-gpu."),
     ] = "cpu-small",
     config_file: Annotated[
         Path | None, typer.Option("--config", "-c", help="JSON or TOML file with model/train settings over the preset.")
