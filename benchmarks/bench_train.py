@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py quality --budget 15m --preset cpu-small
     python benchmarks/bench_train.py throughput                     # tokens/s and model FLOP utilisation
     python benchmarks/bench_train.py generation                     # characters/s with and without KV cache
+    python benchmarks/bench_train.py processes                      # tokens/s training in 1 and 2 processes
 
 quality: prepares Tiny Shakespeare with the classic contiguous split (first 90% of
 characters train, last 10% validation), runs ``fundamentallm train --time-budget B`` as a
@@ -19,6 +20,10 @@ against a large matrix product of the same dtype measured in the same run.
 
 generation: characters per second generating 512 characters after a 256-character
 prompt at context 256, with and without the KV cache.
+
+processes: training tokens/s of ``fundamentallm train --processes N`` (torchrun, DDP, gloo
+on CPU; NCCL on GPUs) for each N given, the same preset and global batch, median of the
+repeats, and the ratio against one process. Each process gets cores / N threads.
 
 Run with the machine otherwise idle; figures go to benchmarks/RESULTS.md by hand.
 """
@@ -210,6 +215,36 @@ def generation(args: argparse.Namespace) -> None:
     print(f"speed-up from the cache: {rates[True] / rates[False]:.1f}x (6x384 model, context 256, {device})")
 
 
+def processes(args: argparse.Namespace) -> None:
+    dataset = shakespeare_dataset(args.shakespeare, args.data)
+    cores = os.cpu_count() or 1
+    rates: dict[int, float] = {}
+    for n in args.counts:
+        runs = []
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory(prefix="bench-processes-") as tmp:
+                command = [sys.executable, "-m", "fundamentallm.cli", "train", str(dataset), "--out", f"{tmp}/run"]
+                command += ["--preset", args.preset, "--max-steps", str(args.steps), "--processes", str(n)]
+                command += ["--no-eval", "--json", "--set", f"train.eval_interval={args.steps}"]
+                env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
+                proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+                if proc.returncode != 0:
+                    sys.exit(f"training in {n} process(es) failed:\n{proc.stderr[-4000:]}")
+                runs.append(json.loads(proc.stdout)["train"]["tokens_per_s"])
+        rates[n] = statistics.median(runs)
+        print(
+            f"{n} process(es), {max(1, cores // n)} thread(s) each: {rates[n]:,.0f} tokens/s "
+            f"(runs: {', '.join(f'{r:,.0f}' for r in runs)})",
+            flush=True,
+        )
+    base = rates[args.counts[0]]
+    for n in args.counts[1:]:
+        print(
+            f"{n} processes vs {args.counts[0]}: {rates[n] / base:.2f}x "
+            f"({args.preset}, {args.steps} steps, {cores} cores)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,11 +268,19 @@ def main() -> None:
     g.add_argument("--device", default="auto")
     g.add_argument("--tokens", type=int, default=512)
     g.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("processes", help="training tokens/s in 1 and 2 processes (torchrun, DDP)")
+    p.add_argument("--counts", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--preset", default="cpu-small")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shakespeare", type=Path, default=DEFAULT_SHAKESPEARE)
+    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fundamentallm-bench-data")
     args = parser.parse_args()
-    if args.command == "quality" and not args.shakespeare.is_file():
+    if args.command in ("quality", "processes") and not args.shakespeare.is_file():
         sys.exit(f"{args.shakespeare}: not found (give --shakespeare PATH)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    {"quality": quality, "throughput": throughput, "generation": generation}[args.command](args)
+    commands = {"quality": quality, "throughput": throughput, "generation": generation, "processes": processes}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

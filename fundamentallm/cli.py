@@ -312,6 +312,14 @@ def train(
     compile_model: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.", show_default=False)
     ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            help="Train in this many processes (torchrun + DistributedDataParallel; gloo on CPU, NCCL on GPUs); "
+            "the global batch stays the same.",
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest.pt.")] = False,
     evaluate_after: Annotated[
         bool, typer.Option("--eval/--no-eval", help="Evaluate the best checkpoint exactly on val at the end.")
@@ -329,15 +337,25 @@ def train(
             "train.precision": precision,
             "train.compile": compile_model,
             "train.max_steps": max_steps,
+            "train.processes": processes,
         }
         if time_budget is not None:
             changes["train.time_budget_s"] = parse_duration(time_budget)
             if max_steps is None:
                 changes["train.max_steps"] = 0
         config = _run_config(preset_name, config_file, overrides, changes)
-        result = run_train(
-            dataset, config, run_dir, resume=resume, callbacks=[ProgressPrinter()], clock_start=_command_start
-        )
+        if config.train.processes > 1:
+            from fundamentallm.distributed import run_processes
+            from fundamentallm.train import TrainResult
+
+            record = run_processes(
+                dataset, config, run_dir, resume=resume, on_output=lambda line: print(line, file=sys.stderr, flush=True)
+            )
+            result = TrainResult(**record)
+        else:
+            result = run_train(
+                dataset, config, run_dir, resume=resume, callbacks=[ProgressPrinter()], clock_start=_command_start
+            )
         evaluation = None
         if evaluate_after:
             from fundamentallm.evaluate import evaluate as run_evaluate

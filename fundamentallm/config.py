@@ -349,7 +349,7 @@ class ModelConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Config):
-    batch_size: int = setting(64, "Sequences per micro-batch.")
+    batch_size: int = setting(64, "Sequences per micro-batch (the whole batch, shared out when processes > 1).")
     grad_accum: int = setting(1, "Micro-batches per optimizer step (the global batch is batch_size x grad_accum).")
     max_steps: int = setting(5000, "Optimizer steps; with a time budget, an upper bound (0: none).")
     time_budget_s: float = setting(
@@ -391,9 +391,18 @@ class TrainConfig(Config):
     )
     compile: bool = setting(False, "torch.compile the model (pays on GPU and on long CPU runs).")
     threads: int = setting(0, "CPU threads for PyTorch (0: PyTorch's default).")
+    processes: int = setting(
+        1,
+        "Training processes on this machine (torchrun + DistributedDataParallel: NCCL on GPUs, gloo on CPU). "
+        "batch_size stays the global batch: each process takes batch_size / processes of it.",
+    )
+    dist_timeout_s: float = setting(
+        600.0, "Seconds a process waits for the others in a collective operation before failing."
+    )
 
     def check(self) -> None:
         for name in (
+            "processes",
             "batch_size",
             "grad_accum",
             "eval_interval",
@@ -425,6 +434,13 @@ class TrainConfig(Config):
                 self._fail(name, "must be in [0, 1)")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("TrainConfig.weight_decay and grad_clip must not be negative")
+        if self.batch_size % self.processes:
+            raise ConfigError(
+                f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of processes ({self.processes}): "
+                "each process takes an equal share of the global batch"
+            )
+        if self.dist_timeout_s <= 0:
+            self._fail("dist_timeout_s", "must be positive")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -80,19 +81,37 @@ class TrackerCallback:
 
 
 def train_stage(
-    dataset_path: str, config: RunConfig, run_dir: str | Path, tracker: Tracker | None = None
+    dataset_path: str,
+    config: RunConfig,
+    run_dir: str | Path,
+    tracker: Tracker | None = None,
+    on_output: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train (or, when the run directory has a checkpoint, resume) and return the result record."""
-    from fundamentallm.train import ProgressPrinter, train
+    """Train (or, when the run directory has a checkpoint, resume) and return the result record.
+
+    With ``train.processes`` > 1 training runs under torchrun; the processes' output goes to
+    `on_output` line by line, and rank 0 logs metrics to the tracker's MLflow run itself.
+    """
+    from fundamentallm.train import ProgressPrinter, TrainResult, train
 
     tracker = tracker or NullTracker()
-    result = train(
-        dataset_path,
-        config,
-        run_dir,
-        resume=resume_if_possible(run_dir),
-        callbacks=[ProgressPrinter(), TrackerCallback(tracker)],
-    )
+    resume = resume_if_possible(run_dir)
+    if config.train.processes > 1:
+        from fundamentallm.distributed import run_processes
+
+        record = run_processes(
+            dataset_path,
+            config,
+            run_dir,
+            resume=resume,
+            mlflow_run_id=getattr(tracker, "run_id", None),
+            on_output=on_output,
+        )
+        result = TrainResult(**record)
+    else:
+        result = train(
+            dataset_path, config, run_dir, resume=resume, callbacks=[ProgressPrinter(), TrackerCallback(tracker)]
+        )
     tracker.set_tags({"device": result.device, "precision": result.precision, "vocab_hash": result.vocab_hash})
     tracker.log_metrics(
         {"steps": result.steps, "train_seconds": result.train_seconds, "parameters": result.parameters},

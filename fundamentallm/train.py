@@ -19,6 +19,10 @@ One call, `train(dataset, config, run_dir)`, trains a model on an encoded datase
 
 Progress goes to callbacks (`TrainCallback`): a printer for the terminal, a JSON-lines log in
 the run directory, and whatever the caller adds (the pipeline's MLflow logger).
+
+Under torchrun (``train.processes`` > 1, see `fundamentallm.distributed`) the same loop runs in
+every process with the model wrapped in DistributedDataParallel; rank 0 alone writes files and
+calls the callbacks.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -42,6 +46,7 @@ import torch
 from fundamentallm.checkpoint import load_checkpoint, save_checkpoint
 from fundamentallm.config import RunConfig, TrainConfig
 from fundamentallm.data.dataset import Dataset
+from fundamentallm.distributed import Dist, env_world, process_group
 from fundamentallm.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from fundamentallm.fsutil import atomic_write_json, atomic_write_text
 from fundamentallm.model import CharTransformer
@@ -194,14 +199,27 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
 class Batches:
     """Random windows of context + 1 tokens from one token array, drawn with their own RNG."""
 
-    def __init__(self, tokens: np.ndarray, context: int, batch_size: int, device: torch.device, seed: int):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        context: int,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        part: tuple[int, int] = (0, 1),
+    ):
         self.data = torch.from_numpy(tokens.astype(np.int64, copy=False))
         self.context, self.batch_size, self.device = context, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
         self.offsets = torch.arange(context + 1)
+        # Process `rank` of `world` takes its share of every batch: all draw the same starts.
+        rank, world = part
+        share = batch_size // world
+        self.rows = slice(rank * share, (rank + 1) * share)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(len(self.data) - self.context, (self.batch_size,), generator=self.generator)
+        starts = starts[self.rows]
         window = self.data[starts[:, None] + self.offsets]  # (B, T + 1)
         if self.device.type == "cuda":
             window = window.pin_memory().to(self.device, non_blocking=True)
@@ -302,9 +320,31 @@ def train(
 
     `clock_start` (a `time.monotonic()` value) is when the time budget starts counting;
     by default, this call. With `resume`, training continues from ``run_dir/latest.pt``.
+    With ``train.processes`` > 1 this must run in each process torchrun starts (see
+    `fundamentallm.distributed.run_processes`); callbacks are called on rank 0 only.
     """
     clock_start = time.monotonic() if clock_start is None else clock_start
-    run_dir = Path(run_dir)
+    world = env_world()
+    if world != config.train.processes:
+        if world == 1:
+            raise ConfigError(
+                f"train.processes is {config.train.processes}: start training with `fundamentallm train` or the "
+                "pipeline, which launch torchrun (fundamentallm.distributed.run_processes)"
+            )
+        raise ConfigError(f"running in {world} processes, but train.processes is {config.train.processes}")
+    with process_group(resolve_device(config.train.device).type, config.train.dist_timeout_s) as dist:
+        return _train(dataset, config, Path(run_dir), resume, callbacks, clock_start, dist)
+
+
+def _train(
+    dataset: str | Path,
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    callbacks: Sequence[TrainCallback],
+    clock_start: float,
+    dist: Dist,
+) -> TrainResult:
     data = Dataset(dataset)
     vocab = data.vocab
     config = resolve_model_config(config, vocab.size)
@@ -336,12 +376,14 @@ def train(
             )
 
     device = resolve_device(tc.device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
     precision = resolve_precision(tc.precision, device)
     configure_backends(device, tc.threads)
     torch.manual_seed(tc.seed)
     model = CharTransformer(mc).to(device)
     optimizer = build_optimizer(model, tc, device)
-    batches = Batches(train_tokens, mc.context_length, tc.batch_size, device, tc.seed + 1)
+    batches = Batches(train_tokens, mc.context_length, tc.batch_size, device, tc.seed + 1, (dist.rank, dist.world))
     val_data = torch.from_numpy(val_tokens.astype(np.int64, copy=False))
     eval_starts = fixed_windows(len(val_data), mc.context_length, tc.eval_batches * tc.batch_size, tc.seed + 2)
 
@@ -358,19 +400,36 @@ def train(
         evals_since_best = int(checkpoint.raw["evals_since_best"])
         _restore_rng(checkpoint.raw["rng"], batches)
         log.info("resumed %s at step %d", latest, step)
-    forward = torch.compile(model) if tc.compile else model
+    if dist.enabled:
+        torch.manual_seed(tc.seed + 1 + dist.rank)  # dropout differs between processes, as between batch rows
+        from torch.nn.parallel import DistributedDataParallel
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None and trim_metrics(run_dir / "metrics.jsonl", step):
-        log.info("dropped metrics logged after step %d by the interrupted run", step)
-    atomic_write_json(run_dir / "config.json", {"config": config.to_dict(), "dataset": str(dataset)})
-    sinks: list[TrainCallback] = [JsonlLogger(run_dir / "metrics.jsonl"), *callbacks]
+        wrapped: torch.nn.Module = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    else:
+        wrapped = model
+    forward = torch.compile(wrapped) if tc.compile else wrapped
+    evaluator = model if dist.enabled else forward  # every process evaluates; no gradient sync needed
+
+    sinks: list[TrainCallback] = []
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint is not None and trim_metrics(run_dir / "metrics.jsonl", step):
+            log.info("dropped metrics logged after step %d by the interrupted run", step)
+        atomic_write_json(run_dir / "config.json", {"config": config.to_dict(), "dataset": str(dataset)})
+        sinks = [JsonlLogger(run_dir / "metrics.jsonl"), *callbacks]
+
+    def save(path: Path, train_loss: float) -> None:
+        if dist.is_main:
+            save_checkpoint(path, state(train_loss))
     parameters = model.num_parameters()
     log.info(
-        "training %s parameters on %s (%s), %s tokens of training data",
+        "training %s parameters on %s (%s)%s, %s tokens of training data",
         f"{parameters:,}",
         device,
         precision.name,
+        f" in {dist.world} processes" if dist.enabled else "",
         f"{len(train_tokens):,}",
     )
 
@@ -397,11 +456,12 @@ def train(
 
     def evaluate_now(train_loss: float) -> None:
         nonlocal best_val, evals_since_best
-        val_loss = subset_loss(forward, val_data, eval_starts, mc.context_length, tc.batch_size, device, precision)
+        val_loss = subset_loss(evaluator, val_data, eval_starts, mc.context_length, tc.batch_size, device, precision)
+        val_loss = dist.mean(val_loss, device)
         improved = val_loss < best_val
         if improved:
             best_val, evals_since_best = val_loss, 0
-            save_checkpoint(best, state(train_loss))
+            save(best, train_loss)
         else:
             evals_since_best += 1
         for sink in sinks:
@@ -419,7 +479,7 @@ def train(
             if tc.max_steps and step >= tc.max_steps:
                 stop_reason = "max_steps"
                 break
-            if tc.time_budget_s and elapsed() >= tc.time_budget_s:
+            if tc.time_budget_s and dist.any(elapsed() >= tc.time_budget_s, device):
                 stop_reason = "time_budget"
                 break
             progress = elapsed() / tc.time_budget_s if tc.time_budget_s else step / tc.max_steps
@@ -427,13 +487,16 @@ def train(
             optimizer.set_lr_factor(lr / tc.lr)
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
-            for _ in range(tc.grad_accum):
+            for micro in range(tc.grad_accum):
                 x, y = batches.next()
-                with precision.autocast(device):
-                    _, loss = forward(x, y)
-                (loss / tc.grad_accum).backward()
+                # Under DDP gradients are averaged across processes on the last micro-batch only.
+                last = micro == tc.grad_accum - 1
+                with wrapped.no_sync() if dist.enabled and not last else nullcontext():
+                    with precision.autocast(device):
+                        _, loss = forward(x, y)
+                    (loss / tc.grad_accum).backward()
                 loss_sum += loss.detach()
-            loss_value = float(loss_sum) / tc.grad_accum
+            loss_value = dist.mean(float(loss_sum) / tc.grad_accum, device)
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
                 kept = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint was saved yet"
@@ -451,7 +514,7 @@ def train(
                 torch.cuda.synchronize()
             step_time = time.perf_counter() - started
             step += 1
-            step_tokens = tc.batch_size * tc.grad_accum * mc.context_length
+            step_tokens = tc.batch_size * tc.grad_accum * mc.context_length  # all processes together
             tokens_seen += step_tokens
             train_s += step_time
             last_loss = loss_value
@@ -486,19 +549,19 @@ def train(
                     stop_reason = "early_stopping"
                     break
             if step % tc.checkpoint_interval == 0:
-                save_checkpoint(latest, state(loss_value))
-            if stop.signal is not None:
-                save_checkpoint(latest, state(loss_value))
-                name = signal.Signals(stop.signal).name
+                save(latest, loss_value)
+            if dist.any(stop.signal is not None, device):
+                save(latest, loss_value)
+                name = signal.Signals(stop.signal).name if stop.signal is not None else "a signal to another process"
                 raise TrainingInterrupted(f"{name} received: saved {latest} at step {step}; resume with --resume")
 
     if step == 0:
         raise ConfigError("training ended before its first step (time budget too short?)")
     if last_eval_step != step:
         evaluate_now(last_loss)
-    save_checkpoint(latest, state(last_loss))
-    if not best.exists():  # early stopping can end without any improvement after a resume
-        save_checkpoint(best, state(last_loss))
+    save(latest, last_loss)
+    if dist.is_main and not best.exists():  # early stopping can end without any improvement after a resume
+        save(best, last_loss)
     total_train_s = prior_train_s + train_s
     result = TrainResult(
         run_dir=str(run_dir),
@@ -517,7 +580,8 @@ def train(
         tokens_per_s=tokens_seen / total_train_s if total_train_s else 0.0,
         vocab_hash=vocab.hash,
     )
-    atomic_write_json(run_dir / "result.json", result.to_dict())
+    if dist.is_main:
+        atomic_write_json(run_dir / "result.json", result.to_dict())
     for sink in sinks:
         sink.on_end(result)
     return result

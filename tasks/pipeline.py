@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from fundamentallm.config import RunConfig, SampleConfig
 from fundamentallm.pipeline import evaluate_stage, loss_plot_stage, sample_stage, train_stage
@@ -14,9 +14,12 @@ from fundamentallm.tracking import MlflowTracker
 
 @task(name="train", retries=1, retry_delay_seconds=5)
 def train_task(dataset_path: str, config: RunConfig, run_dir: str, mlflow_run_id: str) -> dict[str, Any]:
-    """Train the model; a retry resumes from the run directory's latest checkpoint."""
+    """Train the model; a retry resumes from the run directory's latest checkpoint.
+
+    With ``train.processes`` > 1 it launches torchrun and streams the processes' output into this log.
+    """
     tracker = MlflowTracker(mlflow_run_id)
-    result = train_stage(dataset_path, config, run_dir, tracker)
+    result = train_stage(dataset_path, config, run_dir, tracker, on_output=get_run_logger().info)
     loss_plot_stage(run_dir, tracker)
     return result
 

@@ -99,6 +99,25 @@ def debug_config(**train: object):
     return config.replace(train=config.train.replace(**train))
 
 
+def poison_training_loss(monkeypatch, poisoned_call) -> None:
+    """Make the training loss NaN on the forward passes for which `poisoned_call(n)` is true
+    (n counts training forward passes from 1)."""
+    from fundamentallm import model as model_module
+
+    original = model_module.CharTransformer.forward
+    calls = {"n": 0}
+
+    def forward(self, ids, targets=None, caches=None):
+        logits, loss = original(self, ids, targets, caches)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if poisoned_call(calls["n"]):
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_module.CharTransformer, "forward", forward)
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One temporary Prefect API for every flow test, with its own PREFECT_HOME."""

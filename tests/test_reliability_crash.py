@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, prose
+from conftest import ROOT, poison_training_loss, prose
 
 from fundamentallm.checkpoint import load_checkpoint
 from fundamentallm.data.dataset import Dataset
@@ -128,7 +128,6 @@ def test_a_nan_loss_in_the_flow_fails_the_run_keeps_the_checkpoint_and_registers
     prefect_api, mlflow_store, tmp_path, monkeypatch
 ):
     from flows.train_pipeline import train_pipeline
-    from fundamentallm import model as model_module
     from fundamentallm.config import DataConfig
     from fundamentallm.tracking import client, experiment_id
 
@@ -136,18 +135,7 @@ def test_a_nan_loss_in_the_flow_fails_the_run_keeps_the_checkpoint_and_registers
     corpus.mkdir()
     for i in range(3):
         (corpus / f"{i}.txt").write_text(prose(500 + i, 2500))
-    original = model_module.CharTransformer.forward
-    calls = {"n": 0}
-
-    def poisoned(self, ids, targets=None, caches=None):
-        logits, loss = original(self, ids, targets, caches)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] >= 75:  # after the checkpoint at step 50; again on the retry
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(model_module.CharTransformer, "forward", poisoned)
+    poison_training_loss(monkeypatch, lambda n: n >= 75)  # after the checkpoint at step 50; again on the retry
     state = train_pipeline(
         preset="debug",
         sources=[str(corpus)],

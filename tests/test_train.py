@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import debug_config
+from conftest import debug_config, poison_training_loss
 
 from fundamentallm.checkpoint import load_checkpoint
 from fundamentallm.config import TrainConfig
@@ -105,20 +105,7 @@ def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tiny_dataset, t
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path, monkeypatch):
-    from fundamentallm import model as model_module
-
-    original = model_module.CharTransformer.forward
-    calls = {"n": 0}
-
-    def poisoned(self, ids, targets=None, caches=None):
-        logits, loss = original(self, ids, targets, caches)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 13:
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(model_module.CharTransformer, "forward", poisoned)
+    poison_training_loss(monkeypatch, lambda n: n == 13)
     config = debug_config(max_steps=50, checkpoint_interval=5, eval_interval=5)
     with pytest.raises(TrainingDiverged, match=r"training loss became nan at step 13 .*last good checkpoint is"):
         train(tiny_dataset, config, tmp_path / "run")

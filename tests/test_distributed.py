@@ -1,0 +1,153 @@
+"""Training in several processes (torchrun, DistributedDataParallel over gloo on this CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, debug_config, prose
+
+from fundamentallm.checkpoint import load_checkpoint
+from fundamentallm.errors import ConfigError
+
+CLI = [sys.executable, "-m", "fundamentallm.cli"]
+
+
+def _train(dataset: Path, run: Path, *extra: str, timeout: float = 300) -> dict:
+    command = [*CLI, "train", str(dataset), "--out", str(run), "--preset", "debug", "--no-eval", "--json", *extra]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)["train"]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in records if r["kind"] == "train"}
+
+
+def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tiny_dataset, tmp_path):
+    # grad_accum 2 exercises the micro-batches whose gradients are not synchronised (no_sync).
+    settings = ["--max-steps", "80", "--set", "train.log_interval=5", "--set", "train.grad_accum=2"]
+    one = _train(tiny_dataset, tmp_path / "one", *settings)
+    two = _train(tiny_dataset, tmp_path / "two", *settings, "--processes", "2")
+    assert two["steps"] == one["steps"] == 80
+    assert two["tokens"] == one["tokens"]  # the same global batch
+    # Each process computes half of each batch; the averaged gradient is the one process's up to
+    # summation order, so the curves agree to float32 rounding (tolerance 1e-4 nats).
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 17
+    assert max(abs(a[k] - b[k]) for k in a) < 1e-4, [(k, a[k], b[k]) for k in a]
+    assert abs(one["best_val_loss"] - two["best_val_loss"]) < 1e-4
+    # Rank 0 alone wrote the run directory: one set of files, no leftovers from rank 1.
+    names = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert names == ["best.pt", "config.json", "latest.pt", "metrics.jsonl", "result.json"]
+    assert load_checkpoint(tmp_path / "two" / "latest.pt").step == 80
+
+
+def _ranks(launcher_pid: int) -> dict[int, int]:
+    """Rank -> pid of the training processes under a torchrun launcher."""
+    found = {}
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            cmdline = (environ.parent / "cmdline").read_bytes()
+            if b"fundamentallm.distributed" not in cmdline or b"torch.distributed.run" in cmdline:
+                continue
+            env = dict(item.split("=", 1) for item in environ.read_text().split("\0") if "=" in item)
+        except OSError:
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(environ.parent.name)
+    return found
+
+
+def test_a_killed_rank_fails_the_run_cleanly_without_hanging(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    command = [*CLI, "train", str(tiny_dataset), "--out", str(run), "--preset", "debug", "--no-eval"]
+    command += ["--max-steps", "1000000", "--processes", "2"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = run / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        ranks = _ranks(proc.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert time.monotonic() - killed_at < 90
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "error: training in 2 processes failed (torchrun exit code 1): rank 1 (local_rank: 1), exitcode -9" in stderr
+    assert "Traceback" not in stderr.split("error: training in 2 processes failed")[1]
+    for pid in ranks.values():  # no training process is left behind
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "zombie" in status.read_text().lower()
+
+
+def test_settings_are_checked_before_any_process_starts(tiny_dataset, tmp_path):
+    from fundamentallm.train import train
+
+    with pytest.raises(ConfigError, match=r"batch_size \(16\) must be a multiple of processes \(3\)"):
+        debug_config(processes=3)
+    with pytest.raises(ConfigError, match="start training with `fundamentallm train` or the pipeline"):
+        train(tiny_dataset, debug_config(processes=2), tmp_path / "run")
+
+
+@pytest.mark.flow
+def test_the_pipeline_trains_in_two_processes_and_rank_zero_logs_to_mlflow(prefect_api, mlflow_store, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.train_pipeline import train_pipeline
+    from fundamentallm.config import DataConfig
+    from fundamentallm.tracking import client
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text(prose(800 + i, 2500))
+    state = train_pipeline(
+        preset="debug",
+        overrides=["train.processes=2", "train.max_steps=60", "train.log_interval=10"],
+        sources=[str(corpus)],
+        data=DataConfig.from_dict({"validation": {"context_length": 32}}),
+        model_name="ddp-char",
+        experiment="ddp",
+        data_dir=str(tmp_path / "data"),
+        runs_dir=str(tmp_path / "runs"),
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    summary = state.result()
+    mlflow_client = client()
+    history = mlflow_client.get_metric_history(summary["mlflow_run_id"], "train_loss")
+    assert [m.step for m in history] == [1, 10, 20, 30, 40, 50, 60]  # once per step: rank 0 alone logs
+    assert summary["registration"]["version"] == "1"
+    with get_client(sync_client=True) as prefect_client:
+        logs = prefect_client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    assert any(log.message.startswith("step 60/60 | loss") for log in logs)  # the ranks' output, in the flow's log
+
+
+def test_the_kubernetes_deployment_sketch_has_valid_parameters():
+    import yaml
+
+    from fundamentallm.pipeline import PipelineConfig
+
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect-kubernetes.yaml").read_text())
+    for deployment in spec["deployments"]:
+        assert deployment["entrypoint"] == "flows/train_pipeline.py:train_pipeline"
+        params = deployment["parameters"]
+        config = PipelineConfig(preset=params["preset"], overrides=tuple(params["overrides"])).run_config()
+        assert config.train.processes == 4 and config.train.batch_size % 4 == 0
