@@ -11,6 +11,15 @@ Ports: PREFECT_PORT (4200), MLFLOW_PORT (5000), WORKER_HEALTH_PORT (8085).
 Everything listens on 127.0.0.1 only, unless FUNDAMENTALLM_BIND_HOST names another address
 for the Prefect and MLflow servers (0.0.0.0: all interfaces; clients here still use 127.0.0.1).
 
+Databases: sqlite files by default (Prefect's under PREFECT_HOME, MLflow's `mlflow.db` in the
+store). FUNDAMENTALLM_PREFECT_DATABASE_URL and FUNDAMENTALLM_MLFLOW_DATABASE_URL put the Prefect
+server and the MLflow server on PostgreSQL instead, one database each (both keep an
+`alembic_version` table, so they cannot share one): plain `postgresql://user:password@host:port/db`
+URLs, password percent-encoded. The Prefect server gets PREFECT_SERVER_DATABASE_CONNECTION_URL
+with the asyncpg driver (`postgresql+asyncpg://`), the MLflow server MLFLOW_BACKEND_STORE_URI
+with psycopg2 named (`postgresql+psycopg2://`: SQLAlchemy 2.1 would otherwise pick psycopg 3),
+each through its environment only, never its command line; the password is printed as `***`.
+
 Flow runs started by the worker send a heartbeat every 30 s (PREFECT_FLOWS_HEARTBEAT_FREQUENCY),
 and `deployments/automations.py` installs the automation that marks a run Crashed when its
 heartbeats stop (a killed worker or machine), so no run stays "Running" for ever.
@@ -25,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -46,12 +56,64 @@ def _ports() -> dict[str, int]:
     }
 
 
+DATABASE_SETTINGS = {
+    "prefect": ("FUNDAMENTALLM_PREFECT_DATABASE_URL", "postgresql+asyncpg"),
+    "mlflow": ("FUNDAMENTALLM_MLFLOW_DATABASE_URL", "postgresql+psycopg2"),
+}
+"""Per server: the setting naming its PostgreSQL database, and the SQLAlchemy driver it is given
+(whatever driver the URL names is replaced: Prefect needs asyncpg, MLflow's jobs support psycopg2)."""
+_POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg2")
+
+
+def masked(url: str) -> str:
+    """`url` with any user:password replaced by ``***`` (up to the last ``@``, so an unencoded ``@``
+    in a password is masked too)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return f"{scheme}://{netloc}{slash}{path}"
+
+
+def _database_urls() -> dict[str, str]:
+    """The PostgreSQL URL each server is given (with its driver), for the servers whose setting is
+    set; a server without one keeps its sqlite file."""
+    urls, where = {}, {}
+    for server, (setting, driver) in DATABASE_SETTINGS.items():
+        value = os.environ.get(setting, "").strip()
+        if not value:
+            continue
+        scheme, _, rest = value.partition("://")
+        if scheme not in _POSTGRES_SCHEMES or not rest:
+            raise SystemExit(
+                f"{setting}={masked(value)}: expected a PostgreSQL URL, "
+                "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (unset it to keep sqlite)"
+            )
+        parsed = urllib.parse.urlsplit(f"{driver}://{rest}")
+        try:
+            port = parsed.port or 5432
+        except ValueError:
+            raise SystemExit(f"{setting}={masked(value)}: the port is not a number") from None
+        if not parsed.path.strip("/"):
+            raise SystemExit(f"{setting}={masked(value)}: name the database (postgresql://...:PORT/DATABASE)")
+        urls[server] = f"{driver}://{rest}"
+        where[server] = ((parsed.hostname or "").lower(), port, parsed.path.strip("/"))
+    if len(where) == 2 and where["prefect"] == where["mlflow"]:
+        raise SystemExit(
+            "FUNDAMENTALLM_PREFECT_DATABASE_URL and FUNDAMENTALLM_MLFLOW_DATABASE_URL name the same database; "
+            "give each server a database of its own (both keep an alembic_version table)"
+        )
+    return urls
+
+
 def _env() -> dict[str, str]:
     ports = _ports()
     sys.path.insert(0, str(ROOT))
     from fundamentallm.tracking import store_dir
 
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in {s for s, _ in DATABASE_SETTINGS.values()}}
     env.update(
         {
             "PREFECT_API_URL": f"http://{HOST}:{ports['prefect']}/api",
@@ -88,13 +150,20 @@ def _read_pid(name: str) -> tuple[int, str] | None:
 
 
 def _alive(pid: int, started: str | None = None) -> bool:
-    """True when `pid` runs and, given its recorded start time, is still the process we started."""
+    """True when `pid` runs and, given its recorded start time, is still the process we started.
+
+    A child of this process that exited but was not yet reaped (a zombie) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    except OSError:
+        return False
     return started is None or not started or _started_at(pid) == started
 
 
@@ -133,11 +202,17 @@ def _run(command: list[str], env: dict[str, str]) -> None:
 
 
 def up() -> None:
+    databases = _database_urls()
     STATE.mkdir(parents=True, exist_ok=True)
     env = _env()
     ports = _ports()
     store = Path(env["FUNDAMENTALLM_MLRUNS"])
     (store / "artifacts").mkdir(parents=True, exist_ok=True)
+    # The database URLs reach the servers through their environment only: a command line is visible in `ps`.
+    mlflow_env = {**env, "MLFLOW_BACKEND_STORE_URI": databases.get("mlflow", f"sqlite:///{store / 'mlflow.db'}")}
+    prefect_env = dict(env)
+    if "prefect" in databases:
+        prefect_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = databases["prefect"]
     mlflow = _start(
         "mlflow",
         [
@@ -147,19 +222,17 @@ def up() -> None:
             BIND,
             "--port",
             str(ports["mlflow"]),
-            "--backend-store-uri",
-            f"sqlite:///{store / 'mlflow.db'}",
             "--artifacts-destination",
             str(store / "artifacts"),
             "--workers",
             "1",
         ],
-        env,
+        mlflow_env,
     )
     prefect = _start(
         "prefect-server",
         [str(BIN / "prefect"), "server", "start", "--host", BIND, "--port", str(ports["prefect"])],
-        env,
+        prefect_env,
     )
     _wait("prefect-server", f"http://{HOST}:{ports['prefect']}/api/health", prefect)
     _wait("mlflow", f"http://{HOST}:{ports['mlflow']}/health", mlflow)
@@ -175,6 +248,10 @@ def up() -> None:
     }
     (STATE / "urls.json").write_text(json.dumps(urls, indent=2))
     print(f"Prefect UI:  {urls['prefect']}\nMLflow UI:   {urls['mlflow']}")
+    print(
+        f"Databases:   Prefect {masked(databases['prefect']) if 'prefect' in databases else 'sqlite (PREFECT_HOME)'}, "
+        f"MLflow {masked(mlflow_env['MLFLOW_BACKEND_STORE_URI'])}"
+    )
     print("Deployments: train-pipeline/default (on demand), train-pipeline/nightly (03:00 UTC)")
     print(
         f"Use them from this shell with:\n  export PREFECT_API_URL={urls['prefect_api']} "

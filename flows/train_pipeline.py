@@ -20,6 +20,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
+from fundamentallm import storage
 from fundamentallm.config import DataConfig, SampleConfig
 from fundamentallm.errors import TrackingUnavailable
 from fundamentallm.pipeline import PipelineConfig, PipelineSummary, PresetName, version_description
@@ -35,7 +36,7 @@ from fundamentallm.tracking import (
     ui_url,
 )
 from tasks.data import encode_task, ingest_task, validate_task
-from tasks.pipeline import evaluate_task, register_task, sample_task, train_task
+from tasks.pipeline import evaluate_task, publish_dataset_task, register_task, sample_task, train_task
 
 DEFAULT_SAMPLE = PipelineConfig().sample
 
@@ -113,31 +114,37 @@ def train_pipeline(
             description="Start `mlflow ui` on the embedded store (or `make up`) to open it" if embedded else None,
         )
 
-        documents = ingest_task(config.data.ingest, config.data_dir)
+        # The data stage works on local disk: data_dir itself, or its local mirror when data_dir is
+        # an fsspec URL, to which the finished dataset is then copied (manifest last).
+        work_dir = str(storage.local_path(config.data_dir))
+        documents = ingest_task(config.data.ingest, work_dir)
         if not Path(documents.path).is_file():  # a cached record whose files were deleted since
-            documents = ingest_task.with_options(refresh_cache=True)(config.data.ingest, config.data_dir)
+            documents = ingest_task.with_options(refresh_cache=True)(config.data.ingest, work_dir)
         tracker.set_tags({"corpus_hash": documents.corpus_hash})
-        validation = validate_task(documents, config.data.validation, config.data.encode, config.data_dir)
+        validation = validate_task(documents, config.data.validation, config.data.encode, work_dir)
         create_markdown_artifact(validation_markdown(validation.checks, validation.report_path), key="validation")
         tracker.log_artifact(validation.report_path, "data")
         min_split_tokens = run_config.model.context_length + 1
-        dataset = encode_task(documents, config.data.encode, config.data_dir, min_split_tokens)
+        dataset = encode_task(documents, config.data.encode, work_dir, min_split_tokens)
         if not Path(dataset.manifest_path).is_file():
             dataset = encode_task.with_options(refresh_cache=True)(
-                documents, config.data.encode, config.data_dir, min_split_tokens
+                documents, config.data.encode, work_dir, min_split_tokens
             )
         tracker.set_tags({"vocab_hash": dataset.vocab_hash, "dataset_id": dataset.dataset_id})
         tracker.log_artifact(dataset.manifest_path, "data")
         tracker.log_artifact(Path(dataset.path) / "vocab.json", "data")
+        dataset_location = dataset.path
+        if storage.is_remote(config.data_dir):
+            dataset_location = publish_dataset_task(dataset.path, work_dir, config.data_dir)
 
-        run_dir = str(Path(config.runs_dir) / f"{flow_run_name}-{flow_run_id[:8]}")
+        run_dir = storage.join(config.runs_dir, f"{flow_run_name}-{flow_run_id[:8]}")
         budget = run_config.train.time_budget_s
         trained = train_task.with_options(timeout_seconds=(budget * 2 + 1800) if budget else None)(
-            dataset.path, run_config, run_dir, mlflow_run_id
+            dataset_location, run_config, run_dir, mlflow_run_id
         )
-        tracker.log_artifact(Path(run_dir) / "config.json", "config")
+        tracker.log_artifact(storage.local_path(run_dir) / "config.json", "config")
         checkpoint = trained["best_checkpoint"]
-        metrics = evaluate_task(checkpoint, dataset.path, mlflow_run_id)
+        metrics = evaluate_task(checkpoint, dataset_location, mlflow_run_id)
         create_table_artifact(metrics_rows(metrics), key="metrics", description="Exact figures, whole splits")
         samples = sample_task(checkpoint, config.prompts, config.sample, run_dir, mlflow_run_id)
         create_markdown_artifact(samples["markdown"], key="samples")
@@ -205,9 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="cpu-quick", help="training preset (debug, cpu-quick, cpu-small, ...)")
     parser.add_argument("--source", action="append", help="corpus source (repeatable; default: built-in 'default')")
     parser.add_argument("--set", dest="overrides", action="append", help="model/train override, e.g. train.lr=0.003")
+    parser.add_argument(
+        "--encode-workers", type=int, default=1, help="processes encoding shards (more than 1: a local Dask cluster)"
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
-    summary = train_pipeline(preset=args.preset, sources=args.source, overrides=args.overrides)
+    data = DataConfig().with_overrides({"encode.workers": args.encode_workers})
+    summary = train_pipeline(preset=args.preset, sources=args.source, overrides=args.overrides, data=data)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -72,6 +72,14 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint file, or one at an fsspec URL (downloaded into the local mirror first)."""
+    from fundamentallm import storage
+
+    if storage.is_remote(path):
+        try:
+            path = storage.fetch(path)
+        except storage.StorageError as exc:
+            raise CheckpointError(f"{path}: checkpoint not found ({exc})") from exc
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")

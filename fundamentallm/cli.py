@@ -284,10 +284,13 @@ def _print_eval(result: Any, title: str) -> None:
 
 @app.command()
 def train(
-    dataset: Annotated[Path, typer.Argument(help="Dataset directory made by 'fundamentallm prepare' (datasets/<id>).")],
-    run_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory for checkpoints and logs.")] = Path(
-        "runs/latest"
-    ),
+    dataset: Annotated[
+        str,
+        typer.Argument(help="Dataset directory made by 'fundamentallm prepare' (datasets/<id>), or its fsspec URL."),
+    ],
+    run_dir: Annotated[
+        str, typer.Option("--out", "-o", help="Run directory for checkpoints and logs, or an fsspec URL (s3://...).")
+    ] = "runs/latest",
     preset_name: Annotated[
         str,
         typer.Option("--preset", "-p", help="Starting configuration: debug, cpu-quick, cpu-small or shakespeare-gpu."),
@@ -376,8 +379,8 @@ def train(
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file (best.pt or latest.pt).")],
-    dataset: Annotated[Path, typer.Argument(help="Dataset directory the model was trained on.")],
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint file (best.pt or latest.pt), or its fsspec URL.")],
+    dataset: Annotated[str, typer.Argument(help="Dataset directory the model was trained on, or its fsspec URL.")],
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "val",
     stride: Annotated[
         int | None, typer.Option("--stride", help="Sliding-window stride (default: half the context).")
@@ -400,7 +403,10 @@ def evaluate(
 @app.command()
 def sample(
     checkpoint: Annotated[
-        Path | None, typer.Argument(help="Checkpoint file (best.pt or latest.pt); or give --model.", show_default=False)
+        str | None,
+        typer.Argument(
+            help="Checkpoint file (best.pt or latest.pt) or its fsspec URL; or give --model.", show_default=False
+        ),
     ] = None,
     model_uri: Annotated[
         str | None,
@@ -458,7 +464,7 @@ def sample(
             _stream(sampler, prompt, config)
 
 
-def _sampler(checkpoint: Path, device: str) -> Any:
+def _sampler(checkpoint: str | Path, device: str) -> Any:
     from fundamentallm.checkpoint import load_checkpoint
     from fundamentallm.runtime import resolve_device, resolve_precision
     from fundamentallm.sample import Sampler

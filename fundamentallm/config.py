@@ -220,7 +220,9 @@ class IngestConfig(Config):
     )
     max_file_bytes: int = setting(1 << 30, "Largest single file accepted, in bytes.")
     cache_dir: str = setting(
-        "", "Download cache directory; empty means $FUNDAMENTALLM_CACHE_DIR or ~/.cache/fundamentallm."
+        "",
+        "Download cache directory, or an fsspec URL (s3://bucket/cache); empty means $FUNDAMENTALLM_CACHE_DIR "
+        "or ~/.cache/fundamentallm.",
     )
     max_download_bytes: int = setting(1 << 30, "Largest download accepted, in bytes.")
     download_timeout_s: float = setting(60.0, "Network timeout for one download, in seconds.")
@@ -287,6 +289,11 @@ class EncodeConfig(Config):
     document_separator: str = setting("\n\n", "Text placed between consecutive documents of a split.")
     shard_tokens: int = setting(1 << 24, "Tokens per Parquet shard (the last shard of a split may hold fewer).")
     compression_level: int = setting(1, "zstd compression level of the shards (1 fastest .. 22 smallest).")
+    workers: int = setting(
+        1,
+        "Processes encoding shards in the pipeline flow: 1 encodes in the flow's process; more maps the shards "
+        "over a local Dask cluster of that many single-threaded workers. Same output, same dataset id.",
+    )
 
     def check(self) -> None:
         total = self.train_fraction + self.val_fraction + self.test_fraction
@@ -305,6 +312,8 @@ class EncodeConfig(Config):
             self._fail("shard_tokens", "must be at least 1")
         if not 1 <= self.compression_level <= 22:
             self._fail("compression_level", "must be in 1..22")
+        if self.workers < 1:
+            self._fail("workers", "must be at least 1")
 
     def fractions(self) -> dict[str, float]:
         return {"train": self.train_fraction, "val": self.val_fraction, "test": self.test_fraction}

@@ -165,9 +165,11 @@ def run_processes(
 
     Raises `TrainingProcessFailed` with the failing rank's error when a process fails.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=run_dir, prefix=".launch-", delete=False) as handle:
+    from fundamentallm.storage import local_path
+
+    launch_dir = local_path(run_dir)  # the run directory, or its local mirror when it is a URL
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=launch_dir, prefix=".launch-", delete=False) as handle:
         json.dump(config.to_dict(), handle)
         config_path = handle.name
     args = ["--dataset", str(dataset), "--run-dir", str(run_dir), "--config", config_path]

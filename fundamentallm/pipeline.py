@@ -40,8 +40,14 @@ class PipelineConfig(Config):
     prompts: tuple[str, ...] = setting(("",), "Prompts to sample from after training ('' starts from a newline).")
     model_name: str = setting("fundamentallm-char", "Registered model name in the MLflow registry.")
     experiment: str = setting("fundamentallm", "MLflow experiment of the runs.")
-    data_dir: str = setting("data", "Directory for documents, validation reports and datasets.")
-    runs_dir: str = setting("runs", "Directory for training runs (checkpoints and logs).")
+    data_dir: str = setting(
+        "data",
+        "Directory for documents, validation reports and datasets; an fsspec URL (s3://bucket/data) keeps the "
+        "datasets there (the rest stays in its local mirror).",
+    )
+    runs_dir: str = setting(
+        "runs", "Directory for training runs (checkpoints and logs), or an fsspec URL (s3://bucket/runs)."
+    )
 
     def check(self) -> None:
         self.run_config()  # a bad override fails here, before any work
@@ -60,7 +66,9 @@ class PipelineConfig(Config):
 
 def resume_if_possible(run_dir: str | Path) -> bool:
     """A retried training task continues from the run's latest checkpoint when it has one."""
-    return (Path(run_dir) / "latest.pt").is_file()
+    from fundamentallm import storage
+
+    return storage.exists(storage.join(run_dir, "latest.pt"))
 
 
 class TrackerCallback:
@@ -151,6 +159,7 @@ def sample_stage(
     checkpoint: str, prompts: tuple[str, ...], config: SampleConfig, out_dir: str | Path, tracker: Tracker | None = None
 ) -> dict[str, Any]:
     """Generate samples for each prompt; write them as text and Markdown; return both paths."""
+    from fundamentallm import storage
     from fundamentallm.checkpoint import load_checkpoint
     from fundamentallm.report import samples_markdown
     from fundamentallm.sample import Sampler
@@ -159,7 +168,7 @@ def sample_stage(
     ckpt = load_checkpoint(checkpoint)
     sampler = Sampler(ckpt.build_model("cpu"), ckpt.vocab)
     samples = [sampler.generate(prompt, config.replace(unknown="unk")) for prompt in prompts]
-    out_dir = Path(out_dir)
+    location, out_dir = str(out_dir), storage.local_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text_path = out_dir / "samples.txt"
     text_path.write_text(
@@ -173,14 +182,21 @@ def sample_stage(
     )
     markdown = samples_markdown(prompts, samples)
     (out_dir / "samples.md").write_text(markdown, encoding="utf-8")
+    if storage.is_remote(location):
+        for path in (text_path, out_dir / "samples.md"):
+            storage.push_file(path, storage.join(location, path.name))
     tracker.log_artifact(text_path, "samples")
     return {"path": str(text_path), "markdown": markdown, "samples": samples}
 
 
 def loss_plot_stage(run_dir: str | Path, tracker: Tracker | None = None) -> str:
+    from fundamentallm import storage
     from fundamentallm.report import plot_losses
 
-    png = plot_losses(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "loss.png")
+    local = storage.local_path(run_dir)
+    png = plot_losses(local / "metrics.jsonl", local / "loss.png")
+    if storage.is_remote(run_dir):
+        storage.push_file(png, storage.join(run_dir, png.name))
     (tracker or NullTracker()).log_artifact(png, "plots")
     return str(png)
 

@@ -71,6 +71,7 @@ def log_model(client: Any, run_id: str, checkpoint: str | Path, example_prompt: 
     from mlflow.models import infer_signature
 
     from fundamentallm import mlflow_model
+    from fundamentallm.storage import fetch
 
     package = Path(mlflow_model.__file__).resolve().parent
     example = [example_prompt]  # a list of prompts: predict(["The ", "Once "]) works as it reads
@@ -82,7 +83,7 @@ def log_model(client: Any, run_id: str, checkpoint: str | Path, example_prompt: 
         mlflow.pyfunc.save_model(
             path,
             python_model=str(package / "mlflow_model.py"),
-            artifacts={"checkpoint": str(checkpoint)},
+            artifacts={"checkpoint": str(fetch(checkpoint))},  # a local copy when the run directory is remote
             code_paths=[str(package)],
             signature=signature,
             input_example=(example, {"max_new_tokens": 20}),

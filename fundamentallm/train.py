@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -43,6 +43,7 @@ from typing import Any, Protocol, TextIO
 import numpy as np
 import torch
 
+from fundamentallm import storage
 from fundamentallm.checkpoint import load_checkpoint, save_checkpoint
 from fundamentallm.config import RunConfig, TrainConfig
 from fundamentallm.data.dataset import Dataset
@@ -332,8 +333,44 @@ def train(
                 "pipeline, which launch torchrun (fundamentallm.distributed.run_processes)"
             )
         raise ConfigError(f"running in {world} processes, but train.processes is {config.train.processes}")
+    location = str(run_dir)
+    local = storage.local_path(location)
+    publish = None
+    if storage.is_remote(location):
+        local = _prepare_remote_run(location, local, resume)
+
+        def publish(path: Path) -> None:
+            storage.push_file(path, storage.join(location, path.name))
+
     with process_group(resolve_device(config.train.device).type, config.train.dist_timeout_s) as dist:
-        return _train(dataset, config, Path(run_dir), resume, callbacks, clock_start, dist)
+        result = _train(dataset, config, local, resume, callbacks, clock_start, dist, publish)
+    if publish is not None:
+        result = replace(
+            result,
+            run_dir=location,
+            latest_checkpoint=storage.join(location, LATEST),
+            best_checkpoint=storage.join(location, BEST),
+        )
+    return result
+
+
+def _prepare_remote_run(location: str, local: Path, resume: bool) -> Path:
+    """The local mirror of a remote run directory, made to match it: what the remote holds is the
+    truth (a resumed run continues from the remote latest.pt, wherever it was written)."""
+    import shutil
+
+    if not resume:
+        if storage.exists(storage.join(location, LATEST)):
+            raise CheckpointError(f"{location} already holds a checkpoint; resume it or choose another directory")
+        shutil.rmtree(local, ignore_errors=True)  # before the processes meet: no rank has written yet
+        return local
+    for name in (LATEST, BEST, "metrics.jsonl"):
+        remote = storage.join(location, name)
+        if storage.exists(remote):
+            storage.pull_file(remote, local / name)
+        elif name == LATEST:
+            raise CheckpointError(f"{remote}: nothing to resume from")
+    return local
 
 
 def _train(
@@ -344,6 +381,7 @@ def _train(
     callbacks: Sequence[TrainCallback],
     clock_start: float,
     dist: Dist,
+    publish: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     data = Dataset(dataset)
     vocab = data.vocab
@@ -423,6 +461,10 @@ def _train(
     def save(path: Path, train_loss: float) -> None:
         if dist.is_main:
             save_checkpoint(path, state(train_loss))
+            if publish is not None:  # the metrics first: a resumed run trims them to the checkpoint
+                publish(run_dir / "metrics.jsonl")
+                publish(path)
+
     parameters = model.num_parameters()
     log.info(
         "training %s parameters on %s (%s)%s, %s tokens of training data",
@@ -582,6 +624,9 @@ def _train(
     )
     if dist.is_main:
         atomic_write_json(run_dir / "result.json", result.to_dict())
+        if publish is not None:
+            for name in ("config.json", "metrics.jsonl", "result.json"):
+                publish(run_dir / name)
     for sink in sinks:
         sink.on_end(result)
     return result

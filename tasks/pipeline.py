@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 from fundamentallm.config import RunConfig, SampleConfig
 from fundamentallm.pipeline import evaluate_stage, loss_plot_stage, sample_stage, train_stage
 from fundamentallm.registry import RegistrationRecord, log_model, register
+from fundamentallm.storage import publish_dataset
 from fundamentallm.tracking import MlflowTracker
 
 
@@ -22,6 +23,12 @@ def train_task(dataset_path: str, config: RunConfig, run_dir: str, mlflow_run_id
     result = train_stage(dataset_path, config, run_dir, tracker, on_output=get_run_logger().info)
     loss_plot_stage(run_dir, tracker)
     return result
+
+
+@task(name="publish-dataset", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=4 * 3600)
+def publish_dataset_task(dataset_dir: str, work_dir: str, data_dir: str) -> str:
+    """Copy a finished dataset to the remote data directory (manifest last); returns its URL."""
+    return publish_dataset(dataset_dir, work_dir, data_dir)
 
 
 @task(name="evaluate", timeout_seconds=4 * 3600)

@@ -99,6 +99,26 @@ def debug_config(**train: object):
     return config.replace(train=config.train.replace(**train))
 
 
+class InterruptAt:
+    """A training callback that sends this process SIGINT at a given step, as Ctrl-C would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_step(self, step, metrics):
+        import os
+        import signal
+
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_eval(self, step, metrics):
+        pass
+
+    def on_end(self, result):
+        pass
+
+
 def poison_training_loss(monkeypatch, poisoned_call) -> None:
     """Make the training loss NaN on the forward passes for which `poisoned_call(n)` is true
     (n counts training forward passes from 1)."""
@@ -217,3 +237,135 @@ def start_services(state_dir: Path, **extra_env: str):
         for name, pid in started.items():
             status = Path(f"/proc/{pid}/status")
             assert not status.exists() or "zombie" in status.read_text().lower(), f"{name} (pid {pid}) still runs"
+
+
+# A throwaway PostgreSQL cluster, for the tests marked `postgres` --------------------------------
+
+
+class PostgresCluster:
+    """A PostgreSQL cluster in a temporary directory: a superuser reached over its unix socket
+    (trust, only its OS user and root can open the socket directory), and `user`/`password`
+    owning the databases `prefect` and `mlflow`, reached over TCP on 127.0.0.1 with the password."""
+
+    def __init__(self, bin_dir: Path, root: Path, port: int, run_as: list[str]):
+        import secrets
+
+        self.bin_dir, self.root, self.port, self.run_as = bin_dir, root, port, run_as
+        self.host = "127.0.0.1"
+        self.user = "fundamentallm"
+        # '@' and '/' must be percent-encoded in a URL: the settings must cope with that.
+        self.password = f"pw-{secrets.token_hex(8)}@/x"
+
+    def url(self, database: str) -> str:
+        """A plain ``postgresql://`` URL to `database`, password percent-encoded."""
+        import urllib.parse
+
+        password = urllib.parse.quote(self.password, safe="")
+        return f"postgresql://{self.user}:{password}@{self.host}:{self.port}/{database}"
+
+    def command(self, *args: str, timeout: float = 120) -> str:
+        """Run a PostgreSQL program from `bin_dir` as the cluster's OS user; returns its output."""
+        import subprocess
+
+        proc = subprocess.run(
+            [*self.run_as, str(self.bin_dir / args[0]), *args[1:]],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout
+
+    def sql(self, database: str, query: str) -> list[list[str]]:
+        """Rows of `query`, run by the superuser in `database` (psql over the unix socket)."""
+        out = self.command(
+            "psql",
+            *("-h", str(self.root / "socket"), "-p", str(self.port), "-U", "postgres", "-d", database),
+            *("-X", "-v", "ON_ERROR_STOP=1", "-A", "-t", "-F", "\t", "-c", query),
+        )
+        return [line.split("\t") for line in out.splitlines() if line]
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """Debian's PostgreSQL (`apt-get install postgresql`; .ci/run installs it), started for the
+    session on a free loopback port in a temporary directory, then stopped and removed. Skips,
+    saying why, where the server binaries are missing or the cluster cannot start."""
+    import os
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name.split(".")[0])
+    )
+    if not found:
+        pytest.skip(
+            "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb): apt-get install postgresql"
+        )
+    bin_dir = found[-1].parent
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as Debian's `postgres` user
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` OS user to run PostgreSQL as")
+        runuser = shutil.which("runuser")
+        if runuser is None:
+            pytest.skip("running as root without `runuser` to start PostgreSQL as the `postgres` user")
+        run_as = [runuser, "-u", "postgres", "--"]
+    root = Path(tempfile.mkdtemp(prefix="fundamentallm-pg-"))  # not under pytest's root-only 0700 tmp
+    (root / "socket").mkdir()
+    if run_as:
+        for path in (root, root / "socket"):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    cluster = PostgresCluster(bin_dir, root, free_port(), run_as)
+    data = root / "data"
+    started = False
+    try:
+        try:
+            cluster.command(
+                "initdb",
+                *("-D", str(data), "-U", "postgres", "--no-locale", "-E", "UTF8"),
+                *("--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"),
+            )
+            options = (
+                f"-p {cluster.port} -k {root / 'socket'} -c listen_addresses={cluster.host} "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            )
+            cluster.command(
+                "pg_ctl", "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-t", "60", "-o", options, "start"
+            )
+            started = True
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            log = root / "postgres.log"
+            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+            pytest.skip(f"could not start a PostgreSQL cluster with {bin_dir}: {exc}\n{tail}")
+        cluster.sql("postgres", f"CREATE ROLE {cluster.user} LOGIN PASSWORD '{cluster.password}'")
+        for database in ("prefect", "mlflow"):
+            cluster.sql("postgres", f"CREATE DATABASE {database} OWNER {cluster.user}")
+        yield cluster
+    finally:
+        if started:
+            cluster.command("pg_ctl", "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_stack(request, tmp_path_factory):
+    """One set of services (`make up`) shared by the end-to-end tests that need no fresh one:
+    on the session's PostgreSQL cluster where it can run (so the pipeline is exercised on the
+    shared-services set-up), else on sqlite, saying so. A 60 s heartbeat window (30 s
+    heartbeats) keeps the killed-worker case of the reliability tests short."""
+    extra = {"FUNDAMENTALLM_ZOMBIE_AFTER_S": "60"}
+    try:
+        cluster = request.getfixturevalue("postgres_cluster")
+    except pytest.skip.Exception as exc:
+        print(f"shared services on sqlite: {exc}")
+    else:
+        extra["FUNDAMENTALLM_PREFECT_DATABASE_URL"] = cluster.url("prefect")
+        extra["FUNDAMENTALLM_MLFLOW_DATABASE_URL"] = cluster.url("mlflow")
+    yield from start_services(tmp_path_factory.mktemp("shared-stack"), **extra)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, get_json, prose, services_command, start_services
+from conftest import ROOT, get_json, prose, services_command
 
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
 BIN = Path(sys.executable).parent
@@ -23,10 +23,9 @@ FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 LONG = ["train.max_steps=0", "train.time_budget_s=300"]  # a run that is still training when it is hit
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    # A 60 s heartbeat window (30 s heartbeats) keeps the killed-worker case short.
-    yield from start_services(tmp_path_factory.mktemp("stack"), FUNDAMENTALLM_ZOMBIE_AFTER_S="60")
+@pytest.fixture
+def stack(shared_stack):
+    return shared_stack  # conftest: on PostgreSQL where it can run, with a 60 s heartbeat window
 
 
 def _listening(port: int) -> set[str]:

@@ -202,3 +202,18 @@ def test_tinyshakespeare_location_is_checked_against_the_pinned_hash(server, tmp
     fake.write_bytes(b"not shakespeare")
     with pytest.raises(CorpusError, match=f"not the Tiny Shakespeare file .*expected {TINYSHAKESPEARE_SHA256}"):
         collect(f"tinyshakespeare={fake}")
+
+
+def test_a_remote_download_cache_serves_other_machines(server, tmp_path, monkeypatch):
+    """A cache at an fsspec URL: the first download is copied up; a machine with an empty local
+    mirror (another mirror directory here) then gets the file from the cache, not the server."""
+    base, handler = server
+    handler.routes["/shared.txt"] = (200, b"shared corpus", None)
+    cache = f"memory://cache-{tmp_path.name}"
+    monkeypatch.setenv("FUNDAMENTALLM_MIRROR_DIR", str(tmp_path / "machine-a"))
+    first = download(f"{base}/shared.txt", cache)
+    assert first.read_bytes() == b"shared corpus" and first.is_relative_to(tmp_path / "machine-a")
+    monkeypatch.setenv("FUNDAMENTALLM_MIRROR_DIR", str(tmp_path / "machine-b"))
+    second = download(f"{base}/shared.txt", cache)
+    assert second.read_bytes() == b"shared corpus" and second.is_relative_to(tmp_path / "machine-b")
+    assert handler.hits == ["/shared.txt"]  # downloaded once, from the server

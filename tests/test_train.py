@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import debug_config, poison_training_loss
+from conftest import InterruptAt, debug_config, poison_training_loss
 
 from fundamentallm.checkpoint import load_checkpoint
 from fundamentallm.config import TrainConfig
@@ -63,17 +62,6 @@ def test_time_budget_ends_fully_decayed(tiny_dataset, tmp_path):
     assert result.stop_reason == "time_budget"
     assert 4.0 <= result.elapsed_seconds < 8.0 and time.monotonic() - started < 15
     assert seen[-1] < 0.15 * config.train.lr  # the last steps ran at the end of the decay
-
-
-class InterruptAt(NullCallback):
-    """Sends this process SIGINT at a given step, as a user pressing Ctrl-C would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_step(self, step, metrics):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_dataset, tmp_path):

@@ -20,9 +20,25 @@ from fundamentallm.fsutil import read_json
 
 
 class Dataset:
-    """An encoded dataset directory (as written by `fundamentallm.data.encode.encode`)."""
+    """An encoded dataset directory (as written by `fundamentallm.data.encode.encode`).
+
+    `path` may be an fsspec URL (``s3://bucket/data/datasets/<id>``): the dataset is copied into
+    the local mirror once (datasets are immutable: same id, same content) and read from there;
+    shards are checked against the manifest's sha256 as always.
+    """
 
     def __init__(self, path: str | Path):
+        from fundamentallm import storage
+
+        self.location = str(path)
+        if storage.is_remote(path):
+            local = storage.local_mirror(str(path))
+            if not (local / MANIFEST).is_file():
+                try:
+                    storage.pull_dir(str(path), local, commit=MANIFEST)
+                except storage.StorageError as exc:
+                    raise DatasetError(f"{path}: cannot read the dataset ({exc})") from exc
+            path = local
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         try:

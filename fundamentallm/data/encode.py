@@ -1,9 +1,24 @@
 """Encoding: the documents table in, a vocabulary and Parquet token shards out.
 
 The corpus is read as one stream of characters: documents in table order, the configured
-separator between consecutive documents of the same split. Two passes go over it, in
-chunks of a few megabytes: the first counts characters per split (the vocabulary comes
-from the training split alone), the second maps characters to ids and writes shards.
+separator between consecutive documents of the same split. The vocabulary comes from the
+training split alone; its character counts come from the per-document histograms of
+ingestion (only documents straddling a split boundary are read for them).
+
+The work comes in three steps, so that shards can be written by separate processes:
+
+1. `plan_encode` (metadata only): the vocabulary, the split of every character, and one
+   small `ShardSpec` per shard listing, in order, the document character ranges and
+   separators it holds (its `Piece`s).
+2. `encode_shard` (one spec in, one file out): reads the spec's documents, maps characters
+   to ids, writes the shard atomically into a given directory and returns its manifest
+   entry (rows, tokens, bytes, sha256). The bytes depend on the spec alone (fixed writer
+   settings, no timestamps), so any process may write any shard, in any order.
+3. `finish_encode`: checks the shard entries against the plan, writes the vocabulary and
+   the manifest, and publishes the directory.
+
+`encode` runs all three in this process (shards on two threads); the pipeline flow can map
+`encode_shard` over worker processes instead (`EncodeConfig.workers`), with the same result.
 
 Output lands in ``<out>/datasets/<corpus hash>-<config hash>/``:
 
@@ -15,8 +30,8 @@ Output lands in ``<out>/datasets/<corpus hash>-<config hash>/``:
 
 The directory is built under a temporary name and renamed when complete, so it either
 holds a whole dataset or does not exist. Its name depends only on the corpus content and
-the encoding config: a second run with the same inputs finds it and does nothing, and a
-changed corpus or config gets a directory of its own.
+the settings that shape the output (not `workers`): a second run with the same inputs finds
+it and does nothing, and a changed corpus or config gets a directory of its own.
 """
 
 from __future__ import annotations
@@ -24,11 +39,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +55,15 @@ from fundamentallm.data.codepoints import add_counts, count_codepoints, iter_cod
 from fundamentallm.data.schema import DOCUMENTS_SCHEMA, FORMAT_VERSION, check_schema, shard_schema
 from fundamentallm.data.vocab import UNK_ID, Vocab
 from fundamentallm.errors import CorpusError, DatasetError
-from fundamentallm.fsutil import atomic_write_json, publish_dir, read_json, sha256_file, sha256_json, staging_dir
+from fundamentallm.fsutil import (
+    atomic_path,
+    atomic_write_json,
+    publish_dir,
+    read_json,
+    sha256_file,
+    sha256_json,
+    staging_dir,
+)
 from fundamentallm.progress import Progress, null_progress
 
 log = logging.getLogger(__name__)
@@ -48,6 +71,9 @@ log = logging.getLogger(__name__)
 DATASET_FORMAT = "fundamentallm-dataset"
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
+OUTPUT_NEUTRAL_SETTINGS = ("workers",)
+"""Encoding settings that change how the work is done, never what is written: they are left
+out of the config hash (the dataset id) and of the manifest."""
 
 
 @dataclass(frozen=True)
@@ -88,9 +114,17 @@ class DatasetRecord:
         )
 
 
+def output_settings(config: EncodeConfig) -> dict[str, Any]:
+    """The encoding settings that shape the output: all of them but `OUTPUT_NEUTRAL_SETTINGS`."""
+    settings = config.to_dict()
+    for name in OUTPUT_NEUTRAL_SETTINGS:
+        del settings[name]
+    return settings
+
+
 def config_hash(config: EncodeConfig) -> str:
     """Hash of everything that shapes the encoded output, the on-disk format included."""
-    return sha256_json({"format": DATASET_FORMAT, "version": FORMAT_VERSION, "encode": config.to_dict()})
+    return sha256_json({"format": DATASET_FORMAT, "version": FORMAT_VERSION, "encode": output_settings(config)})
 
 
 def dataset_dir(out_dir: str | Path, corpus_hash: str, config: EncodeConfig) -> Path:
@@ -107,8 +141,8 @@ def hash_split_of(doc_id: str, config: EncodeConfig) -> str:
     return "test"
 
 
-class _Corpus:
-    """Read access to a documents table: per-document metadata up front, text streamed."""
+class _Texts:
+    """The text column of a documents table, read one row group at a time (the last one kept)."""
 
     def __init__(self, path: Path):
         try:
@@ -118,6 +152,37 @@ class _Corpus:
         except (OSError, pa.ArrowException) as exc:
             raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from exc
         check_schema(self.file.schema_arrow, DOCUMENTS_SCHEMA, str(path))
+        groups = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
+        self._group_starts = np.cumsum([0, *groups])
+        self._group: tuple[int, np.ndarray, np.ndarray] | None = None
+        self.path = path
+
+    @staticmethod
+    def _utf8(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        _, offsets_buf, data_buf = column.buffers()
+        offsets = np.frombuffer(offsets_buf, dtype=np.int64)[column.offset : column.offset + len(column) + 1]
+        return offsets, np.frombuffer(data_buf, dtype=np.uint8)
+
+    def utf8(self, index: int) -> np.ndarray:
+        """The UTF-8 bytes of document `index` (a view into its row group)."""
+        if not 0 <= index < int(self._group_starts[-1]):
+            raise DatasetError(f"{self.path}: no document {index} (the table has {int(self._group_starts[-1])})")
+        group = int(np.searchsorted(self._group_starts, index, side="right")) - 1
+        if self._group is None or self._group[0] != group:
+            self._group = None  # drop the previous row group before reading the next
+            # Ingestion bounds row groups to about 16 MiB of text, so one at a time bounds memory.
+            column = self.file.read_row_group(group, columns=["text"]).column(0).combine_chunks()
+            self._group = (group, *self._utf8(column))
+        _, offsets, data = self._group
+        row = index - int(self._group_starts[group])
+        return data[offsets[row] : offsets[row + 1]]
+
+
+class _Corpus(_Texts):
+    """A documents table: per-document metadata up front, text read on demand."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
         meta = self.file.read(columns=["doc_id", "char_count", "byte_count", "char_histogram"])
         self.doc_ids: list[str] = meta.column("doc_id").to_pylist()
         self.char_counts = meta.column("char_count").to_numpy()
@@ -126,12 +191,14 @@ class _Corpus:
         self._hist_offsets = histograms.offsets.to_numpy()
         self._hist_codes = histograms.keys.to_numpy()
         self._hist_counts = histograms.items.to_numpy()
-        groups = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
-        self._group_starts = np.cumsum([0, *groups])
-        self.path = path
 
     def __len__(self) -> int:
         return len(self.doc_ids)
+
+    @property
+    def ascii(self) -> np.ndarray:
+        """Per document: is it pure ASCII (one byte per character)?"""
+        return self.char_counts == self.byte_counts
 
     def histogram(self, index: int) -> np.ndarray:
         """Dense character histogram of document `index`."""
@@ -141,33 +208,9 @@ class _Corpus:
         counts[codes] = self._hist_counts[lo:hi]
         return counts
 
-    def _chunks(self, index: int, utf8: np.ndarray) -> Iterator[np.ndarray]:
-        return iter_codepoint_chunks(utf8, ascii_only=bool(self.char_counts[index] == self.byte_counts[index]))
-
-    @staticmethod
-    def _utf8(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        _, offsets_buf, data_buf = column.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype=np.int64)[column.offset : column.offset + len(column) + 1]
-        return offsets, np.frombuffer(data_buf, dtype=np.uint8)
-
-    def iter_texts(self) -> Iterator[tuple[int, Iterator[np.ndarray]]]:
-        """Yield (document index, iterator over its code point chunks) in table order."""
-        index = 0
-        # Ingestion bounds row groups to about 16 MiB of text, so one at a time bounds memory.
-        for group in range(self.file.num_row_groups):
-            column = self.file.read_row_group(group, columns=["text"]).column(0).combine_chunks()
-            offsets, data = self._utf8(column)
-            for row in range(len(column)):
-                yield index, self._chunks(index, data[offsets[row] : offsets[row + 1]])
-                index += 1
-
     def chunks_of(self, index: int) -> Iterator[np.ndarray]:
-        """Code point chunks of one document, read from its row group alone."""
-        group = int(np.searchsorted(self._group_starts, index, side="right")) - 1
-        column = self.file.read_row_group(group, columns=["text"]).column(0).combine_chunks()
-        offsets, data = self._utf8(column)
-        row = index - int(self._group_starts[group])
-        return self._chunks(index, data[offsets[row] : offsets[row + 1]])
+        """Code point chunks of one document."""
+        return iter_codepoint_chunks(self.utf8(index), ascii_only=bool(self.ascii[index]))
 
 
 class _Layout:
@@ -193,31 +236,6 @@ class _Layout:
             yield SPLITS[index], chunk[:take]
             position += take
             chunk = chunk[take:]
-
-
-def _split_chunks(corpus: _Corpus, config: EncodeConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """The corpus as (split, code point chunk) pairs, in order, separators included."""
-    separator = text_codepoints(config.document_separator)
-    if config.split == "hash":
-        splits = [hash_split_of(doc_id, config) for doc_id in corpus.doc_ids]
-        started = dict.fromkeys(SPLITS, False)
-        for index, chunks in corpus.iter_texts():
-            split = splits[index]
-            if started[split] and len(separator):
-                yield split, separator
-            started[split] = True
-            for chunk in chunks:
-                yield split, chunk
-        return
-    layout = _Layout(corpus, config, len(separator))
-    position = 0
-    for index, chunks in corpus.iter_texts():
-        if index and len(separator):
-            yield from layout.cut(separator, position)
-            position += len(separator)
-        for chunk in chunks:
-            yield from layout.cut(chunk, position)
-            position += len(chunk)
 
 
 def _split_counts(corpus: _Corpus, config: EncodeConfig) -> dict[str, np.ndarray]:
@@ -260,70 +278,260 @@ def _split_counts(corpus: _Corpus, config: EncodeConfig) -> dict[str, np.ndarray
     return counts
 
 
-class _ShardWriter:
-    """Cuts one split's id stream into shards and writes them on a thread pool."""
+SEPARATOR = -1
+"""`Piece.doc` of a run of separator characters."""
 
-    def __init__(
-        self,
-        directory: Path,
-        split: str,
-        vocab: Vocab,
-        config: EncodeConfig,
-        pool: ThreadPoolExecutor,
-        pending: list[Future[dict[str, Any]]],
-    ):
-        self.directory, self.split, self.vocab, self.config = directory, split, vocab, config
-        self.pool, self.pending = pool, pending
-        self.buffer = np.empty(config.shard_tokens, dtype=vocab.dtype)
-        self.filled = 0
-        self.written = 0
-        self.index = 0
 
-    def write(self, ids: np.ndarray) -> None:
-        while len(ids):
-            take = min(len(ids), len(self.buffer) - self.filled)
-            self.buffer[self.filled : self.filled + take] = ids[:take]
-            self.filled += take
-            ids = ids[take:]
-            if self.filled == len(self.buffer):
-                self.flush()
+class Piece(NamedTuple):
+    """A run of consecutive characters of a shard: characters [start, end) of document `doc`
+    (its index in the documents table), or of the document separator when `doc` is `SEPARATOR`."""
 
-    def flush(self) -> None:
-        if not self.filled:
-            return
-        # At most two shards wait for the pool: bounded memory, both cores busy.
-        while len([f for f in self.pending if not f.done()]) >= 2:
-            next(f for f in self.pending if not f.done()).result()
-        tokens = self.buffer[: self.filled]
-        name = f"{self.split}-{self.index:05d}.parquet"
-        self.pending.append(
-            self.pool.submit(
-                _write_shard,
-                self.directory / name,
-                tokens,
-                self.split,
-                self.index,
-                self.written,
-                self.vocab,
-                self.config,
-            )
+    doc: int
+    start: int
+    end: int
+    ascii: bool  # the document is pure ASCII (characters are bytes)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Everything needed to write one shard, and nothing that depends on who writes it."""
+
+    documents_path: str
+    split: str
+    index: int
+    first_token: int  # position of the shard's first token in its split
+    tokens: int
+    pieces: tuple[Piece, ...]  # in stream order; their lengths add up to `tokens`
+    vocab_chars: tuple[str, ...]
+    separator: str
+    compression_level: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class EncodePlan:
+    """What `plan_encode` decided: the dataset directory, the vocabulary, per-split counts and
+    the shard specs. `existing` is set (and there is nothing to do) when the dataset is already
+    encoded."""
+
+    documents_path: str
+    dataset_dir: str
+    corpus_hash: str
+    config: EncodeConfig
+    existing: DatasetRecord | None = None
+    vocab_chars: tuple[str, ...] = ()
+    documents: int = 0
+    characters: int = 0
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)  # tokens, unknown_tokens, token_counts
+    shards: tuple[ShardSpec, ...] = ()
+
+    @property
+    def vocab(self) -> Vocab:
+        return Vocab(self.vocab_chars)
+
+    @property
+    def tokens(self) -> int:
+        return sum(split["tokens"] for split in self.splits.values())
+
+
+class _Stream(NamedTuple):
+    """A split as a stream of characters: its documents (table indices, in order) with their
+    start positions in the stream, separators in between, and the range [lo, hi) that is the split."""
+
+    members: np.ndarray
+    starts: np.ndarray
+    lo: int
+    hi: int
+
+
+def _streams(corpus: _Corpus, config: EncodeConfig, separator_len: int) -> dict[str, _Stream]:
+    if config.split == "contiguous":
+        layout = _Layout(corpus, config, separator_len)
+        members = np.arange(len(corpus))
+        bounds = [0, *(int(end) for end in layout.ends)]
+        return {split: _Stream(members, layout.starts, bounds[i], bounds[i + 1]) for i, split in enumerate(SPLITS)}
+    labels = np.array([hash_split_of(doc_id, config) for doc_id in corpus.doc_ids])
+    streams = {}
+    for split in SPLITS:
+        members = np.flatnonzero(labels == split)
+        counts = corpus.char_counts[members]
+        starts = np.zeros(len(members), dtype=np.int64)
+        if len(members) > 1:
+            np.cumsum(counts[:-1] + separator_len, out=starts[1:])
+        length = int(counts.sum()) + separator_len * max(len(members) - 1, 0)
+        streams[split] = _Stream(members, starts, 0, length)
+    return streams
+
+
+def _pieces(corpus: _Corpus, stream: _Stream, separator_len: int, a: int, b: int) -> tuple[Piece, ...]:
+    """The pieces of stream positions [a, b)."""
+    pieces = []
+    k = max(int(np.searchsorted(stream.starts, a, side="right")) - 1, 0)
+    position = a
+    while position < b:
+        doc = int(stream.members[k])
+        start = int(stream.starts[k])
+        end = start + int(corpus.char_counts[doc])
+        if position < end:
+            take = min(b, end)
+            pieces.append(Piece(doc, position - start, take - start, bool(corpus.ascii[doc])))
+            position = take
+        if position < b and k + 1 < len(stream.members) and position < end + separator_len:
+            take = min(b, end + separator_len)
+            pieces.append(Piece(SEPARATOR, position - end, take - end, True))
+            position = take
+        k += 1
+    return tuple(pieces)
+
+
+def plan_encode(
+    documents_path: str | Path, config: EncodeConfig, out_dir: str | Path, *, min_split_tokens: int = 1
+) -> EncodePlan:
+    """Plan the encoding of a documents table (or find it done): reads metadata, writes nothing.
+
+    `min_split_tokens` is the fewest tokens the train and val splits (and test, when its
+    fraction is not 0) must get; a smaller split raises `CorpusError`.
+    """
+    documents_path = Path(documents_path).resolve()
+    corpus = _Corpus(documents_path)
+    if len(corpus) == 0:
+        raise CorpusError(f"{documents_path}: the documents table is empty")
+    corpus_hash = hashlib.sha256("\n".join(corpus.doc_ids).encode("ascii")).hexdigest()
+    final = dataset_dir(out_dir, corpus_hash, config)
+    where = {"documents_path": str(documents_path), "dataset_dir": str(final), "corpus_hash": corpus_hash}
+    manifest = _existing(final)
+    if manifest is not None:
+        log.info("dataset %s already encoded; nothing to do", final)
+        return EncodePlan(**where, config=config, existing=DatasetRecord.from_manifest(final, manifest, reused=True))
+
+    counts = _split_counts(corpus, config)
+    tokens = {split: int(c.sum()) for split, c in counts.items()}
+    required = [s for s in SPLITS if s != "test" or config.test_fraction > 0]
+    short = [s for s in required if tokens[s] < min_split_tokens]
+    if short:
+        detail = ", ".join(f"{s} has {tokens[s]:,}" for s in short)
+        hint = " (the hash split assigns whole documents: give more documents or use the contiguous split)"
+        raise CorpusError(
+            f"{documents_path}: splits too small, need at least {min_split_tokens:,} characters each: {detail}"
+            + (hint if config.split == "hash" else "")
         )
-        self.written += self.filled
-        self.index += 1
-        self.buffer = np.empty(self.config.shard_tokens, dtype=self.vocab.dtype)
-        self.filled = 0
+
+    vocab = Vocab.from_counts(counts["train"])
+    splits = {}
+    for split, c in counts.items():
+        known = np.array([c[ord(ch)] if ord(ch) < len(c) else 0 for ch in vocab.chars], dtype=np.int64)
+        unknown = tokens[split] - int(known.sum())
+        splits[split] = {"tokens": tokens[split], "unknown_tokens": unknown, "token_counts": [unknown, *known.tolist()]}
+        if unknown:
+            log.warning("%s split: %d characters not in the training vocabulary, encoded as unknown", split, unknown)
+
+    separator_len = len(config.document_separator)
+    shards = []
+    for split, stream in _streams(corpus, config, separator_len).items():
+        if stream.hi - stream.lo != tokens[split]:  # the counts and the layout must see the same stream
+            raise DatasetError(
+                f"internal error: {split} split counted {tokens[split]} tokens, laid out {stream.hi - stream.lo}"
+            )
+        for index, a in enumerate(range(stream.lo, stream.hi, config.shard_tokens)):
+            b = min(a + config.shard_tokens, stream.hi)
+            shards.append(
+                ShardSpec(
+                    documents_path=str(documents_path),
+                    split=split,
+                    index=index,
+                    first_token=a - stream.lo,
+                    tokens=b - a,
+                    pieces=_pieces(corpus, stream, separator_len, a, b),
+                    vocab_chars=vocab.chars,
+                    separator=config.document_separator,
+                    compression_level=config.compression_level,
+                )
+            )
+    return EncodePlan(
+        **where,
+        config=config,
+        vocab_chars=vocab.chars,
+        documents=len(corpus),
+        characters=int(corpus.char_counts.sum()),
+        splits=splits,
+        shards=tuple(shards),
+    )
 
 
-def _write_shard(
-    path: Path, tokens: np.ndarray, split: str, index: int, first: int, vocab: Vocab, config: EncodeConfig
-) -> dict[str, Any]:
+def _piece_codepoints(texts: _Texts, piece: Piece) -> Iterator[np.ndarray]:
+    """Code point chunks of characters [piece.start, piece.end) of a document."""
+    utf8 = texts.utf8(piece.doc)
+    if piece.ascii:
+        yield from iter_codepoint_chunks(utf8[piece.start : piece.end], ascii_only=True)
+        return
+    position = 0  # character position of the chunk in the document
+    for chunk in iter_codepoint_chunks(utf8, ascii_only=False):
+        lo, hi = max(piece.start - position, 0), min(piece.end - position, len(chunk))
+        if lo < hi:
+            yield chunk[lo:hi]
+        position += len(chunk)
+        if position >= piece.end:
+            return
+
+
+def encode_shard(spec: ShardSpec, directory: str | Path) -> dict[str, Any]:
+    """Write the shard `spec` describes into `directory` and return its manifest entry.
+
+    The file is written under a temporary name and renamed into place. Its bytes depend on
+    the spec alone: the same spec gives the same file in any process, at any time.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():  # never recreate a staging directory that was removed
+        raise DatasetError(f"{directory}: shard directory does not exist")
+    vocab = Vocab(spec.vocab_chars)
+    texts = _Texts(Path(spec.documents_path))
+    separator = text_codepoints(spec.separator)
+    ids = np.empty(spec.tokens, dtype=vocab.dtype)
+    filled = 0
+    for piece in spec.pieces:
+        if piece.doc == SEPARATOR:
+            chunks: Iterator[np.ndarray] = iter([separator[piece.start : piece.end]])
+        else:
+            chunks = _piece_codepoints(texts, piece)
+        expected = filled + piece.end - piece.start
+        for chunk in chunks:
+            if filled + len(chunk) > expected:
+                break
+            ids[filled : filled + len(chunk)] = vocab.encode_codepoints(chunk)
+            filled += len(chunk)
+        if filled != expected:
+            raise DatasetError(
+                f"{spec.documents_path}: document {piece.doc} does not hold characters {piece.start}..{piece.end} "
+                "the plan expects (was the table replaced since?)"
+            )
+    if filled != spec.tokens:
+        raise DatasetError(f"internal error: shard {spec.name} planned {spec.tokens} tokens, its pieces hold {filled}")
+    with atomic_path(directory / spec.name) as tmp:
+        _write_parquet(tmp, ids, spec, vocab)
+        size, digest = tmp.stat().st_size, sha256_file(tmp)
+    return {
+        "path": spec.name,
+        "split": spec.split,
+        "index": spec.index,
+        "first_token": spec.first_token,
+        "rows": spec.tokens,
+        "tokens": spec.tokens,
+        "bytes": size,
+        "sha256": digest,
+    }
+
+
+def _write_parquet(path: Path, tokens: np.ndarray, spec: ShardSpec, vocab: Vocab) -> None:
     schema = shard_schema(vocab.dtype).with_metadata(
         {
             "format": "fundamentallm-shard",
             "version": str(FORMAT_VERSION),
-            "split": split,
-            "index": str(index),
-            "first_token": str(first),
+            "split": spec.split,
+            "index": str(spec.index),
+            "first_token": str(spec.first_token),
             "vocab_hash": vocab.hash,
         }
     )
@@ -334,21 +542,71 @@ def _write_shard(
         table,
         path,
         compression="zstd",
-        compression_level=config.compression_level,
+        compression_level=spec.compression_level,
         use_dictionary=False,
         write_statistics=False,
         column_encoding={"token": "BYTE_STREAM_SPLIT"},
     )
-    return {
-        "path": path.name,
-        "split": split,
-        "index": index,
-        "first_token": first,
-        "rows": len(tokens),
-        "tokens": len(tokens),
-        "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
+
+
+_SHARD_KEYS = ("path", "split", "index", "first_token", "rows", "tokens", "bytes", "sha256")
+
+
+def finish_encode(plan: EncodePlan, shards: Sequence[dict[str, Any]], directory: str | Path) -> DatasetRecord:
+    """Check the shards written into `directory` against the plan, write the vocabulary and
+    the manifest there, and publish it as the dataset directory."""
+    if plan.existing is not None:
+        return plan.existing
+    directory, final = Path(directory), Path(plan.dataset_dir)
+    by_name = {shard["path"]: shard for shard in shards}
+    planned = {spec.name: spec for spec in plan.shards}
+    if len(by_name) != len(shards) or by_name.keys() != planned.keys():
+        raise DatasetError(
+            f"internal error: the shards written ({len(shards)}) are not the {len(planned)} planned for {final.name}"
+        )
+    for name, spec in planned.items():
+        shard = by_name[name]
+        if [shard[k] for k in ("split", "index", "first_token", "rows", "tokens")] != [
+            spec.split,
+            spec.index,
+            spec.first_token,
+            spec.tokens,
+            spec.tokens,
+        ]:
+            raise DatasetError(f"internal error: shard {name} is not what the plan says")
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise DatasetError(f"{path}: missing, or not the size its writer reported")
+    entries = [{key: by_name[spec.name][key] for key in _SHARD_KEYS} for spec in plan.shards]
+    entries.sort(key=lambda s: (SPLITS.index(s["split"]), s["index"]))
+    vocab = plan.vocab
+    vocab.save(directory / VOCAB)
+    manifest = {
+        "format": DATASET_FORMAT,
+        "version": FORMAT_VERSION,
+        "created_by": f"fundamentallm {__version__}",
+        "dataset_id": final.name,
+        "corpus_hash": plan.corpus_hash,
+        "config_hash": config_hash(plan.config),
+        "config": output_settings(plan.config),
+        "documents": {"count": plan.documents, "characters": plan.characters},
+        "vocab": {"path": VOCAB, "hash": vocab.hash, "size": vocab.size, "dtype": vocab.dtype, "unk_id": UNK_ID},
+        "splits": {
+            split: {
+                "tokens": plan.splits[split]["tokens"],
+                "unknown_tokens": plan.splits[split]["unknown_tokens"],
+                "shards": sum(1 for s in entries if s["split"] == split),
+                "token_counts": plan.splits[split]["token_counts"],
+            }
+            for split in SPLITS
+        },
+        "shards": entries,
     }
+    atomic_write_json(directory / MANIFEST, manifest)
+    if not publish_dir(directory, final):
+        log.info("another run published %s first; using it", final)
+        manifest = read_json(final / MANIFEST)
+    return DatasetRecord.from_manifest(final, manifest, reused=False)
 
 
 def _existing(directory: Path) -> dict[str, Any] | None:
@@ -374,87 +632,23 @@ def encode(
     """Encode a documents table into vocabulary, shards and manifest (or find them done).
 
     `min_split_tokens` is the fewest tokens the train and val splits (and test, when its
-    fraction is not 0) must get; a smaller split raises `CorpusError`.
+    fraction is not 0) must get; a smaller split raises `CorpusError`. Shards are written
+    on two threads of this process (`config.workers` is for the pipeline flow).
     """
     started = time.perf_counter()
-    corpus = _Corpus(Path(documents_path))
-    if len(corpus) == 0:
-        raise CorpusError(f"{documents_path}: the documents table is empty")
-    corpus_hash = hashlib.sha256("\n".join(corpus.doc_ids).encode("ascii")).hexdigest()
-    final = dataset_dir(out_dir, corpus_hash, config)
-    manifest = _existing(final)
-    if manifest is not None:
-        log.info("dataset %s already encoded; nothing to do", final)
-        return DatasetRecord.from_manifest(final, manifest, reused=True)
-
-    separator_chars = len(config.document_separator) * (len(corpus) - 1)
-    stream_chars = int(corpus.char_counts.sum()) + separator_chars
-
-    counts = _split_counts(corpus, config)
-    tokens = {split: int(c.sum()) for split, c in counts.items()}
-    required = [s for s in SPLITS if s != "test" or config.test_fraction > 0]
-    short = [s for s in required if tokens[s] < min_split_tokens]
-    if short:
-        detail = ", ".join(f"{s} has {tokens[s]:,}" for s in short)
-        hint = " (the hash split assigns whole documents: give more documents or use the contiguous split)"
-        raise CorpusError(
-            f"{documents_path}: splits too small, need at least {min_split_tokens:,} characters each: {detail}"
-            + (hint if config.split == "hash" else "")
-        )
-
-    vocab = Vocab.from_counts(counts["train"])
-    id_counts = {}
-    unknown = {}
-    for split, c in counts.items():
-        known = np.array([c[ord(ch)] if ord(ch) < len(c) else 0 for ch in vocab.chars], dtype=np.int64)
-        unknown[split] = tokens[split] - int(known.sum())
-        id_counts[split] = [unknown[split], *known.tolist()]
-        if unknown[split]:
-            log.warning(
-                "%s split: %d characters not in the training vocabulary, encoded as unknown", split, unknown[split]
-            )
-
-    with staging_dir(final) as stage, ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard") as pool:
-        vocab.save(stage / VOCAB)
-        pending: list[Future[dict[str, Any]]] = []
-        writers = {split: _ShardWriter(stage, split, vocab, config, pool, pending) for split in SPLITS}
-        done = 0
-        for split, chunk in _split_chunks(corpus, config):
-            writers[split].write(vocab.encode_codepoints(chunk))
-            done += len(chunk)
-            progress("encode: write", done, stream_chars)
-        for writer in writers.values():
-            writer.flush()
-        shards = [f.result() for f in pending]
-        shards.sort(key=lambda s: (SPLITS.index(s["split"]), s["index"]))
-        for split in SPLITS:
-            written = sum(s["tokens"] for s in shards if s["split"] == split)
-            if written != tokens[split]:  # both passes must see the same stream
-                raise DatasetError(f"internal error: {split} split counted {tokens[split]} tokens, wrote {written}")
-        manifest = {
-            "format": DATASET_FORMAT,
-            "version": FORMAT_VERSION,
-            "created_by": f"fundamentallm {__version__}",
-            "dataset_id": final.name,
-            "corpus_hash": corpus_hash,
-            "config_hash": config_hash(config),
-            "config": config.to_dict(),
-            "documents": {"count": len(corpus), "characters": int(corpus.char_counts.sum())},
-            "vocab": {"path": VOCAB, "hash": vocab.hash, "size": vocab.size, "dtype": vocab.dtype, "unk_id": UNK_ID},
-            "splits": {
-                split: {
-                    "tokens": tokens[split],
-                    "unknown_tokens": unknown[split],
-                    "shards": sum(1 for s in shards if s["split"] == split),
-                    "token_counts": id_counts[split],
-                }
-                for split in SPLITS
-            },
-            "shards": shards,
-        }
-        atomic_write_json(stage / MANIFEST, manifest)
-        if not publish_dir(stage, final):
-            log.info("another run published %s first; using it", final)
-            manifest = read_json(final / MANIFEST)
-    log.info("encoded %s in %.1fs", final, time.perf_counter() - started)
-    return DatasetRecord.from_manifest(final, manifest, reused=False)
+    plan = plan_encode(documents_path, config, out_dir, min_split_tokens=min_split_tokens)
+    if plan.existing is not None:
+        return plan.existing
+    with staging_dir(plan.dataset_dir) as stage, ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard") as pool:
+        futures = [pool.submit(encode_shard, spec, stage) for spec in plan.shards]
+        try:
+            done = 0
+            for future in as_completed(futures):
+                done += future.result()["tokens"]
+                progress("encode: write", done, plan.tokens)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # no shard still writing once the stage goes
+            raise
+        record = finish_encode(plan, [future.result() for future in futures], stage)
+    log.info("encoded %s in %.1fs", record.path, time.perf_counter() - started)
+    return record

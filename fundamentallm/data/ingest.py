@@ -304,7 +304,7 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
                     spec,
                     include=config.include,
                     exclude=config.exclude,
-                    cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+                    cache_dir=config.cache_dir or None,
                     max_file_bytes=config.max_file_bytes,
                     max_download_bytes=config.max_download_bytes,
                     download_timeout_s=config.download_timeout_s,

@@ -66,9 +66,19 @@ class SkippedSource:
     reason: str
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir() -> Path | str:
+    """``$FUNDAMENTALLM_CACHE_DIR`` (a path, or an fsspec URL such as ``s3://bucket/cache``), else
+    ``$XDG_CACHE_HOME/fundamentallm`` or ``~/.cache/fundamentallm``."""
     env = os.environ.get("FUNDAMENTALLM_CACHE_DIR")
     if env:
+        return env if "://" in env else Path(env)
+    return local_cache_dir()
+
+
+def local_cache_dir() -> Path:
+    """The cache on this machine: ``$FUNDAMENTALLM_CACHE_DIR`` when it is a path, else the XDG default."""
+    env = os.environ.get("FUNDAMENTALLM_CACHE_DIR")
+    if env and "://" not in env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fundamentallm"
 
@@ -133,7 +143,7 @@ def _cache_name(url: str) -> str:
 
 def download(
     url: str,
-    cache_dir: Path,
+    cache_dir: Path | str,
     *,
     sha256: str | None = None,
     max_bytes: int = 1 << 30,
@@ -153,7 +163,14 @@ def download(
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise CorpusError(f"{label}: only http:// and https:// URLs can be downloaded")
-    target = Path(cache_dir) / "downloads" / _cache_name(url)
+    from fundamentallm import storage
+
+    # A remote cache (an fsspec URL) is used through its local mirror: fetched from when it
+    # holds the file, added to after a good download.
+    remote = storage.join(cache_dir, "downloads", _cache_name(url)) if storage.is_remote(cache_dir) else None
+    target = storage.local_path(cache_dir) / "downloads" / _cache_name(url)
+    if remote is not None and not target.is_file() and storage.exists(remote):
+        storage.pull_file(remote, target)
     if target.is_file():
         if sha256 is None or _file_sha256(target) == sha256:
             log.info("using cached download of %s (%s)", label, target)
@@ -194,6 +211,8 @@ def download(
         raise DownloadError(f"{label}: cannot download ({exc.reason})") from exc
     except (OSError, http.client.HTTPException) as exc:
         raise DownloadError(f"{label}: download failed ({exc})") from exc
+    if remote is not None:
+        storage.push_file(target, remote)
     return target
 
 
@@ -220,7 +239,9 @@ def _default_corpus() -> Iterator[RawDocument]:
         yield RawDocument(f"builtin:default/{name}", topics[name].encode("utf-8"))
 
 
-def _tinyshakespeare(location: str | None, cache_dir: Path, max_bytes: int, timeout_s: float) -> Iterator[RawDocument]:
+def _tinyshakespeare(
+    location: str | None, cache_dir: Path | str, max_bytes: int, timeout_s: float
+) -> Iterator[RawDocument]:
     if location is None or is_url(location):
         url = location or TINYSHAKESPEARE_URL
         path = download(url, cache_dir, sha256=TINYSHAKESPEARE_SHA256, max_bytes=max_bytes, timeout_s=timeout_s)
@@ -313,7 +334,7 @@ def iter_source(
     *,
     include: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = (".*",),
-    cache_dir: Path | None = None,
+    cache_dir: Path | str | None = None,
     max_file_bytes: int = 1 << 30,
     max_download_bytes: int = 1 << 30,
     download_timeout_s: float = 60.0,
@@ -322,7 +343,7 @@ def iter_source(
 
     Raises `CorpusError` when the source itself is unusable (missing path, failed download).
     """
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = cache_dir or default_cache_dir()
     builtin = split_builtin(spec)
     if builtin is not None:
         name, location = builtin
