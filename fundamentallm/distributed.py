@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import os
 import re
@@ -96,7 +97,12 @@ def process_group(device_type: str, timeout_s: float) -> Iterator[Dist]:
     )
     try:
         yield Dist(rank=rank, world=world, local_rank=local_rank)
+        # Tear down together: a rank that leaves while another still uses the group (rank 0
+        # writing its last checkpoint) can make gloo abort ("terminate called without an active
+        # exception"). Not after an error: the others may never arrive, and torchrun stops them.
+        torch.distributed.barrier()
     finally:
+        gc.collect()  # the DistributedDataParallel wrapper, kept alive by closures, must go before its group
         torch.distributed.destroy_process_group()
 
 
@@ -243,4 +249,9 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main())
+    code = worker_main()
+    # Leave without running C++ destructors at interpreter exit: a gloo thread torn down there can
+    # abort a process whose work is done ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
