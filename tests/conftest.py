@@ -209,6 +209,53 @@ def services_command(action: str, env: dict[str, str]) -> str:
     return proc.stdout
 
 
+def write_corpus(directory: Path, seed: int, files: int = 4, words: int = 2500) -> Path:
+    """`files` documents of prose in `directory` (created)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (directory / f"{i}.txt").write_text(prose(seed + i, words), encoding="utf-8")
+    return directory
+
+
+def client_env(env: dict[str, str], ports: dict[str, int]) -> tuple[dict[str, str], str, str]:
+    """The environment of a client of the services, the Prefect API URL and the MLflow URL."""
+    api = f"http://127.0.0.1:{ports['PREFECT_PORT']}/api"
+    mlflow_url = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
+    return {**env, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url}, api, mlflow_url
+
+
+def deployment_params(root: Path, corpus: Path, model_name: str, experiment: str) -> dict:
+    """train-pipeline parameters for a quick run (debug preset) with data and runs under `root`."""
+    return {
+        "preset": "debug",
+        "sources": [str(corpus)],
+        "data": {"validation": {"context_length": 32}},
+        "prompts": ["the "],
+        "model_name": model_name,
+        "experiment": experiment,
+        "data_dir": str(root / "data"),
+        "runs_dir": str(root / "runs"),
+    }
+
+
+def run_deployment(env: dict[str, str], params: dict, *, watch: bool = True, timeout: float = 900):
+    """`prefect deployment run train-pipeline/default --param ...` (with --watch: until it ends);
+    returns the finished command and the flow run's id."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    command = [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "train-pipeline/default"]
+    if watch:
+        command += ["--watch", "--watch-timeout", str(int(timeout))]
+    for key, value in params.items():
+        command += ["--param", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout + 100)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
+
+
 def start_services(state_dir: Path, **extra_env: str):
     """Start the Prefect server, worker and MLflow server on free ports in `state_dir`; yields
     (env, ports, what `up` printed); stops them, and checks each started process is gone."""

@@ -14,11 +14,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import get_json, prose, start_services
+from conftest import client_env, deployment_params, get_json, run_deployment, start_services, write_corpus
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def _chromium() -> str | None:
@@ -65,29 +64,9 @@ def test_deployment_run_on_real_servers(services, tmp_path):
     assert (
         f"http://127.0.0.1:{ports['PREFECT_PORT']}" in printed and f"http://127.0.0.1:{ports['MLFLOW_PORT']}" in printed
     )
-    api = f"http://127.0.0.1:{ports['PREFECT_PORT']}/api"
-    mlflow_url = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
-    client_env = {**env, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url}
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"{i}.txt").write_text(prose(300 + i, 2500))
-    params = {
-        "preset": "debug",
-        "sources": json.dumps([str(corpus)]),
-        "data": json.dumps({"validation": {"context_length": 32}}),
-        "prompts": json.dumps(["the "]),
-        "model_name": "e2e-char",
-        "experiment": "e2e",
-        "data_dir": str(tmp_path / "data"),
-        "runs_dir": str(tmp_path / "runs"),
-    }
-    command = [str(BIN / "prefect"), "deployment", "run", "train-pipeline/default", "--watch", "--watch-timeout", "900"]
-    for key, value in params.items():
-        command += ["--param", f"{key}={value}"]
-    run = subprocess.run(command, cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=1000)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    client, _, mlflow_url = client_env(env, ports)
+    corpus = write_corpus(tmp_path / "corpus", seed=300)
+    run, _ = run_deployment(client, deployment_params(tmp_path, corpus, "e2e-char", "e2e"))
     assert "Completed" in run.stdout + run.stderr
 
     # The run and the registered model, through MLflow's REST API.
@@ -112,7 +91,7 @@ def test_deployment_run_on_real_servers(services, tmp_path):
         "print(json.dumps(m.predict(['the '], params={'max_new_tokens': 16})))\n"
     )
     loaded = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=client_env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code], cwd=tmp_path, env=client, capture_output=True, text=True, timeout=300
     )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert len(json.loads(loaded.stdout.strip().splitlines()[-1])[0]) == 16

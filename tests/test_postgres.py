@@ -5,17 +5,13 @@ and what the servers answer checked against the rows in PostgreSQL."""
 
 from __future__ import annotations
 
-import json
-import re
 import subprocess
 import sys
 import urllib.parse
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, get_json, prose
-
-BIN = Path(sys.executable).parent
+from conftest import ROOT, client_env, deployment_params, get_json, run_deployment, write_corpus
 
 
 def _up(env_extra: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -94,29 +90,9 @@ def test_pipeline_on_prefect_and_mlflow_servers_backed_by_postgres(postgres_clus
     deployments = pg.sql("prefect", "SELECT d.name FROM deployment d JOIN flow f ON f.id = d.flow_id")
     assert {"default", "nightly"} <= {r[0] for r in deployments}
 
-    api = f"http://127.0.0.1:{ports['PREFECT_PORT']}/api"
-    mlflow_url = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
-    client_env = {**env, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url}
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"{i}.txt").write_text(prose(500 + i, 2500))
-    params = {
-        "preset": "debug",
-        "sources": json.dumps([str(corpus)]),
-        "data": json.dumps({"validation": {"context_length": 32}}),
-        "prompts": json.dumps(["the "]),
-        "model_name": "pg-char",
-        "experiment": "pg",
-        "data_dir": str(tmp_path / "data"),
-        "runs_dir": str(tmp_path / "runs"),
-    }
-    command = [str(BIN / "prefect"), "deployment", "run", "train-pipeline/default", "--watch", "--watch-timeout", "600"]
-    for key, value in params.items():
-        command += ["--param", f"{key}={value}"]
-    run = subprocess.run(command, cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=700)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", run.stdout).group(1)
+    client, api, mlflow_url = client_env(env, ports)
+    corpus = write_corpus(tmp_path / "corpus", seed=500)
+    run, flow_run_id = run_deployment(client, deployment_params(tmp_path, corpus, "pg-char", "pg"), timeout=600)
 
     # Prefect: the server says Completed, and that is the row in PostgreSQL.
     assert get_json(f"{api}/flow_runs/{flow_run_id}")["state"]["type"] == "COMPLETED"

@@ -5,20 +5,15 @@ is left RUNNING in MLflow, and the champion alias ends on the best model."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, get_json, prose, services_command
+from conftest import client_env, deployment_params, get_json, run_deployment, services_command, write_corpus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
-BIN = Path(sys.executable).parent
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 LONG = ["train.max_steps=0", "train.time_budget_s=300"]  # a run that is still training when it is hit
 
@@ -72,20 +67,13 @@ def _kill_service(state_dir: Path, name: str) -> None:
 
 class Stack:
     def __init__(self, env: dict[str, str], ports: dict[str, int], root: Path):
-        self.api = f"http://127.0.0.1:{ports['PREFECT_PORT']}/api"
-        self.mlflow = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
+        self.client_env, self.api, self.mlflow = client_env(env, ports)
         self.env = env
-        self.client_env = {**env, "PREFECT_API_URL": self.api, "MLFLOW_TRACKING_URI": self.mlflow}
         self.state_dir = Path(env["FUNDAMENTALLM_SERVICES_DIR"])
         self.root = root
 
     def submit(self, params: dict) -> str:
-        command = [str(BIN / "prefect"), "deployment", "run", "train-pipeline/default"]
-        for key, value in params.items():
-            command += ["--param", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
-        proc = subprocess.run(command, cwd=ROOT, env=self.client_env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
+        return run_deployment(self.client_env, params, watch=False, timeout=120)[1]
 
     def flow_run(self, flow_run_id: str) -> dict:
         return get_json(f"{self.api}/flow_runs/{flow_run_id}")
@@ -141,20 +129,8 @@ def test_concurrent_runs_lost_tracking_server_and_killed_worker(stack, tmp_path)
     for name, port in ports.items():
         assert _listening(port) == {"127.0.0.1"}, f"{name} listens on {_listening(port)}"
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"{i}.txt").write_text(prose(400 + i, 2500))
-    base = {
-        "preset": "debug",
-        "sources": [str(corpus)],
-        "data": {"validation": {"context_length": 32}},
-        "prompts": ["the "],
-        "model_name": "rel-char",
-        "experiment": "rel",
-        "data_dir": str(tmp_path / "data"),
-        "runs_dir": str(tmp_path / "runs"),
-    }
+    corpus = write_corpus(tmp_path / "corpus", seed=400)
+    base = deployment_params(tmp_path, corpus, "rel-char", "rel")
 
     # 1. Two pipelines at once on the same corpus and store: a short one and a longer, better one.
     short = s.submit({**base, "overrides": ["train.max_steps=30"]})
