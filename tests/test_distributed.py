@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, debug_config, prose
+from conftest import ROOT, debug_config, write_corpus
 
 from fundamentallm.checkpoint import load_checkpoint
 from fundamentallm.errors import ConfigError
@@ -118,10 +118,7 @@ def test_the_pipeline_trains_in_two_processes_and_rank_zero_logs_to_mlflow(prefe
     from fundamentallm.config import DataConfig
     from fundamentallm.tracking import client
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(3):
-        (corpus / f"{i}.txt").write_text(prose(800 + i, 2500))
+    corpus = write_corpus(tmp_path / "corpus", seed=800, files=3)
     state = train_pipeline(
         preset="debug",
         overrides=["train.processes=2", "train.max_steps=60", "train.log_interval=10"],

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import prose
+from conftest import write_corpus
 
 from fundamentallm.config import DataConfig
 
@@ -19,10 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def pipeline_env(tmp_path_factory, prefect_api, mlflow_store):
     root = tmp_path_factory.mktemp("pipeline")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"{i}.txt").write_text(prose(200 + i, 2500), encoding="utf-8")
+    corpus = write_corpus(root / "corpus", seed=200)
     data = DataConfig.from_dict({"validation": {"context_length": 32}, "encode": {"shard_tokens": 1 << 16}})
     common = {
         "preset": "debug",

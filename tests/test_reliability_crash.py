@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, poison_training_loss, prose
+from conftest import ROOT, poison_training_loss, prose, write_corpus
 
 from fundamentallm.checkpoint import load_checkpoint
 from fundamentallm.data.dataset import Dataset
@@ -131,10 +131,7 @@ def test_a_nan_loss_in_the_flow_fails_the_run_keeps_the_checkpoint_and_registers
     from fundamentallm.config import DataConfig
     from fundamentallm.tracking import client, experiment_id
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(3):
-        (corpus / f"{i}.txt").write_text(prose(500 + i, 2500))
+    corpus = write_corpus(tmp_path / "corpus", seed=500, files=3)
     poison_training_loss(monkeypatch, lambda n: n >= 75)  # after the checkpoint at step 50; again on the retry
     state = train_pipeline(
         preset="debug",

@@ -10,7 +10,7 @@ import sys
 import fsspec
 import numpy as np
 import pytest
-from conftest import ROOT, InterruptAt, debug_config, prose
+from conftest import ROOT, InterruptAt, debug_config, write_corpus
 
 from fundamentallm import storage
 from fundamentallm.checkpoint import load_checkpoint
@@ -116,10 +116,7 @@ def test_the_pipeline_keeps_datasets_and_runs_at_urls(prefect_api, mlflow_store,
     from flows.train_pipeline import train_pipeline
     from fundamentallm.config import DataConfig
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(3):
-        (corpus / f"{i}.txt").write_text(prose(900 + i, 2500))
+    corpus = write_corpus(tmp_path / "corpus", seed=900, files=3)
     bucket = f"memory://{tmp_path.name}"
     state = train_pipeline(
         preset="debug",
