@@ -121,10 +121,10 @@ def train_pipeline(
         if not Path(documents.path).is_file():  # a cached record whose files were deleted since
             documents = ingest_task.with_options(refresh_cache=True)(config.data.ingest, work_dir)
         tracker.set_tags({"corpus_hash": documents.corpus_hash})
-        validation = validate_task(documents, config.data.validation, config.data.encode, work_dir)
+        min_split_tokens = run_config.model.context_length + 1
+        validation = validate_task(documents, config.data.validation, config.data.encode, work_dir, min_split_tokens)
         create_markdown_artifact(validation_markdown(validation.checks, validation.report_path), key="validation")
         tracker.log_artifact(validation.report_path, "data")
-        min_split_tokens = run_config.model.context_length + 1
         dataset = encode_task(documents, config.data.encode, work_dir, min_split_tokens)
         if not Path(dataset.manifest_path).is_file():
             dataset = encode_task.with_options(refresh_cache=True)(

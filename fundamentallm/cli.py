@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fundamentallm import __version__
+from fundamentallm.config import DEFAULT_CONTEXT_LENGTH
 from fundamentallm.errors import FundamentaLLMError
 
 _command_start = time.monotonic()
@@ -179,9 +180,12 @@ def prepare(
     ] = None,
     splits: Annotated[str | None, typer.Option("--splits", help="TRAIN,VAL[,TEST] fractions, e.g. 0.9,0.1.")] = None,
     context_length: Annotated[
-        int | None,
-        typer.Option("--context-length", help="Context the data must support (each split needs more characters)."),
-    ] = None,
+        int,
+        typer.Option(
+            "--context-length",
+            help="Context length the data must support: every split needs at least context_length + 1 characters.",
+        ),
+    ] = DEFAULT_CONTEXT_LENGTH,
     shard_tokens: Annotated[int | None, typer.Option("--shard-tokens", help="Tokens per Parquet shard.")] = None,
     data_docs: Annotated[
         bool, typer.Option(help="Write Great Expectations Data Docs (HTML) beside the JSON report.")
@@ -211,13 +215,11 @@ def prepare(
             changes["encode.split"] = split
         if splits is not None:
             changes.update(_parse_splits(splits))
-        if context_length is not None:
-            changes["validation.context_length"] = context_length
         if shard_tokens is not None:
             changes["encode.shard_tokens"] = shard_tokens
         config = config.with_overrides(changes)
         with _progress_bars(progress and console.is_terminal) as report:
-            result = run_prepare(config, out_dir, data_docs=data_docs, progress=report)
+            result = run_prepare(config, out_dir, context_length=context_length, data_docs=data_docs, progress=report)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -332,8 +334,7 @@ def train(
     """Train a model on an encoded dataset; checkpoints go to the run directory."""
     with _user_errors():
         from fundamentallm.config import parse_duration
-        from fundamentallm.train import ProgressPrinter
-        from fundamentallm.train import train as run_train
+        from fundamentallm.launch import run_training
 
         changes: dict[str, Any] = {
             "train.device": device,
@@ -347,18 +348,7 @@ def train(
             if max_steps is None:
                 changes["train.max_steps"] = 0
         config = _run_config(preset_name, config_file, overrides, changes)
-        if config.train.processes > 1:
-            from fundamentallm.distributed import run_processes
-            from fundamentallm.train import TrainResult
-
-            record = run_processes(
-                dataset, config, run_dir, resume=resume, on_output=lambda line: print(line, file=sys.stderr, flush=True)
-            )
-            result = TrainResult(**record)
-        else:
-            result = run_train(
-                dataset, config, run_dir, resume=resume, callbacks=[ProgressPrinter()], clock_start=_command_start
-            )
+        result = run_training(dataset, config, run_dir, resume=resume, clock_start=_command_start)
         evaluation = None
         if evaluate_after:
             from fundamentallm.evaluate import evaluate as run_evaluate

@@ -92,8 +92,11 @@ class Config:
     """Base for frozen config dataclasses: type checks, `from_dict`, `to_dict`, `digest`.
 
     Subclasses are `@dataclass(frozen=True)` and may override `check()` to add range and
-    consistency rules, raising `ConfigError`.
+    consistency rules, raising `ConfigError`. `moved` names settings that were removed, with
+    what to do instead, so an old settings file fails with that hint.
     """
+
+    moved: typing.ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -117,6 +120,9 @@ class Config:
             raise ConfigError(f"{where} must be a table of settings; got {data!r}")
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - known)
+        for key in unknown:
+            if key in cls.moved:
+                raise ConfigError(f"setting {where}.{key} was removed: {cls.moved[key]}")
         if unknown:
             raise ConfigError(
                 f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {where}; "
@@ -148,9 +154,23 @@ class Config:
                     raise ConfigError(f"unknown setting {'.'.join(parents[: i + 1])} in {dotted!r}")
                 node = node[part]
             if leaf not in node:
+                owner = self._setting_class(parents)
+                if owner is not None and leaf in owner.moved:
+                    raise ConfigError(f"setting {dotted!r} was removed: {owner.moved[leaf]}")
                 raise ConfigError(f"unknown setting {dotted!r}")
             node[leaf] = value
         return type(self).from_dict(data)
+
+    @classmethod
+    def _setting_class(cls, path: list[str]) -> type[Config] | None:
+        """The config class of the table at dotted `path` below this one (None if there is none)."""
+        owner: Any = cls
+        for part in path:
+            hints = typing.get_type_hints(owner)
+            owner = hints.get(part)
+            if not (isinstance(owner, type) and issubclass(owner, Config)):
+                return None
+        return owner
 
     @classmethod
     def describe(cls, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
@@ -192,6 +212,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     except ValueError:
         value = raw
     return key.strip(), value
+
+
+DEFAULT_CONTEXT_LENGTH = 256
+"""The context `fundamentallm prepare` makes data for when not told: the largest preset's (shakespeare-gpu)."""
+
+
+def min_split_tokens(context_length: int) -> int:
+    """Fewest tokens a split needs for a model of `context_length`: one window of context + 1
+    (inputs and their next-character targets). Validation, encoding and training all use this rule."""
+    if context_length < 1:
+        raise ConfigError(f"context_length must be at least 1; got {context_length}")
+    return context_length + 1
 
 
 # Data stage ---------------------------------------------------------------------------
@@ -242,9 +274,15 @@ class IngestConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class ValidationConfig(Config):
-    context_length: int = setting(
-        256, "Context length the data must support: every split needs at least context_length + 1 characters."
-    )
+    """Expectations the documents table must meet. How many characters each split needs is not
+    a setting here: it follows from the model's context (`min_split_tokens`), which `prepare`
+    takes as --context-length and the pipeline from the model it trains."""
+
+    moved: typing.ClassVar[dict[str, str]] = {
+        "context_length": "the context the data must support is given to `fundamentallm prepare` as --context-length, "
+        "and the pipeline takes it from the model it trains",
+    }
+
     min_documents: int = setting(1, "Fewest documents accepted.")
     min_document_chars: int = setting(1, "Fewest characters in any one document.")
     min_charset_size: int = setting(2, "Fewest distinct characters in the corpus.")
@@ -260,8 +298,6 @@ class ValidationConfig(Config):
     max_duplicate_share: float = setting(0.5, "Largest share of documents that may be dropped as exact duplicates.")
 
     def check(self) -> None:
-        if self.context_length < 1:
-            self._fail("context_length", "must be at least 1")
         for name in ("min_documents", "min_document_chars", "min_charset_size"):
             if getattr(self, name) < 1:
                 self._fail(name, "must be at least 1")

@@ -71,23 +71,6 @@ def resume_if_possible(run_dir: str | Path) -> bool:
     return storage.exists(storage.join(run_dir, "latest.pt"))
 
 
-class TrackerCallback:
-    """Sends training metrics to a tracker (the pipeline's MLflow run)."""
-
-    def __init__(self, tracker: Tracker):
-        self.tracker = tracker
-
-    def on_train_step(self, step: int, metrics: dict[str, float]) -> None:
-        keys = ("train_loss", "lr", "tokens_per_s", "grad_norm")
-        self.tracker.log_metrics({k: metrics[k] for k in keys if k in metrics}, step=step)
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.tracker.log_metrics({"val_loss": metrics["val_loss"]}, step=step)
-
-    def on_end(self, result: Any) -> None:
-        pass
-
-
 def train_stage(
     dataset_path: str,
     config: RunConfig,
@@ -100,26 +83,11 @@ def train_stage(
     With ``train.processes`` > 1 training runs under torchrun; the processes' output goes to
     `on_output` line by line, and rank 0 logs metrics to the tracker's MLflow run itself.
     """
-    from fundamentallm.train import ProgressPrinter, TrainResult, train
+    from fundamentallm.launch import run_training
 
     tracker = tracker or NullTracker()
     resume = resume_if_possible(run_dir)
-    if config.train.processes > 1:
-        from fundamentallm.distributed import run_processes
-
-        record = run_processes(
-            dataset_path,
-            config,
-            run_dir,
-            resume=resume,
-            mlflow_run_id=getattr(tracker, "run_id", None),
-            on_output=on_output,
-        )
-        result = TrainResult(**record)
-    else:
-        result = train(
-            dataset_path, config, run_dir, resume=resume, callbacks=[ProgressPrinter(), TrackerCallback(tracker)]
-        )
+    result = run_training(dataset_path, config, run_dir, resume=resume, tracker=tracker, on_output=on_output)
     tracker.set_tags({"device": result.device, "precision": result.precision, "vocab_hash": result.vocab_hash})
     tracker.log_metrics(
         {"steps": result.steps, "train_seconds": result.train_seconds, "parameters": result.parameters},

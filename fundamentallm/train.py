@@ -12,144 +12,77 @@ One call, `train(dataset, config, run_dir)`, trains a model on an encoded datase
   `torch.compile`;
 - the loss on a fixed validation subset every `eval_interval` steps; ``best.pt`` after each
   improvement, ``latest.pt`` every `checkpoint_interval` steps and at the end; resuming from
-  ``latest.pt`` continues the same trajectory (RNG states included);
-- SIGINT/SIGTERM save ``latest.pt`` and stop with `TrainingInterrupted`; a NaN or infinite
-  loss stops with `TrainingDiverged`, keeping the last good checkpoint; optional early
-  stopping on the validation loss.
+  ``latest.pt`` continues the same trajectory (RNG states included); resuming a finished run
+  changes nothing;
+- SIGINT/SIGTERM save ``latest.pt`` and stop with `TrainingInterrupted`; a non-finite loss or
+  gradient norm stops with `TrainingDiverged` before the optimizer step, keeping the last good
+  checkpoint; optional early stopping on the validation loss.
 
-Progress goes to callbacks (`TrainCallback`): a printer for the terminal, a JSON-lines log in
-the run directory, and whatever the caller adds (the pipeline's MLflow logger).
+The parts, each on its own: `TrainState` (model, optimizer, batch sampler and where training
+stands; it becomes a `Checkpoint` and is restored from one), `Checkpointer` (latest.pt and
+best.pt: every process hands in its RNG state, rank 0 writes and publishes), `train_step` (one
+optimizer step), `SubsetEvaluator` (the fixed validation subset), `stop_reason` (when to stop),
+and `Trainer.train`, the loop that calls them. Progress goes to callbacks (`TrainCallback`): a
+printer for the terminal, a JSON-lines log in the run directory, and whatever the caller adds
+(the pipeline's MLflow logger); see `fundamentallm.callbacks`.
 
-Under torchrun (``train.processes`` > 1, see `fundamentallm.distributed`) the same loop runs in
+Under torchrun (``train.processes`` > 1, see `fundamentallm.launch`) the same loop runs in
 every process with the model wrapped in DistributedDataParallel; rank 0 alone writes files and
-calls the callbacks.
+calls the callbacks, and every decision (the learning rate, when to stop, what to save) is
+taken from figures all ranks agree on.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any
 
 import numpy as np
 import torch
 
-from fundamentallm import storage
-from fundamentallm.checkpoint import load_checkpoint, save_checkpoint
-from fundamentallm.config import RunConfig, TrainConfig
+from fundamentallm.callbacks import JsonlLogger, TrainCallback, trim_metrics
+from fundamentallm.checkpoint import Checkpoint, TrainProgress, load_checkpoint, save_checkpoint
+from fundamentallm.config import RunConfig, TrainConfig, min_split_tokens
 from fundamentallm.data.dataset import Dataset
+from fundamentallm.data.vocab import Vocab
 from fundamentallm.distributed import Dist, env_world, process_group
 from fundamentallm.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
-from fundamentallm.fsutil import atomic_write_json, atomic_write_text
+from fundamentallm.fsutil import atomic_write_json, read_json
 from fundamentallm.model import CharTransformer
-from fundamentallm.optim import build_optimizer
+from fundamentallm.optim import Optimizers, build_optimizer
+from fundamentallm.rundir import CONFIG, RESULT, RunDir
 from fundamentallm.runtime import Precision, configure_backends, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest.pt"
-BEST = "best.pt"
-
-
-class TrainCallback(Protocol):
-    """Receives metrics as training goes; every method is optional to act on."""
-
-    def on_train_step(self, step: int, metrics: dict[str, float]) -> None: ...
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
-
-    def on_end(self, result: TrainResult) -> None: ...
-
-
-class NullCallback:
-    """A callback that does nothing (the default)."""
-
-    def on_train_step(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def on_end(self, result: TrainResult) -> None:
-        pass
-
-
-class JsonlLogger(NullCallback):
-    """Appends every metrics record as one JSON line (``metrics.jsonl`` in the run directory)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def _write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    def on_train_step(self, step: int, metrics: dict[str, float]) -> None:
-        self._write({"kind": "train", "step": step, **metrics})
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self._write({"kind": "eval", "step": step, **metrics})
-
-
-def trim_metrics(path: Path, last_step: int) -> int:
-    """Keep the records of `path` up to `last_step`, the step a resumed run restarts from.
-
-    A run killed after its last checkpoint logged steps that the resumed run will log again,
-    and maybe half a line; both are dropped. Returns how many records were dropped.
-    """
-    if not path.exists():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += 1
-            continue
-        if isinstance(record, dict) and int(record.get("step", 0)) <= last_step:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-    return dropped
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-class ProgressPrinter(NullCallback):
-    """One line per log interval: step, loss, learning rate, tokens/s, ETA."""
-
-    def __init__(self, stream: TextIO | None = None):
-        self.stream = stream or sys.stderr
-
-    def on_train_step(self, step: int, metrics: dict[str, float]) -> None:
-        total = f"/{int(metrics['max_steps'])}" if metrics.get("max_steps") else ""
-        print(
-            f"step {step}{total} | loss {metrics['train_loss']:.4f} | lr {metrics['lr']:.2e} | "
-            f"{metrics['tokens_per_s']:,.0f} tok/s | elapsed {_duration(metrics['elapsed_s'])} | "
-            f"eta {_duration(metrics['eta_s'])}",
-            file=self.stream,
-            flush=True,
-        )
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        best = " (best)" if metrics.get("improved") else ""
-        print(f"step {step} | val loss {metrics['val_loss']:.4f}{best}", file=self.stream, flush=True)
+RESUMABLE_SETTINGS = frozenset(
+    {
+        "max_steps",
+        "time_budget_s",
+        "log_interval",
+        "eval_interval",
+        "checkpoint_interval",
+        "early_stopping_patience",
+        "device",
+        "precision",
+        "compile",
+        "threads",
+        "processes",
+        "dist_timeout_s",
+    }
+)
+"""Training settings that may differ when a run is resumed: where it stops, how often it reports,
+and where and how fast it runs. A changed step limit or time budget stretches the schedule from
+the step reached; every other setting (the model, the optimizer and its schedule, the batch, the
+seed) defines the trajectory and must be what the checkpoint was trained with."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +108,13 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainResult:
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+# Decisions -------------------------------------------------------------------------------
+
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     """Learning rate for optimizer step `step` (0-based) at `progress` (0..1) through training.
@@ -195,6 +135,63 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
         # Step mode: the cosine spans the steps after warm-up.
         progress = min(1.0, (step - config.warmup_steps) / (config.max_steps - config.warmup_steps))
     return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_progress(config: TrainConfig, step: int, elapsed_s: float) -> float:
+    """How far through training the schedule is: the share of the time budget spent, or of max_steps done."""
+    return elapsed_s / config.time_budget_s if config.time_budget_s else step / config.max_steps
+
+
+def stop_reason(config: TrainConfig, progress: TrainProgress, elapsed_s: float) -> str:
+    """Why training must stop now ('' when it goes on). `elapsed_s` must be a figure every process shares."""
+    if config.max_steps and progress.step >= config.max_steps:
+        return "max_steps"
+    if config.time_budget_s and elapsed_s >= config.time_budget_s:
+        return "time_budget"
+    if config.early_stopping_patience and progress.evals_since_best >= config.early_stopping_patience:
+        return "early_stopping"
+    return ""
+
+
+def resolve_model_config(config: RunConfig, vocab_size: int) -> RunConfig:
+    """Fill in the vocabulary size from the data, or check the one given."""
+    if config.model.vocab_size == 0:
+        return replace(config, model=replace(config.model, vocab_size=vocab_size))
+    if config.model.vocab_size != vocab_size:
+        raise ConfigError(
+            f"model.vocab_size is {config.model.vocab_size} but the dataset's vocabulary has {vocab_size} ids"
+        )
+    return config
+
+
+def check_resumable(saved: RunConfig, given: RunConfig, where: str | Path) -> None:
+    """Refuse to resume with settings that change the trajectory (see `RESUMABLE_SETTINGS`).
+
+    The error names every setting that differs, with the checkpoint's value and the one given.
+    """
+
+    def differences(a: Any, b: Any, prefix: str, allowed: frozenset[str] = frozenset()) -> list[str]:
+        return [
+            f"{prefix}{f.name} {getattr(a, f.name)!r} -> {getattr(b, f.name)!r}"
+            for f in fields(a)
+            if f.name not in allowed and getattr(a, f.name) != getattr(b, f.name)
+        ]
+
+    model = differences(saved.model, given.model, "model.")
+    if model:
+        raise CheckpointError(
+            f"{where}: its model config differs from the one given ({', '.join(model)}); resume with the same model"
+        )
+    train = differences(saved.train, given.train, "train.", RESUMABLE_SETTINGS)
+    if train:
+        raise CheckpointError(
+            f"{where}: cannot resume with changed training settings ({', '.join(train)}): they define the "
+            "trajectory the checkpoint is on. Settings that may change on resume: "
+            + ", ".join(sorted(RESUMABLE_SETTINGS))
+        )
+
+
+# Data ------------------------------------------------------------------------------------
 
 
 class Batches:
@@ -260,6 +257,161 @@ def subset_loss(
     return total / count
 
 
+class SubsetEvaluator:
+    """The loss on a fixed subset of the validation split, the same windows at every evaluation;
+    every process scores the whole subset, and the figure is their mean (they agree)."""
+
+    def __init__(self, tokens: np.ndarray, config: RunConfig, device: torch.device, precision: Precision, dist: Dist):
+        tc, context = config.train, config.model.context_length
+        self.data = torch.from_numpy(tokens.astype(np.int64, copy=False))
+        self.starts = fixed_windows(len(self.data), context, tc.eval_batches * tc.batch_size, tc.seed + 2)
+        self.context, self.batch_size = context, tc.batch_size
+        self.device, self.precision, self.dist = device, precision, dist
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        loss = subset_loss(model, self.data, self.starts, self.context, self.batch_size, self.device, self.precision)
+        return self.dist.mean(loss, self.device)
+
+
+# State and checkpoints ----------------------------------------------------------------------
+
+
+def rank_rng_state() -> dict[str, Any]:
+    """This process's own generator states (they drive its dropout)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rank_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """What changes as training goes: weights, optimizer, batch sampler and `TrainProgress`."""
+
+    model: CharTransformer
+    optimizer: Optimizers
+    batches: Batches
+    progress: TrainProgress
+
+    def to_checkpoint(self, config: RunConfig, vocab: Vocab, corpus_hash: str, ranks: list[Any]) -> Checkpoint:
+        return Checkpoint(
+            config=config,
+            vocab=vocab,
+            model_state=self.model.state_dict(),
+            progress=replace(self.progress),
+            optimizer_state=self.optimizer.state_dict(),
+            rng={"batches": self.batches.generator.get_state(), "ranks": ranks},
+            corpus_hash=corpus_hash,
+        )
+
+    def restore(self, checkpoint: Checkpoint, dist: Dist) -> None:
+        """Continue from `checkpoint`: weights, optimizer, counters and every RNG this process uses."""
+        self.model.load_state_dict(checkpoint.model_state)
+        if checkpoint.optimizer_state is None:
+            raise CheckpointError(f"{checkpoint.path}: holds no optimizer state; it cannot be resumed")
+        self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        self.progress = replace(checkpoint.progress)
+        self.batches.generator.set_state(checkpoint.rng["batches"])
+        ranks = checkpoint.rng["ranks"]
+        if len(ranks) == dist.world:
+            restore_rank_rng(ranks[dist.rank])
+        else:
+            # Another number of processes: the batches are the same, but not every process has a
+            # saved dropout stream to continue.
+            torch.manual_seed(checkpoint.config.train.seed + 1 + dist.rank + checkpoint.step)
+            if checkpoint.config.model.dropout > 0:
+                log.warning(
+                    "%s was written by %d process(es), this run has %d: dropout continues from new seeds, "
+                    "so the run departs from an uninterrupted one",
+                    checkpoint.path,
+                    len(ranks),
+                    dist.world,
+                )
+
+
+class Checkpointer:
+    """Writes and reads the run's checkpoints, in the one layout of `fundamentallm.checkpoint`.
+
+    `save` is called by every process at the same points: each hands in its RNG state, rank 0
+    writes the file and publishes it (after the metrics log, which a resumed run trims to it).
+    """
+
+    def __init__(self, run: RunDir, dist: Dist, config: RunConfig, vocab: Vocab, corpus_hash: str):
+        self.run, self.dist, self.config, self.vocab, self.corpus_hash = run, dist, config, vocab, corpus_hash
+
+    def save(self, path: Path, state: TrainState) -> None:
+        ranks = self.dist.gather(rank_rng_state())
+        if self.dist.is_main:
+            save_checkpoint(path, state.to_checkpoint(self.config, self.vocab, self.corpus_hash, ranks))
+            self.run.publish(self.run.metrics, path)
+
+    def load_latest(self, dataset: str) -> Checkpoint:
+        """The run's ``latest.pt``, checked against the data and settings it is to continue with."""
+        checkpoint = load_checkpoint(self.run.latest)
+        if checkpoint.vocab_hash != self.vocab.hash:
+            raise CheckpointError(
+                f"{self.run.latest}: trained with vocabulary {checkpoint.vocab_hash[:12]}, "
+                f"but {dataset} has {self.vocab.hash[:12]}; resume on the dataset it was trained on"
+            )
+        check_resumable(checkpoint.config, self.config, self.run.latest)
+        return checkpoint
+
+
+# One step ----------------------------------------------------------------------------------
+
+
+class _NonFinite(Exception):
+    def __init__(self, what: str, value: float):
+        super().__init__(f"{what} became {value}")
+        self.what, self.value = what, value
+
+
+def train_step(
+    forward: torch.nn.Module,
+    wrapped: torch.nn.Module,
+    state: TrainState,
+    config: TrainConfig,
+    device: torch.device,
+    precision: Precision,
+    dist: Dist,
+) -> tuple[float, float]:
+    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, gradient norm).
+
+    Raises `_NonFinite` before the optimizer step when the loss or the gradient norm is NaN or
+    infinite, so the weights stay those of the last good step.
+    """
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(config.grad_accum):
+        x, y = state.batches.next()
+        # Under DDP gradients are averaged across processes on the last micro-batch only.
+        last = micro == config.grad_accum - 1
+        with wrapped.no_sync() if dist.enabled and not last else nullcontext():  # type: ignore[operator]
+            with precision.autocast(device):
+                _, loss = forward(x, y)
+            (loss / config.grad_accum).backward()
+        loss_sum += loss.detach()
+    loss_value = dist.mean(float(loss_sum) / config.grad_accum, device)
+    if not math.isfinite(loss_value):
+        state.optimizer.zero_grad(set_to_none=True)
+        raise _NonFinite("training loss", loss_value)
+    # Every process holds the same averaged gradient, so they all see the same norm.
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip or math.inf))
+    if not math.isfinite(grad_norm):
+        state.optimizer.zero_grad(set_to_none=True)
+        raise _NonFinite("gradient norm", grad_norm)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return loss_value, grad_norm
+
+
 class _StopFlag:
     """Set by SIGINT/SIGTERM while training; the loop saves a checkpoint and stops."""
 
@@ -283,29 +435,249 @@ class _StopFlag:
                 signal.signal(sig, old)
 
 
-def _rng_state(batches: Batches) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "batches": batches.generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class _Window:
+    """Steps, tokens, time and loss since the last progress line."""
 
+    def __init__(self) -> None:
+        self.steps, self.tokens, self.seconds, self.loss = 0, 0, 0.0, 0.0
 
-def _restore_rng(state: dict[str, Any], batches: Batches) -> None:
-    torch.set_rng_state(state["torch"])
-    batches.generator.set_state(state["batches"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def resolve_model_config(config: RunConfig, vocab_size: int) -> RunConfig:
-    """Fill in the vocabulary size from the data, or check the one given."""
-    if config.model.vocab_size == 0:
-        return replace(config, model=replace(config.model, vocab_size=vocab_size))
-    if config.model.vocab_size != vocab_size:
-        raise ConfigError(
-            f"model.vocab_size is {config.model.vocab_size} but the dataset's vocabulary has {vocab_size} ids"
+    def add(self, tokens: int, seconds: float, loss: float) -> None:
+        self.steps, self.tokens, self.seconds, self.loss = (
+            self.steps + 1,
+            self.tokens + tokens,
+            self.seconds + seconds,
+            self.loss + loss,
         )
-    return config
+
+
+# The loop ------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run: builds the model, state and parts from the dataset and settings, then `train()`."""
+
+    def __init__(
+        self,
+        dataset: str,
+        config: RunConfig,
+        run: RunDir,
+        dist: Dist,
+        *,
+        resume: bool = False,
+        callbacks: Sequence[TrainCallback] = (),
+        clock_start: float | None = None,
+    ):
+        data = Dataset(dataset)
+        self.vocab = data.vocab
+        self.config = config = resolve_model_config(config, self.vocab.size)
+        tc, mc = config.train, config.model
+        self.dataset, self.run, self.dist, self.resumed, self.callbacks = dataset, run, dist, resume, callbacks
+        self.checkpointer = Checkpointer(run, dist, config, self.vocab, data.corpus_hash)
+        checkpoint = self.checkpointer.load_latest(dataset) if resume else None
+
+        train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
+        for split, tokens in (("train", train_tokens), ("val", val_tokens)):
+            if len(tokens) < min_split_tokens(mc.context_length):
+                raise ConfigError(
+                    f"the {split} split has {len(tokens):,} tokens, too few for context_length {mc.context_length} "
+                    f"(it needs {min_split_tokens(mc.context_length):,}); use a shorter context or more data"
+                )
+        device = resolve_device(tc.device)
+        self.device = torch.device("cuda", dist.local_rank) if dist.enabled and device.type == "cuda" else device
+        self.precision = resolve_precision(tc.precision, self.device)
+        configure_backends(self.device, tc.threads)
+        torch.manual_seed(tc.seed)
+        model = CharTransformer(mc).to(self.device)
+        part = (dist.rank, dist.world)
+        batches = Batches(train_tokens, mc.context_length, tc.batch_size, self.device, tc.seed + 1, part)
+        self.state = TrainState(model, build_optimizer(model, tc, self.device), batches, TrainProgress())
+        if checkpoint is not None:
+            self.state.restore(checkpoint, dist)
+            log.info("resumed %s at step %d", run.latest, checkpoint.step)
+        elif dist.enabled:
+            torch.manual_seed(tc.seed + 1 + dist.rank)  # dropout differs between processes, as between batch rows
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped: torch.nn.Module = DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.wrapped = model
+        self.forward = torch.compile(self.wrapped) if tc.compile else self.wrapped
+        self.eval_model = model if dist.enabled else self.forward  # every process evaluates: no gradient sync
+        self.evaluate_subset = SubsetEvaluator(val_tokens, config, self.device, self.precision, dist)
+        self.clock_start = time.monotonic() if clock_start is None else clock_start
+        self.prior_elapsed = self.state.progress.elapsed_s
+        self.sinks: list[TrainCallback] = []
+        self.stop = _StopFlag()
+        self.last_eval_step = -1
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far, earlier sessions of a resumed run included (this process's clock)."""
+        return self.prior_elapsed + (time.monotonic() - self.clock_start)
+
+    def shared_elapsed(self) -> float:
+        """`elapsed`, the same on every process: a time budget's schedule and stop must not differ between them."""
+        if not self.config.train.time_budget_s:
+            return self.elapsed()
+        return self.dist.max(self.elapsed(), self.device)
+
+    def train(self) -> TrainResult:
+        tc, progress = self.config.train, self.state.progress
+        if self.resumed and progress.stop_reason and stop_reason(tc, progress, self.shared_elapsed()):
+            return self._complete()
+        self._open_logs()
+        window = _Window()
+        with self.stop.installed():
+            while True:
+                elapsed = self.shared_elapsed()
+                reason = stop_reason(tc, progress, elapsed)
+                if reason:
+                    break
+                lr = learning_rate(tc, progress.step, schedule_progress(tc, progress.step, elapsed))
+                self.state.optimizer.set_lr_factor(lr / tc.lr)
+                started = time.perf_counter()
+                try:
+                    loss, grad_norm = train_step(
+                        self.forward, self.wrapped, self.state, tc, self.device, self.precision, self.dist
+                    )
+                except _NonFinite as bad:
+                    raise self._diverged(bad, lr) from None
+                seconds = time.perf_counter() - started
+                tokens = tc.batch_size * tc.grad_accum * self.config.model.context_length  # all processes together
+                progress.step += 1
+                progress.tokens += tokens
+                progress.train_s += seconds
+                progress.train_loss, progress.stop_reason = loss, ""
+                window.add(tokens, seconds, loss)
+                if progress.step % tc.log_interval == 0 or progress.step == 1:
+                    self._report(window, lr, grad_norm)
+                    window = _Window()
+                if progress.step % tc.eval_interval == 0:
+                    self._evaluate()
+                if progress.step % tc.checkpoint_interval == 0:
+                    self._save(self.run.latest)
+                if self.dist.any(self.stop.signal is not None, self.device):
+                    self._save(self.run.latest)
+                    name = signal.Signals(self.stop.signal).name if self.stop.signal else "a signal to another process"
+                    raise TrainingInterrupted(
+                        f"{name} received: saved {self.run.latest} at step {progress.step}; resume with --resume"
+                    )
+        return self._finish(reason)
+
+    def _open_logs(self) -> None:
+        if not self.dist.is_main:
+            return
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        step = self.state.progress.step
+        if self.resumed and trim_metrics(self.run.metrics, step):
+            log.info("dropped metrics logged after step %d by the interrupted run", step)
+        atomic_write_json(self.run.path / CONFIG, {"config": self.config.to_dict(), "dataset": self.dataset})
+        self.sinks = [JsonlLogger(self.run.metrics), *self.callbacks]
+        log.info(
+            "training %s parameters on %s (%s)%s",
+            f"{self.state.model.num_parameters():,}",
+            self.device,
+            self.precision.name,
+            f" in {self.dist.world} processes" if self.dist.enabled else "",
+        )
+
+    def _save(self, path: Path) -> None:
+        self.state.progress.elapsed_s = self.elapsed()
+        self.checkpointer.save(path, self.state)
+
+    def _report(self, window: _Window, lr: float, grad_norm: float) -> None:
+        tc, step = self.config.train, self.state.progress.step
+        if tc.time_budget_s:
+            eta = tc.time_budget_s - self.elapsed()
+        else:
+            eta = (tc.max_steps - step) * (window.seconds / window.steps)
+        metrics = {
+            "train_loss": window.loss / window.steps,
+            "lr": lr,
+            "tokens_per_s": window.tokens / window.seconds if window.seconds else 0.0,
+            "grad_norm": grad_norm,
+            "elapsed_s": self.elapsed(),
+            "eta_s": max(eta, 0.0),
+            "tokens": float(self.state.progress.tokens),
+            "max_steps": float(tc.max_steps if not tc.time_budget_s else 0),
+        }
+        for sink in self.sinks:
+            sink.on_train_step(step, metrics)
+
+    def _evaluate(self) -> None:
+        progress = self.state.progress
+        val_loss = self.evaluate_subset(self.eval_model)
+        improved = val_loss < progress.best_val_loss
+        if improved:
+            progress.best_val_loss, progress.evals_since_best = val_loss, 0
+            self._save(self.run.best)
+        else:
+            progress.evals_since_best += 1
+        self.last_eval_step = progress.step
+        metrics = {"val_loss": val_loss, "improved": float(improved), "elapsed_s": self.elapsed()}
+        for sink in self.sinks:
+            sink.on_eval(progress.step, metrics)
+
+    def _diverged(self, bad: _NonFinite, lr: float) -> TrainingDiverged:
+        latest = self.run.latest
+        kept = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint was saved yet"
+        return TrainingDiverged(
+            f"{bad.what} became {bad.value} at step {self.state.progress.step + 1} (lr {lr:.2e}); stopped before "
+            f"the optimizer step, {kept}. Try a lower learning rate or more warm-up."
+        )
+
+    def _finish(self, reason: str) -> TrainResult:
+        progress = self.state.progress
+        if progress.step == 0:
+            raise ConfigError("training ended before its first step (time budget too short?)")
+        if self.last_eval_step != progress.step:
+            self._evaluate()
+        progress.stop_reason = reason
+        self._save(self.run.latest)
+        # Early stopping can end a resumed run that never improved on the checkpoint it resumed from.
+        if self.dist.any(self.dist.is_main and not self.run.best.exists(), self.device):
+            self._save(self.run.best)
+        result = self._result()
+        if self.dist.is_main:
+            atomic_write_json(self.run.path / RESULT, result.to_dict())
+            self.run.publish(self.run.path / CONFIG, self.run.metrics, self.run.path / RESULT)
+        for sink in self.sinks:
+            sink.on_end(result)
+        return result
+
+    def _complete(self) -> TrainResult:
+        """A resumed run that had already finished: nothing is trained or written."""
+        progress = self.state.progress
+        log.warning(
+            "%s is complete (stopped by %s at step %d); nothing was trained. Raise the step limit or the time "
+            "budget to train further.",
+            self.run.location,
+            progress.stop_reason,
+            progress.step,
+        )
+        saved = self.run.path / RESULT
+        return TrainResult.from_dict(read_json(saved)) if saved.is_file() else self._result()
+
+    def _result(self) -> TrainResult:
+        progress = self.state.progress
+        return TrainResult(
+            run_dir=self.run.location,
+            latest_checkpoint=self.run.url(self.run.latest.name),
+            best_checkpoint=self.run.url(self.run.best.name),
+            steps=progress.step,
+            tokens=progress.tokens,
+            train_seconds=progress.train_s,
+            elapsed_seconds=progress.elapsed_s,
+            final_train_loss=progress.train_loss,
+            best_val_loss=progress.best_val_loss,
+            stop_reason=progress.stop_reason,
+            device=str(self.device),
+            precision=self.precision.name,
+            parameters=self.state.model.num_parameters(),
+            tokens_per_s=progress.tokens / progress.train_s if progress.train_s else 0.0,
+            vocab_hash=self.vocab.hash,
+        )
 
 
 def train(
@@ -320,9 +692,10 @@ def train(
     """Train on the dataset directory `dataset`, writing checkpoints and logs to `run_dir`.
 
     `clock_start` (a `time.monotonic()` value) is when the time budget starts counting;
-    by default, this call. With `resume`, training continues from ``run_dir/latest.pt``.
-    With ``train.processes`` > 1 this must run in each process torchrun starts (see
-    `fundamentallm.distributed.run_processes`); callbacks are called on rank 0 only.
+    by default, this call. With `resume`, training continues from ``run_dir/latest.pt``
+    (a finished run is returned as it is). With ``train.processes`` > 1 this must run in each
+    process torchrun starts (see `fundamentallm.launch.run_training`); callbacks are called on
+    rank 0 only.
     """
     clock_start = time.monotonic() if clock_start is None else clock_start
     world = env_world()
@@ -330,303 +703,13 @@ def train(
         if world == 1:
             raise ConfigError(
                 f"train.processes is {config.train.processes}: start training with `fundamentallm train` or the "
-                "pipeline, which launch torchrun (fundamentallm.distributed.run_processes)"
+                "pipeline, which launch torchrun (fundamentallm.launch.run_training)"
             )
         raise ConfigError(f"running in {world} processes, but train.processes is {config.train.processes}")
-    location = str(run_dir)
-    local = storage.local_path(location)
-    publish = None
-    if storage.is_remote(location):
-        local = _prepare_remote_run(location, local, resume)
-
-        def publish(path: Path) -> None:
-            storage.push_file(path, storage.join(location, path.name))
-
+    run = RunDir(run_dir)
+    run.prepare(resume)
     with process_group(resolve_device(config.train.device).type, config.train.dist_timeout_s) as dist:
-        result = _train(dataset, config, local, resume, callbacks, clock_start, dist, publish)
-    if publish is not None:
-        result = replace(
-            result,
-            run_dir=location,
-            latest_checkpoint=storage.join(location, LATEST),
-            best_checkpoint=storage.join(location, BEST),
-        )
-    return result
-
-
-def _prepare_remote_run(location: str, local: Path, resume: bool) -> Path:
-    """The local mirror of a remote run directory, made to match it: what the remote holds is the
-    truth (a resumed run continues from the remote latest.pt, wherever it was written)."""
-    import shutil
-
-    if not resume:
-        if storage.exists(storage.join(location, LATEST)):
-            raise CheckpointError(f"{location} already holds a checkpoint; resume it or choose another directory")
-        shutil.rmtree(local, ignore_errors=True)  # before the processes meet: no rank has written yet
-        return local
-    for name in (LATEST, BEST, "metrics.jsonl"):
-        remote = storage.join(location, name)
-        if storage.exists(remote):
-            storage.pull_file(remote, local / name)
-        elif name == LATEST:
-            raise CheckpointError(f"{remote}: nothing to resume from")
-    return local
-
-
-def _train(
-    dataset: str | Path,
-    config: RunConfig,
-    run_dir: Path,
-    resume: bool,
-    callbacks: Sequence[TrainCallback],
-    clock_start: float,
-    dist: Dist,
-    publish: Callable[[Path], None] | None = None,
-) -> TrainResult:
-    data = Dataset(dataset)
-    vocab = data.vocab
-    config = resolve_model_config(config, vocab.size)
-    tc, mc = config.train, config.model
-    latest, best = run_dir / LATEST, run_dir / BEST
-
-    checkpoint = None
-    if resume:
-        if not latest.is_file():
-            raise CheckpointError(f"{latest}: nothing to resume from")
-        checkpoint = load_checkpoint(latest)
-        if checkpoint.vocab_hash != vocab.hash:
-            raise CheckpointError(
-                f"{latest}: trained with vocabulary {checkpoint.vocab_hash[:12]}, "
-                f"but {dataset} has {vocab.hash[:12]}; resume on the dataset it was trained on"
-            )
-        if checkpoint.config.model != mc:
-            raise CheckpointError(f"{latest}: its model config differs from the one given; resume with the same model")
-    elif latest.exists():
-        raise CheckpointError(f"{run_dir} already holds a checkpoint; resume it (--resume) or choose another directory")
-
-    train_tokens = data.tokens("train")
-    val_tokens = data.tokens("val")
-    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
-        if len(tokens) <= mc.context_length + 1:
-            raise ConfigError(
-                f"the {split} split has {len(tokens):,} tokens, too few for context_length {mc.context_length}; "
-                "use a shorter context or more data"
-            )
-
-    device = resolve_device(tc.device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-    precision = resolve_precision(tc.precision, device)
-    configure_backends(device, tc.threads)
-    torch.manual_seed(tc.seed)
-    model = CharTransformer(mc).to(device)
-    optimizer = build_optimizer(model, tc, device)
-    batches = Batches(train_tokens, mc.context_length, tc.batch_size, device, tc.seed + 1, (dist.rank, dist.world))
-    val_data = torch.from_numpy(val_tokens.astype(np.int64, copy=False))
-    eval_starts = fixed_windows(len(val_data), mc.context_length, tc.eval_batches * tc.batch_size, tc.seed + 2)
-
-    step, tokens_seen, prior_elapsed, prior_train_s = 0, 0, 0.0, 0.0
-    best_val, evals_since_best = math.inf, 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint.model_state)
-        optimizer.load_state_dict(checkpoint.raw["optimizer"])
-        step = checkpoint.step
-        tokens_seen = int(checkpoint.raw["tokens"])
-        prior_elapsed = float(checkpoint.raw["elapsed_s"])
-        prior_train_s = float(checkpoint.raw["train_s"])
-        best_val = float(checkpoint.raw["best_val_loss"])
-        evals_since_best = int(checkpoint.raw["evals_since_best"])
-        _restore_rng(checkpoint.raw["rng"], batches)
-        log.info("resumed %s at step %d", latest, step)
-    if dist.enabled:
-        torch.manual_seed(tc.seed + 1 + dist.rank)  # dropout differs between processes, as between batch rows
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrapped: torch.nn.Module = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    else:
-        wrapped = model
-    forward = torch.compile(wrapped) if tc.compile else wrapped
-    evaluator = model if dist.enabled else forward  # every process evaluates; no gradient sync needed
-
-    sinks: list[TrainCallback] = []
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is not None and trim_metrics(run_dir / "metrics.jsonl", step):
-            log.info("dropped metrics logged after step %d by the interrupted run", step)
-        atomic_write_json(run_dir / "config.json", {"config": config.to_dict(), "dataset": str(dataset)})
-        sinks = [JsonlLogger(run_dir / "metrics.jsonl"), *callbacks]
-
-    def save(path: Path, train_loss: float) -> None:
-        if dist.is_main:
-            save_checkpoint(path, state(train_loss))
-            if publish is not None:  # the metrics first: a resumed run trims them to the checkpoint
-                publish(run_dir / "metrics.jsonl")
-                publish(path)
-
-    parameters = model.num_parameters()
-    log.info(
-        "training %s parameters on %s (%s)%s, %s tokens of training data",
-        f"{parameters:,}",
-        device,
-        precision.name,
-        f" in {dist.world} processes" if dist.enabled else "",
-        f"{len(train_tokens):,}",
-    )
-
-    def elapsed() -> float:
-        return prior_elapsed + (time.monotonic() - clock_start)
-
-    def state(train_loss: float) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "tokens": tokens_seen,
-            "elapsed_s": elapsed(),
-            "train_s": prior_train_s + train_s,
-            "train_loss": train_loss,
-            "best_val_loss": best_val,
-            "evals_since_best": evals_since_best,
-            "rng": _rng_state(batches),
-            "config": config.to_dict(),
-            "vocab": list(vocab.chars),
-            "vocab_hash": vocab.hash,
-            "dataset_corpus_hash": data.corpus_hash,
-        }
-
-    def evaluate_now(train_loss: float) -> None:
-        nonlocal best_val, evals_since_best
-        val_loss = subset_loss(evaluator, val_data, eval_starts, mc.context_length, tc.batch_size, device, precision)
-        val_loss = dist.mean(val_loss, device)
-        improved = val_loss < best_val
-        if improved:
-            best_val, evals_since_best = val_loss, 0
-            save(best, train_loss)
-        else:
-            evals_since_best += 1
-        for sink in sinks:
-            sink.on_eval(step, {"val_loss": val_loss, "improved": float(improved), "elapsed_s": elapsed()})
-
-    stop = _StopFlag()
-    train_s = 0.0
-    window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
-    last_loss = math.nan
-    last_eval_step = -1
-    stop_reason = ""
-    model.train()
-    with stop.installed():
-        while True:
-            if tc.max_steps and step >= tc.max_steps:
-                stop_reason = "max_steps"
-                break
-            if tc.time_budget_s and dist.any(elapsed() >= tc.time_budget_s, device):
-                stop_reason = "time_budget"
-                break
-            progress = elapsed() / tc.time_budget_s if tc.time_budget_s else step / tc.max_steps
-            lr = learning_rate(tc, step, progress)
-            optimizer.set_lr_factor(lr / tc.lr)
-            started = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(tc.grad_accum):
-                x, y = batches.next()
-                # Under DDP gradients are averaged across processes on the last micro-batch only.
-                last = micro == tc.grad_accum - 1
-                with wrapped.no_sync() if dist.enabled and not last else nullcontext():
-                    with precision.autocast(device):
-                        _, loss = forward(x, y)
-                    (loss / tc.grad_accum).backward()
-                loss_sum += loss.detach()
-            loss_value = dist.mean(float(loss_sum) / tc.grad_accum, device)
-            if not math.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
-                kept = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint was saved yet"
-                raise TrainingDiverged(
-                    f"training loss became {loss_value} at step {step + 1} (lr {lr:.2e}); stopped, {kept}. "
-                    "Try a lower learning rate or more warm-up."
-                )
-            if tc.grad_clip:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            step_time = time.perf_counter() - started
-            step += 1
-            step_tokens = tc.batch_size * tc.grad_accum * mc.context_length  # all processes together
-            tokens_seen += step_tokens
-            train_s += step_time
-            last_loss = loss_value
-            window_tokens += step_tokens
-            window_time += step_time
-            window_loss += loss_value
-            window_steps += 1
-
-            if step % tc.log_interval == 0 or step == 1:
-                rate = window_tokens / window_time if window_time else 0.0
-                if tc.time_budget_s:
-                    eta = tc.time_budget_s - elapsed()
-                else:
-                    eta = (tc.max_steps - step) * (window_time / window_steps)
-                metrics = {
-                    "train_loss": window_loss / window_steps,
-                    "lr": lr,
-                    "tokens_per_s": rate,
-                    "grad_norm": grad_norm,
-                    "elapsed_s": elapsed(),
-                    "eta_s": max(eta, 0.0),
-                    "tokens": float(tokens_seen),
-                    "max_steps": float(tc.max_steps if not tc.time_budget_s else 0),
-                }
-                for sink in sinks:
-                    sink.on_train_step(step, metrics)
-                window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
-            if step % tc.eval_interval == 0:
-                evaluate_now(loss_value)
-                last_eval_step = step
-                if tc.early_stopping_patience and evals_since_best >= tc.early_stopping_patience:
-                    stop_reason = "early_stopping"
-                    break
-            if step % tc.checkpoint_interval == 0:
-                save(latest, loss_value)
-            if dist.any(stop.signal is not None, device):
-                save(latest, loss_value)
-                name = signal.Signals(stop.signal).name if stop.signal is not None else "a signal to another process"
-                raise TrainingInterrupted(f"{name} received: saved {latest} at step {step}; resume with --resume")
-
-    if step == 0:
-        raise ConfigError("training ended before its first step (time budget too short?)")
-    if last_eval_step != step:
-        evaluate_now(last_loss)
-    save(latest, last_loss)
-    if dist.is_main and not best.exists():  # early stopping can end without any improvement after a resume
-        save(best, last_loss)
-    total_train_s = prior_train_s + train_s
-    result = TrainResult(
-        run_dir=str(run_dir),
-        latest_checkpoint=str(latest),
-        best_checkpoint=str(best),
-        steps=step,
-        tokens=tokens_seen,
-        train_seconds=total_train_s,
-        elapsed_seconds=elapsed(),
-        final_train_loss=last_loss,
-        best_val_loss=best_val,
-        stop_reason=stop_reason,
-        device=str(device),
-        precision=precision.name,
-        parameters=parameters,
-        tokens_per_s=tokens_seen / total_train_s if total_train_s else 0.0,
-        vocab_hash=vocab.hash,
-    )
-    if dist.is_main:
-        atomic_write_json(run_dir / "result.json", result.to_dict())
-        if publish is not None:
-            for name in ("config.json", "metrics.jsonl", "result.json"):
-                publish(run_dir / name)
-    for sink in sinks:
-        sink.on_end(result)
+        trainer = Trainer(str(dataset), config, run, dist, resume=resume, callbacks=callbacks, clock_start=clock_start)
+        result = trainer.train()
+        del trainer  # the DistributedDataParallel wrapper must go before its process group
     return result

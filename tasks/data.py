@@ -88,10 +88,14 @@ def ingest_task(config: IngestConfig, out_dir: str) -> DocumentsRecord:
 
 @task(name="validate", timeout_seconds=3600)
 def validate_task(
-    documents: DocumentsRecord, config: ValidationConfig, encode_config: EncodeConfig, out_dir: str
+    documents: DocumentsRecord,
+    config: ValidationConfig,
+    encode_config: EncodeConfig,
+    out_dir: str,
+    min_split_tokens: int,
 ) -> ValidationRecord:
     """Check the documents table against the expectation suites; fails the run on a failed expectation."""
-    return validate_documents(documents, config, encode_config, out_dir)
+    return validate_documents(documents, config, encode_config, out_dir, min_split_tokens=min_split_tokens)
 
 
 @task(name="encode", cache_key_fn=_encode_key, persist_result=True, timeout_seconds=4 * 3600)

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from fundamentallm.config import DataConfig
-
 WORDS = (
     "the",
     "quick",
@@ -63,17 +61,6 @@ def corpus_dir(tmp_path: Path) -> Path:
         (root / f"doc{i}.txt").write_text(prose(i), encoding="utf-8")
     (root / "sub" / "doc4.txt").write_text(prose(4), encoding="utf-8")
     return root
-
-
-def small_config(*sources: str | Path, **encode: object) -> DataConfig:
-    """Settings for tiny corpora: a short context so small splits validate."""
-    return DataConfig.from_dict(
-        {
-            "ingest": {"sources": [str(s) for s in sources]},
-            "validation": {"context_length": 32},
-            "encode": {"shard_tokens": 4096, **encode},
-        }
-    )
 
 
 @pytest.fixture(scope="session")
@@ -133,6 +120,36 @@ def poison_training_loss(monkeypatch, poisoned_call) -> None:
             calls["n"] += 1
             if poisoned_call(calls["n"]):
                 loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_module.CharTransformer, "forward", forward)
+
+
+def poison_gradients(monkeypatch, poisoned_call) -> None:
+    """Make the gradients infinite, the loss staying finite, on the training forward passes for
+    which `poisoned_call(n)` is true (n counts training forward passes from 1)."""
+    import torch
+
+    from fundamentallm import model as model_module
+
+    class InfiniteGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value):
+            return value.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    original = model_module.CharTransformer.forward
+    calls = {"n": 0}
+
+    def forward(self, ids, targets=None, caches=None):
+        logits, loss = original(self, ids, targets, caches)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if poisoned_call(calls["n"]):
+                loss = InfiniteGradient.apply(loss)
         return logits, loss
 
     monkeypatch.setattr(model_module.CharTransformer, "forward", forward)
@@ -229,7 +246,6 @@ def deployment_params(root: Path, corpus: Path, model_name: str, experiment: str
     return {
         "preset": "debug",
         "sources": [str(corpus)],
-        "data": {"validation": {"context_length": 32}},
         "prompts": ["the "],
         "model_name": model_name,
         "experiment": experiment,

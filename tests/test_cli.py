@@ -71,8 +71,8 @@ def test_settings_from_file_and_overrides(corpus_dir, tmp_path):
         str(tmp_path / "o"),
         "--config",
         str(settings),
-        "--set",
-        "validation.context_length=16",
+        "--context-length",
+        "16",
         "--json",
     )
     assert result.exit_code == 0, result.output

@@ -47,7 +47,7 @@ def test_unknown_keys_are_refused_with_the_known_ones_listed():
         ({"ingest": {"sources": "file.txt"}}, "must be a list"),
         ({"ingest": {"encoding_policy": "lenient"}}, "must be one of"),
         ({"validation": {"max_control_share": 1.5}}, r"must be in \[0, 1\]"),
-        ({"validation": {"context_length": 0}}, "must be at least 1"),
+        ({"validation": {"min_documents": 0}}, "min_documents must be at least 1"),
         ({"validation": {"max_charset_size": 1}}, "must be at least min_charset_size"),
     ],
 )
@@ -69,9 +69,11 @@ def test_lists_become_tuples_and_ints_become_floats():
 
 
 def test_dotted_overrides():
-    config = DataConfig().with_overrides({"encode.shard_tokens": 99, "validation.context_length": 8})
+    config = DataConfig().with_overrides({"encode.shard_tokens": 99, "validation.min_documents": 8})
     assert config.encode.shard_tokens == 99
-    assert config.validation.context_length == 8
+    assert config.validation.min_documents == 8
+    with pytest.raises(ConfigError, match=r"'validation\.context_length' was removed: .*--context-length"):
+        DataConfig().with_overrides({"validation.context_length": 64})
     with pytest.raises(ConfigError, match=r"unknown setting 'encode\.nope'"):
         DataConfig().with_overrides({"encode.nope": 1})
     with pytest.raises(ConfigError, match="unknown setting"):
@@ -93,10 +95,13 @@ def test_parse_override():
 
 def test_config_files(tmp_path):
     toml = tmp_path / "data.toml"
-    toml.write_text('[encode]\nsplit = "hash"\n[validation]\ncontext_length = 64\n')
+    toml.write_text('[encode]\nsplit = "hash"\n[validation]\nmin_documents = 3\n')
     config = DataConfig.from_dict(load_config_file(toml))
     assert config.encode.split == "hash"
-    assert config.validation == ValidationConfig(context_length=64)
+    assert config.validation == ValidationConfig(min_documents=3)
+    toml.write_text("[validation]\ncontext_length = 64\n")  # a settings file from before the setting moved
+    with pytest.raises(ConfigError, match=r"validation\.context_length was removed: .*--context-length"):
+        DataConfig.from_dict(load_config_file(toml))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match=r"bad\.json is not valid JSON"):

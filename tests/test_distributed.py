@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, debug_config, write_corpus
 
 from fundamentallm.checkpoint import load_checkpoint
@@ -51,13 +52,53 @@ def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tiny_d
     assert load_checkpoint(tmp_path / "two" / "latest.pt").step == 80
 
 
+def _rank_weights(dataset: Path, run: Path, config, *extra: str) -> list[dict]:
+    """Train in 2 gloo processes with tests/rank_train.py; each rank's own final weights."""
+    weights = run.parent / f"{run.name}-weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command += ["--max-restarts=0", str(ROOT / "tests" / "rank_train.py"), "--dataset", str(dataset)]
+    command += ["--run-dir", str(run), "--config", json.dumps(config.to_dict()), "--weights", str(weights), *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return [torch.load(weights / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_two_ranks_with_a_time_budget_agree_on_the_schedule_and_end_with_the_same_weights(tiny_dataset, tmp_path):
+    # Each rank used to follow its own clock: learning rates up to 3% apart, weights drifting apart.
+    config = debug_config(processes=2, max_steps=0, time_budget_s=4.0, warmup_steps=5, min_lr_ratio=0.0)
+    rank0, rank1 = _rank_weights(tiny_dataset, tmp_path / "run", config)
+    assert _largest_difference(rank0, rank1) == 0.0
+    assert load_checkpoint(tmp_path / "run" / "latest.pt").progress.stop_reason == "time_budget"
+
+
+def test_two_ranks_resumed_with_dropout_end_where_an_uninterrupted_run_ends(tiny_dataset, tmp_path):
+    # Every rank's dropout stream is saved and restored; it used to be reseeded on resume, and
+    # only rank 0's was saved (weights 0.015 apart from the uninterrupted run).
+    config = debug_config(processes=2, max_steps=20, eval_interval=10, checkpoint_interval=10, log_interval=5)
+    config = config.replace(model=config.model.replace(dropout=0.1))
+    straight = _rank_weights(tiny_dataset, tmp_path / "straight", config)
+    _rank_weights(tiny_dataset, tmp_path / "resumed", config, "--interrupt-at", "10")
+    assert load_checkpoint(tmp_path / "resumed" / "latest.pt").step == 10
+    assert len(load_checkpoint(tmp_path / "resumed" / "latest.pt").rng["ranks"]) == 2
+    resumed = _rank_weights(tiny_dataset, tmp_path / "resumed", config, "--resume")
+    assert load_checkpoint(tmp_path / "resumed" / "latest.pt").step == 20
+    for rank in (0, 1):
+        assert _largest_difference(straight[rank], resumed[rank]) == 0.0, rank
+
+
 def _ranks(launcher_pid: int) -> dict[int, int]:
     """Rank -> pid of the training processes under a torchrun launcher."""
     found = {}
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
             cmdline = (environ.parent / "cmdline").read_bytes()
-            if b"fundamentallm.distributed" not in cmdline or b"torch.distributed.run" in cmdline:
+            if b"fundamentallm.launch" not in cmdline or b"torch.distributed.run" in cmdline:
                 continue
             env = dict(item.split("=", 1) for item in environ.read_text().split("\0") if "=" in item)
         except OSError:
@@ -115,7 +156,6 @@ def test_the_pipeline_trains_in_two_processes_and_rank_zero_logs_to_mlflow(prefe
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     from flows.train_pipeline import train_pipeline
-    from fundamentallm.config import DataConfig
     from fundamentallm.tracking import client
 
     corpus = write_corpus(tmp_path / "corpus", seed=800, files=3)
@@ -123,7 +163,6 @@ def test_the_pipeline_trains_in_two_processes_and_rank_zero_logs_to_mlflow(prefe
         preset="debug",
         overrides=["train.processes=2", "train.max_steps=60", "train.log_interval=10"],
         sources=[str(corpus)],
-        data=DataConfig.from_dict({"validation": {"context_length": 32}}),
         model_name="ddp-char",
         experiment="ddp",
         data_dir=str(tmp_path / "data"),

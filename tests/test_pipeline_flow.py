@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def pipeline_env(tmp_path_factory, prefect_api, mlflow_store):
     root = tmp_path_factory.mktemp("pipeline")
     corpus = write_corpus(root / "corpus", seed=200)
-    data = DataConfig.from_dict({"validation": {"context_length": 32}, "encode": {"shard_tokens": 1 << 16}})
+    data = DataConfig.from_dict({"encode": {"shard_tokens": 1 << 16}})
     common = {
         "preset": "debug",
         "sources": [str(corpus)],

@@ -128,7 +128,6 @@ def test_a_nan_loss_in_the_flow_fails_the_run_keeps_the_checkpoint_and_registers
     prefect_api, mlflow_store, tmp_path, monkeypatch
 ):
     from flows.train_pipeline import train_pipeline
-    from fundamentallm.config import DataConfig
     from fundamentallm.tracking import client, experiment_id
 
     corpus = write_corpus(tmp_path / "corpus", seed=500, files=3)
@@ -136,7 +135,6 @@ def test_a_nan_loss_in_the_flow_fails_the_run_keeps_the_checkpoint_and_registers
     state = train_pipeline(
         preset="debug",
         sources=[str(corpus)],
-        data=DataConfig.from_dict({"validation": {"context_length": 32}}),
         model_name="nan-char",
         experiment="nan",
         data_dir=str(tmp_path / "data"),

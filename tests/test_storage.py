@@ -114,7 +114,6 @@ def test_the_commands_take_file_urls_across_processes(tiny_dataset, tmp_path):
 @pytest.mark.flow
 def test_the_pipeline_keeps_datasets_and_runs_at_urls(prefect_api, mlflow_store, tmp_path):
     from flows.train_pipeline import train_pipeline
-    from fundamentallm.config import DataConfig
 
     corpus = write_corpus(tmp_path / "corpus", seed=900, files=3)
     bucket = f"memory://{tmp_path.name}"
@@ -122,7 +121,6 @@ def test_the_pipeline_keeps_datasets_and_runs_at_urls(prefect_api, mlflow_store,
         preset="debug",
         overrides=["train.max_steps=40"],
         sources=[str(corpus)],
-        data=DataConfig.from_dict({"validation": {"context_length": 32}}),
         model_name="remote-char",
         experiment="remote",
         data_dir=f"{bucket}/data",

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import InterruptAt, debug_config, poison_training_loss
+from conftest import InterruptAt, debug_config, poison_gradients, poison_training_loss
 
+from fundamentallm.callbacks import NullCallback
 from fundamentallm.checkpoint import load_checkpoint
 from fundamentallm.config import TrainConfig
 from fundamentallm.data.dataset import Dataset
 from fundamentallm.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted
 from fundamentallm.evaluate import evaluate
-from fundamentallm.train import NullCallback, learning_rate, train
+from fundamentallm.train import learning_rate, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,3 +159,79 @@ def test_sigterm_to_the_command_saves_and_resume_finishes(tiny_dataset, tmp_path
     assert finish.returncode == 0, finish.stderr
     assert json.loads(finish.stdout)["train"]["steps"] == step + 20
     assert math.isfinite(json.loads(finish.stdout)["train"]["final_train_loss"])
+
+
+def test_a_finite_loss_with_an_infinite_gradient_stops_before_the_optimizer_step(tiny_dataset, tmp_path, monkeypatch):
+    # It used to take the step: the weights became NaN and the checkpoint of that step kept them.
+    poison_gradients(monkeypatch, lambda n: n == 10)
+    config = debug_config(max_steps=50, checkpoint_interval=5, eval_interval=5)
+    with pytest.raises(TrainingDiverged, match=r"gradient norm became (inf|nan) at step 10 .*last good checkpoint is"):
+        train(tiny_dataset, config, tmp_path / "run")
+    for name in ("latest.pt", "best.pt"):
+        kept = load_checkpoint(tmp_path / "run" / name)
+        assert kept.step == 5
+        assert all(torch.isfinite(t).all() for t in kept.model_state.values())
+
+
+def test_resuming_a_finished_run_changes_nothing_and_says_it_is_complete(tiny_dataset, tmp_path, caplog):
+    config = debug_config(max_steps=30, eval_interval=10, checkpoint_interval=10)
+    first = train(tiny_dataset, config, tmp_path / "run")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with caplog.at_level("WARNING", logger="fundamentallm"):
+        again = train(tiny_dataset, config, tmp_path / "run", resume=True)
+    assert again == first  # the recorded result, not one more evaluation with a NaN training loss
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == files
+    assert any("is complete (stopped by max_steps at step 30)" in r.getMessage() for r in caplog.records)
+    longer = train(
+        tiny_dataset,
+        debug_config(max_steps=40, eval_interval=10, checkpoint_interval=10),
+        tmp_path / "run",
+        resume=True,
+    )
+    assert longer.steps == 40 and math.isfinite(longer.final_train_loss)  # a raised step limit trains on
+
+
+def test_resuming_with_settings_that_define_the_trajectory_names_them(tiny_dataset, tmp_path):
+    config = debug_config(max_steps=20, checkpoint_interval=10)
+    with pytest.raises(TrainingInterrupted):
+        train(
+            tiny_dataset,
+            config.replace(train=config.train.replace(log_interval=1)),
+            tmp_path / "run",
+            callbacks=[InterruptAt(10)],
+        )
+    muon = debug_config(max_steps=20, optimizer="muon")
+    with pytest.raises(CheckpointError, match=r"train\.optimizer 'adamw' -> 'muon'"):
+        train(tiny_dataset, muon, tmp_path / "run", resume=True)
+    changed = debug_config(max_steps=20, lr=0.01, batch_size=8)
+    with pytest.raises(
+        CheckpointError, match=r"train\.batch_size 16 -> 8, train\.lr 0\.003 -> 0\.01.*may change on resume"
+    ):
+        train(tiny_dataset, changed, tmp_path / "run", resume=True)
+    # Where it stops, how often it reports and where it runs may change.
+    allowed = debug_config(max_steps=30, log_interval=5, eval_interval=5, checkpoint_interval=5, threads=1)
+    assert train(tiny_dataset, allowed, tmp_path / "run", resume=True).steps == 30
+
+
+def test_a_split_of_exactly_context_plus_one_characters_passes_every_stage(tmp_path):
+    # Validation and encoding accepted a split of context_length + 1 tokens, then training refused it.
+    from fundamentallm.config import EncodeConfig, IngestConfig, ValidationConfig, min_split_tokens
+    from fundamentallm.data.encode import encode
+    from fundamentallm.data.ingest import ingest
+    from fundamentallm.data.validate import validate_documents
+
+    context = debug_config().model.context_length
+    (tmp_path / "corpus").mkdir()
+    text = "".join(chr(ord("a") + i % 26) for i in range(999)) + "\n"
+    (tmp_path / "corpus" / "doc.txt").write_text(text, encoding="utf-8")
+    docs = ingest(IngestConfig(sources=(str(tmp_path / "corpus"),)), tmp_path / "out")
+    split = EncodeConfig(train_fraction=0.967, val_fraction=0.033, test_fraction=0.0)
+    need = min_split_tokens(context)
+    assert need == context + 1
+    assert validate_documents(docs, ValidationConfig(), split, tmp_path / "out", min_split_tokens=need).success
+    dataset = encode(docs.path, split, tmp_path / "out", min_split_tokens=need).path
+    assert Dataset(dataset).num_tokens("val") == need
+    assert train(dataset, debug_config(max_steps=3), tmp_path / "run").steps == 3
+    with pytest.raises(ConfigError, match=f"too few for context_length {context + 1} .it needs {need + 1}"):
+        longer = debug_config(max_steps=3)
+        train(dataset, longer.replace(model=longer.model.replace(context_length=context + 1)), tmp_path / "run2")

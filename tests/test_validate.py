@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import prose
 
-from fundamentallm.config import EncodeConfig, IngestConfig, ValidationConfig
+from fundamentallm.config import EncodeConfig, IngestConfig, ValidationConfig, min_split_tokens
 from fundamentallm.data.ingest import ingest
 from fundamentallm.data.validate import required_characters, validate_documents
 from fundamentallm.errors import DataValidationError
@@ -23,8 +23,11 @@ def ingest_texts(tmp_path, texts: dict[str, str | bytes], **ingest_settings):
     return ingest(IngestConfig(sources=(str(root),), **ingest_settings), tmp_path / "out")
 
 
-def validate(tmp_path, docs, **settings):
-    return validate_documents(docs, ValidationConfig(**settings), EncodeConfig(), tmp_path / "out")
+def validate(tmp_path, docs, context_length, **settings):
+    need = min_split_tokens(context_length)
+    return validate_documents(
+        docs, ValidationConfig(**settings), EncodeConfig(), tmp_path / "out", min_split_tokens=need
+    )
 
 
 def test_clean_text_passes_and_reports(tmp_path):
@@ -39,7 +42,7 @@ def test_clean_text_passes_and_reports(tmp_path):
 
 def test_too_little_text_for_the_context(tmp_path):
     docs = ingest_texts(tmp_path, {"tiny.txt": "just a few words\n"})
-    need = required_characters(ValidationConfig(context_length=256), EncodeConfig())
+    need = required_characters(min_split_tokens(256), EncodeConfig())
     with pytest.raises(DataValidationError) as info:
         validate(tmp_path, docs, context_length=256)
     assert f"at least {need:,} characters in all" in str(info.value)

@@ -5,7 +5,8 @@ Three batches are checked, each against its own expectation suite:
 - ``documents``: one row per document (id, source, counts and shares; the text itself is
   not needed): at least `min_documents`, ids unique and well-formed, no document shorter
   than `min_document_chars`, enough characters in total for every split to hold
-  `context_length + 1` characters, control-character and U+FFFD shares within bounds;
+  `min_split_tokens` characters (context length + 1: the same rule encoding and training apply),
+  control-character and U+FFFD shares within bounds;
 - ``charset``: one row per distinct character: the character-set size within bounds, no
   NUL and no unpaired surrogate;
 - ``corpus``: one row for the whole ingestion: the share of documents dropped as exact
@@ -58,10 +59,10 @@ class ValidationRecord:
         return cls(**data)
 
 
-def required_characters(config: ValidationConfig, encode: EncodeConfig) -> int:
-    """Fewest corpus characters for every non-empty split to hold context_length + 1 of them."""
+def required_characters(min_split_tokens: int, encode: EncodeConfig) -> int:
+    """Fewest corpus characters for every non-empty split to hold `min_split_tokens` of them."""
     smallest = min(f for f in encode.fractions().values() if f > 0)
-    return math.ceil((config.context_length + 1) / smallest)
+    return math.ceil(min_split_tokens / smallest)
 
 
 def _frames(documents: DocumentsRecord) -> dict[str, Any]:
@@ -94,11 +95,11 @@ def _frames(documents: DocumentsRecord) -> dict[str, Any]:
     return {"documents": meta, "charset": charset_frame, "corpus": corpus}
 
 
-def _suites(config: ValidationConfig, encode: EncodeConfig) -> dict[str, list[Any]]:
+def _suites(config: ValidationConfig, encode: EncodeConfig, min_split_tokens: int) -> dict[str, list[Any]]:
     import great_expectations as gx
 
     E = gx.expectations
-    need = required_characters(config, encode)
+    need = required_characters(min_split_tokens, encode)
     smallest = min(f for f in encode.fractions().values() if f > 0)
 
     def m(text: str) -> dict[str, str]:
@@ -124,7 +125,7 @@ def _suites(config: ValidationConfig, encode: EncodeConfig) -> dict[str, list[An
                 min_value=need,
                 meta=m(
                     f"at least {need:,} characters in all, so the smallest split ({smallest:g} of the corpus) "
-                    f"holds context_length + 1 = {config.context_length + 1} characters"
+                    f"holds context_length + 1 = {min_split_tokens} characters"
                 ),
             ),
             E.ExpectColumnValuesToBeBetween(
@@ -210,9 +211,13 @@ def validate_documents(
     encode: EncodeConfig,
     out_dir: str | Path,
     *,
+    min_split_tokens: int,
     data_docs: bool = True,
 ) -> ValidationRecord:
     """Run the expectation suites over the documents table; raise `DataValidationError` on failure.
+
+    `min_split_tokens` is the fewest characters every non-empty split must get (see
+    `fundamentallm.config.min_split_tokens`), the figure encoding is then given too.
 
     The report goes to ``<out>/validation/<corpus hash>-<settings hash>/validation.json``
     and the Data Docs site to ``<out>/validation/data-docs/``; both are written before any
@@ -223,8 +228,9 @@ def validate_documents(
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     frames = _frames(documents)
-    suites = _suites(config, encode)
-    settings_hash = sha256_json({"validation": config.to_dict(), "fractions": encode.fractions()})
+    suites = _suites(config, encode, min_split_tokens)
+    settings = {"validation": config.to_dict(), "fractions": encode.fractions(), "min_split_tokens": min_split_tokens}
+    settings_hash = sha256_json(settings)
     report_dir = Path(out_dir) / "validation" / f"{documents.corpus_hash[:16]}-{settings_hash[:16]}"
     docs_dir = (Path(out_dir) / "validation" / "data-docs").resolve()  # Great Expectations needs it absolute
 
@@ -277,6 +283,7 @@ def validate_documents(
             "corpus_hash": documents.corpus_hash,
             "documents_path": documents.path,
             "config": config.to_dict(),
+            "min_split_tokens": min_split_tokens,
             "checks": checks,
             "great_expectations": raw_results,
         },
