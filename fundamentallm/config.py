@@ -462,6 +462,10 @@ class RunConfig(Config):
 
 # Sampling ---------------------------------------------------------------------------------
 
+MIN_TEMPERATURE = 1e-6
+"""Smallest positive temperature: sampling divides float32 logits by it, and a smaller one
+(1e-45 rounds to a float32 denormal) turns them into infinities and the softmax into NaN."""
+
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig(Config):
@@ -484,6 +488,8 @@ class SampleConfig(Config):
             self._fail("max_new_tokens", "must not be negative")
         if self.temperature < 0:
             self._fail("temperature", "must not be negative")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self._fail("temperature", f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
         if self.top_k < 0:
             self._fail("top_k", "must not be negative")
         if not 0.0 < self.top_p <= 1.0:

@@ -69,6 +69,19 @@ def test_sample_command(trained):
     assert bad.exit_code == 1 and "not in the vocabulary" in bad.output
 
 
+def _one_error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in output, output
+    return lines[0]
+
+
+def test_sample_refuses_a_temperature_too_small_to_sample_with(trained):
+    run, _ = trained
+    result = runner.invoke(app, ["sample", str(run / "best.pt"), "-n", "5", "--temperature", "1e-45"])
+    assert result.exit_code == 2
+    assert "SampleConfig.temperature must be 0 (greedy)" in _one_error_line(result.output)
+
+
 def test_interactive_sampling(trained):
     run, _ = trained
     session = ":temperature 0\n:max_new_tokens 15\nthe \n:top_k x\n:nonsense 1\n:quit\n"

@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from fundamentallm.config import ModelConfig
+from fundamentallm.config import MIN_TEMPERATURE, ModelConfig
 from fundamentallm.data.vocab import Vocab
-from fundamentallm.errors import DatasetError
+from fundamentallm.errors import ConfigError, DatasetError
 from fundamentallm.model import CharTransformer
 from fundamentallm.sample import SampleConfig, Sampler, apply_repetition_penalty, filter_logits
 
@@ -129,3 +129,15 @@ def test_sample_config_checks():
         SampleConfig(top_p=0.0)
     with pytest.raises(Exception, match="stop strings must not be empty"):
         SampleConfig(stop=("",))
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-7])
+def test_a_temperature_too_small_to_sample_with_is_refused_by_the_config(temperature):
+    with pytest.raises(ConfigError, match=r"SampleConfig\.temperature must be 0 \(greedy\) or at least 1e-06"):
+        SampleConfig(temperature=temperature)
+    assert SampleConfig(temperature=MIN_TEMPERATURE).temperature == MIN_TEMPERATURE
+
+
+def test_the_smallest_temperature_allowed_samples(sampler):
+    text = sampler.generate("the", SampleConfig(max_new_tokens=10, temperature=MIN_TEMPERATURE))
+    assert text == sampler.generate("the", SampleConfig(max_new_tokens=10, temperature=0.0))
