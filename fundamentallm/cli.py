@@ -383,7 +383,8 @@ def evaluate(
     dataset: Annotated[str, typer.Argument(help="Dataset directory the model was trained on, or its fsspec URL.")],
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "val",
     stride: Annotated[
-        int | None, typer.Option("--stride", help="Sliding-window stride (default: half the context).")
+        int | None,
+        typer.Option("--stride", help="Sliding-window stride, 1 to the context length (default: half the context)."),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,

@@ -87,6 +87,12 @@ def window_plan(n: int, context: int, stride: int) -> list[tuple[int, int]]:
     return plan
 
 
+def check_stride(stride: int, context: int) -> None:
+    """Refuse a stride the sliding window cannot use: it must be in 1..context."""
+    if not 1 <= stride <= context:
+        raise ConfigError(f"stride must be between 1 and the context length {context}; got {stride}")
+
+
 @torch.no_grad()
 def score_tokens(
     model: torch.nn.Module,
@@ -104,8 +110,7 @@ def score_tokens(
     precision = precision or Precision("fp32", None)
     if len(tokens) < 2:
         raise ConfigError("a split needs at least two characters to be scored")
-    if not 1 <= stride <= context:
-        raise ConfigError(f"stride must be between 1 and the context length {context}; got {stride}")
+    check_stride(stride, context)
     model.eval()
     data = torch.from_numpy(tokens.astype(np.int64, copy=False))
     plan = window_plan(len(tokens), context, stride)
@@ -143,7 +148,10 @@ def evaluate(
     precision: str = "auto",
     progress: Progress = null_progress,
 ) -> EvalResult:
-    """Exact figures of a checkpoint on one split of a dataset (default stride: half the context)."""
+    """Exact figures of a checkpoint on one split of a dataset.
+
+    `stride` None means half the context; any other value must be in 1..context (`ConfigError`).
+    """
     started = time.perf_counter()
     data = Dataset(dataset)
     ckpt = load_checkpoint(checkpoint)
@@ -155,7 +163,9 @@ def evaluate(
     torch_device = resolve_device(device)
     model = ckpt.build_model(torch_device)
     context = ckpt.config.model.context_length
-    stride = stride or max(1, context // 2)
+    if stride is None:
+        stride = max(1, context // 2)
+    check_stride(stride, context)  # before reading the split
     tokens = data.tokens(split)
     total, count = score_tokens(
         model,
