@@ -272,6 +272,11 @@ def _print_eval(result: Any, title: str) -> None:
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     table.add_row("loss", f"{result.loss:.4f} nats/char over {result.characters:,} characters ({result.split})")
+    table.add_row(
+        "unknown",
+        f"{result.unknown_characters:,} of {result.characters:,} characters ({100 * result.unknown_share:.3g}%) "
+        "outside the training vocabulary",
+    )
     table.add_row("perplexity", f"{result.perplexity:.3f}")
     table.add_row("bits/char", f"{result.bits_per_char:.4f}")
     table.add_row(

@@ -9,6 +9,11 @@ window is aligned to the end of the split). The figures are sums over all scored
 characters: loss = total nats / characters, perplexity = exp(loss),
 bits per character = loss / ln 2.
 
+A character the training split never held is scored as the unknown id (`UNK_ID`): the
+model can predict "something unknown" but not which character. How many scored characters
+that was, and their share, are reported beside the figures, which they make look better
+than they are when the share is large.
+
 Two baselines on the same split put the figure in perspective: the uniform model (log2 of
 the vocabulary size) and the unigram entropy (the split's own character frequencies; no
 model that ignores context can beat it on this split).
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 
 from fundamentallm.checkpoint import load_checkpoint
 from fundamentallm.data.dataset import Dataset
+from fundamentallm.data.vocab import UNK_ID
 from fundamentallm.errors import CheckpointError, ConfigError
 from fundamentallm.progress import Progress, null_progress
 from fundamentallm.runtime import Precision, resolve_device, resolve_precision
@@ -39,6 +45,10 @@ LN2 = math.log(2.0)
 class EvalResult:
     split: str
     characters: int
+    unknown_characters: int
+    """Scored characters whose target is the unknown id (outside the training vocabulary)."""
+    unknown_share: float
+    """unknown_characters / characters."""
     total_nats: float
     loss: float
     perplexity: float
@@ -178,9 +188,12 @@ def evaluate(
         progress=progress,
     )
     loss, perplexity, bpc = metrics_from_sums(total, count)
+    unknown = int(np.count_nonzero(tokens[1:] == UNK_ID))  # the scored targets: all but the first
     return EvalResult(
         split=split,
         characters=count,
+        unknown_characters=unknown,
+        unknown_share=unknown / count,
         total_nats=total,
         loss=loss,
         perplexity=perplexity,

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
+import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import debug_config, prose
+from typer.testing import CliRunner
 
 from fundamentallm.checkpoint import load_checkpoint
+from fundamentallm.cli import app
 from fundamentallm.config import EncodeConfig, IngestConfig, ModelConfig
 from fundamentallm.data.encode import encode
 from fundamentallm.data.ingest import ingest
 from fundamentallm.errors import CheckpointError, ConfigError
 from fundamentallm.evaluate import evaluate, metrics_from_sums, score_tokens, unigram_bits, window_plan
 from fundamentallm.model import CharTransformer
+from fundamentallm.report import metrics_rows
 from fundamentallm.train import train
+
+runner = CliRunner()
 
 
 def test_metric_arithmetic():
@@ -100,6 +107,24 @@ def test_the_default_stride_is_half_the_context(unknown_run):
     dataset, checkpoint = unknown_run
     assert evaluate(checkpoint, dataset, "val").stride == 16
     assert evaluate(checkpoint, dataset, "val", stride=32).stride == 32
+
+
+def test_characters_outside_the_training_vocabulary_are_counted_where_they_are_scored(unknown_run):
+    dataset, checkpoint = unknown_run
+    scored = VAL_TEXT[1:]  # the opening "0" is only context
+    unknown = sum(c.isdigit() for c in scored)
+    result = evaluate(checkpoint, dataset, "val")
+    assert result.characters == len(scored) == 99
+    assert result.unknown_characters == unknown == 18
+    assert result.unknown_share == pytest.approx(18 / 99)
+    assert evaluate(checkpoint, dataset, "train").unknown_characters == 0
+
+    figures = json.loads(runner.invoke(app, ["evaluate", checkpoint, dataset, "--json"]).output)
+    assert figures["unknown_characters"] == 18 and figures["unknown_share"] == pytest.approx(18 / 99)
+    table = runner.invoke(app, ["evaluate", checkpoint, dataset]).output
+    assert re.search(r"unknown\W+18 of 99 characters \(18\.2%\)", table), table
+    (row,) = metrics_rows({"val": result.to_dict()})
+    assert row["unknown characters"] == 18 and row["unknown share"] == pytest.approx(0.1818)
 
 
 def test_crafted_pickle_is_refused_without_running_it(tmp_path):
