@@ -246,25 +246,15 @@ def _print_prepare(result: Any) -> None:
 
 
 def _run_config(preset_name: str, config_file: Path | None, overrides: list[str] | None, changes: dict[str, Any]):
-    from fundamentallm.config import RunConfig, load_config_file, parse_override
+    from fundamentallm.config import RunConfig, flatten, load_config_file, parse_override
     from fundamentallm.presets import preset
 
     config = preset(preset_name)
     if config_file:
-        config = config.with_overrides(_flatten(load_config_file(config_file)))
+        config = config.with_overrides(flatten(load_config_file(config_file)))
     items = dict(parse_override(item) for item in overrides or [])
     items.update({k: v for k, v in changes.items() if v is not None})
     return RunConfig.from_dict(config.with_overrides(items).to_dict())
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _print_eval(result: Any, title: str) -> None:

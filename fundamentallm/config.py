@@ -182,6 +182,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted-key form of a nested settings table, the form `Config.with_overrides` and
+    ``--set`` take: ``{"model": {"n_layer": 4}}`` becomes ``{"model.n_layer": 4}``.
+
+    Every value that is not a mapping (lists included) is a leaf; an empty table adds no key.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key=value`` from the command line; the value is JSON when it parses, else a string."""
     key, sep, raw = text.partition("=")
