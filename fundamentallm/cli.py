@@ -1,19 +1,23 @@
 """The `fundamentallm` command line.
 
-Commands import what they need when they run, so `fundamentallm --help` starts fast.
+Commands import what they need when they run, so `fundamentallm --help` starts fast; only
+the settings (`fundamentallm.config`, standard library only) are imported up front, because
+an option that is a setting takes its default and help from it (`_setting_option`).
 Errors caused by input or configuration are printed as one line (`error: ...`) with a
 non-zero exit status; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import inspect
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fundamentallm import __version__
+from fundamentallm.config import Config, DataConfig, RunConfig, SampleConfig
 from fundamentallm.errors import FundamentaLLMError
 
 _command_start = time.monotonic()
@@ -39,6 +44,55 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingOption:
+    """A command-line option that sets one setting: `key` (dotted, as --set takes it) of `config`."""
+
+    config: type[Config]
+    key: str
+    flags: tuple[str, ...]
+
+
+_UNSET_NOTE = {
+    DataConfig: "default: the --config file's, else {default}",
+    RunConfig: "default: the --config file's, else the preset's",
+}
+"""What an option of `prepare` / `train` that is left out means, appended to the setting's help."""
+
+
+def _describe(config: type[Config], key: str) -> tuple[Any, str]:
+    for name, _type, default, text in config.describe():
+        if name == key:
+            return default, text
+    raise KeyError(f"{config.__name__} has no setting {key!r}")
+
+
+def _setting_option(config: type[Config], key: str, *flags: str, note: str = "") -> Any:
+    """A typer option (used as a parameter default) for setting `key` of `config`: the help is the
+    setting's help, and the default the setting's default, except under `_UNSET_NOTE`'s configs,
+    whose options default to None ("not given") so they change the preset or file only when given.
+
+    The option carries its `SettingOption`, which `setting_options` reads back."""
+    default, text = _describe(config, key)
+    text += f" {note}" if note else ""
+    if config in _UNSET_NOTE:
+        text += f" ({_UNSET_NOTE[config].format(default=json.dumps(default))})"
+        default = None
+    option = typer.Option(default, *flags, help=text, show_default=default is not None)
+    option.fundamentallm_setting = SettingOption(config, key, flags)
+    return option
+
+
+def setting_options(command: Callable[..., Any]) -> dict[str, SettingOption]:
+    """Parameter name -> `SettingOption` for every option of a command function that is a setting."""
+    found = {}
+    for name, parameter in inspect.signature(command).parameters.items():
+        setting = getattr(parameter.default, "fundamentallm_setting", None)
+        if setting is not None:
+            found[name] = setting
+    return found
 
 
 def _version(value: bool) -> None:
@@ -159,30 +213,13 @@ def prepare(
         list[str] | None,
         typer.Option("--set", help="Override one setting, e.g. --set encode.shard_tokens=65536 (repeatable)."),
     ] = None,
-    include: Annotated[
-        list[str] | None, typer.Option("--include", help="Glob for files to read inside directories (repeatable).")
-    ] = None,
-    exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="Glob for files or directories to leave out (repeatable).")
-    ] = None,
-    encoding_policy: Annotated[
-        str | None,
-        typer.Option(
-            "--encoding-policy", help="Invalid UTF-8: strict (stop), replace (U+FFFD) or fallback (Windows-1252)."
-        ),
-    ] = None,
-    split: Annotated[
-        str | None,
-        typer.Option(
-            "--split", help="contiguous (first train fraction of characters to train) or hash (per document)."
-        ),
-    ] = None,
+    include: list[str] | None = _setting_option(DataConfig, "ingest.include", "--include", note="Repeatable."),
+    exclude: list[str] | None = _setting_option(DataConfig, "ingest.exclude", "--exclude", note="Repeatable."),
+    encoding_policy: str | None = _setting_option(DataConfig, "ingest.encoding_policy", "--encoding-policy"),
+    split: str | None = _setting_option(DataConfig, "encode.split", "--split"),
     splits: Annotated[str | None, typer.Option("--splits", help="TRAIN,VAL[,TEST] fractions, e.g. 0.9,0.1.")] = None,
-    context_length: Annotated[
-        int | None,
-        typer.Option("--context-length", help="Context the data must support (each split needs more characters)."),
-    ] = None,
-    shard_tokens: Annotated[int | None, typer.Option("--shard-tokens", help="Tokens per Parquet shard.")] = None,
+    context_length: int | None = _setting_option(DataConfig, "validation.context_length", "--context-length"),
+    shard_tokens: int | None = _setting_option(DataConfig, "encode.shard_tokens", "--shard-tokens"),
     data_docs: Annotated[
         bool, typer.Option(help="Write Great Expectations Data Docs (HTML) beside the JSON report.")
     ] = True,
@@ -304,20 +341,11 @@ def train(
             "follows elapsed time and is fully decayed at the end.",
         ),
     ] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps (0: no limit).")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="auto, fp32 or bf16.")] = None,
-    compile_model: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.", show_default=False)
-    ] = None,
-    processes: Annotated[
-        int | None,
-        typer.Option(
-            "--processes",
-            help="Train in this many processes (torchrun + DistributedDataParallel; gloo on CPU, NCCL on GPUs); "
-            "the global batch stays the same.",
-        ),
-    ] = None,
+    max_steps: int | None = _setting_option(RunConfig, "train.max_steps", "--max-steps"),
+    device: str | None = _setting_option(RunConfig, "train.device", "--device"),
+    precision: str | None = _setting_option(RunConfig, "train.precision", "--precision"),
+    compile_model: bool | None = _setting_option(RunConfig, "train.compile", "--compile/--no-compile"),
+    processes: int | None = _setting_option(RunConfig, "train.processes", "--processes"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest.pt.")] = False,
     evaluate_after: Annotated[
         bool, typer.Option("--eval/--no-eval", help="Evaluate the best checkpoint exactly on val at the end.")
@@ -412,19 +440,15 @@ def sample(
         ),
     ] = None,
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue (empty: start from a newline).")] = "",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Characters to generate.")] = 500,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 for greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely characters (0: all).")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus: keep characters up to this probability.")] = 1.0,
-    repetition_penalty: Annotated[
-        float, typer.Option("--repetition-penalty", help="1 is off; >1 avoids repeats.")
-    ] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples generated at once.")] = 1,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop a sample at this string (repeatable).")] = None,
-    unknown: Annotated[
-        str, typer.Option("--unknown", help="Prompt characters outside the vocabulary: error or unk (warn).")
-    ] = "error",
+    max_new_tokens: int = _setting_option(SampleConfig, "max_new_tokens", "--max-new-tokens", "-n"),
+    temperature: float = _setting_option(SampleConfig, "temperature", "--temperature", "-t"),
+    top_k: int = _setting_option(SampleConfig, "top_k", "--top-k"),
+    top_p: float = _setting_option(SampleConfig, "top_p", "--top-p"),
+    repetition_penalty: float = _setting_option(SampleConfig, "repetition_penalty", "--repetition-penalty"),
+    seed: int = _setting_option(SampleConfig, "seed", "--seed"),
+    num_samples: int = _setting_option(SampleConfig, "num_samples", "--num-samples"),
+    stop: list[str] = _setting_option(SampleConfig, "stop", "--stop", note="Repeatable."),
+    unknown: str = _setting_option(SampleConfig, "unknown", "--unknown"),
     interactive: Annotated[
         bool, typer.Option("--interactive", "-i", help="Keep a prompt loop open; ':help' lists settings.")
     ] = False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -9,10 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from conftest import prose
 from typer.testing import CliRunner
 
-from fundamentallm.cli import app
+from fundamentallm import cli
+from fundamentallm.cli import app, setting_options
+from fundamentallm.config import SampleConfig
 
 runner = CliRunner()
 
@@ -184,3 +188,58 @@ def test_error_messages_with_brackets_are_printed_as_they_are(tmp_path):
     result = prepare("--out", str(tmp_path / "o"), "--set", "encode.split=[1]")
     assert result.exit_code == 2
     assert "got [1]" in result.output
+
+
+def _commands() -> dict[str, tuple[typer.models.CommandInfo, object]]:
+    """Command name -> (its typer registration, its click command)."""
+    group = typer.main.get_command(app)
+    found = {}
+    for info in app.registered_commands:
+        name = info.name or info.callback.__name__.replace("_", "-")
+        found[name] = (info, group.commands[name])
+    return found
+
+
+def test_options_that_are_settings_take_their_default_and_help_from_the_setting():
+    declared = {name: setting_options(info.callback) for name, (info, _) in _commands().items()}
+    assert {s.key for s in declared["sample"].values()} == {f.name for f in dataclasses.fields(SampleConfig)}
+    assert {s.key for s in declared["train"].values()} == {
+        "train.max_steps",
+        "train.device",
+        "train.precision",
+        "train.compile",
+        "train.processes",
+    }
+    assert {s.key for s in declared["prepare"].values()} == {
+        "ingest.include",
+        "ingest.exclude",
+        "ingest.encoding_policy",
+        "encode.split",
+        "encode.shard_tokens",
+        "validation.context_length",
+    }
+    for command, settings in declared.items():
+        params = {p.name: p for p in _commands()[command][1].params}
+        for name, setting in settings.items():
+            default, text = next((d, t) for key, _, d, t in setting.config.describe() if key == setting.key)
+            option = params[name]
+            assert text and text in option.help, (command, name)
+            flags = {part for flag in setting.flags for part in flag.split("/")}  # --compile/--no-compile
+            assert flags == {*option.opts, *option.secondary_opts}, (command, name)
+            if command == "sample":  # the option's value is the setting's value
+                assert option.default == default, (command, name)
+            else:  # leaving the option out leaves the preset or settings file alone
+                assert option.default is None, (command, name)
+
+
+def test_sample_options_left_out_give_the_default_sampling_settings(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "_sampler", lambda checkpoint, device: None)
+    monkeypatch.setattr(cli, "_stream", lambda sampler, prompt, config: seen.append(config))
+    assert runner.invoke(app, ["sample", "model.pt"]).exit_code == 0
+    args = ["sample", "model.pt", "-n", "7", "-t", "0", "--top-k", "3", "--stop", "a", "--stop", "bc"]
+    assert runner.invoke(app, [*args, "--unknown", "unk"]).exit_code == 0
+    assert seen == [
+        SampleConfig(),
+        SampleConfig(max_new_tokens=7, temperature=0.0, top_k=3, stop=("a", "bc"), unknown="unk"),
+    ]
