@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fundamentallm import __version__
-from fundamentallm.config import Config, DataConfig, RunConfig, SampleConfig
+from fundamentallm.config import Config, DataConfig, RunConfig, SampleConfig, flatten
 from fundamentallm.errors import FundamentaLLMError
 
 _command_start = time.monotonic()
@@ -54,6 +54,9 @@ class SettingOption:
     key: str
     flags: tuple[str, ...]
 
+
+DEFAULT_PRESET = "cpu-small"
+"""The preset `train` starts from unless told otherwise."""
 
 _UNSET_NOTE = {
     DataConfig: "default: the --config file's, else {default}",
@@ -231,7 +234,7 @@ def prepare(
     Re-running with the same corpus and settings finds the finished dataset and does nothing.
     """
     with _user_errors():
-        from fundamentallm.config import DataConfig, load_config_file, parse_override
+        from fundamentallm.config import load_config_file, parse_override
         from fundamentallm.data.prepare import prepare as run_prepare
 
         config = DataConfig.from_dict(load_config_file(config_file)) if config_file else DataConfig()
@@ -283,7 +286,7 @@ def _print_prepare(result: Any) -> None:
 
 
 def _run_config(preset_name: str, config_file: Path | None, overrides: list[str] | None, changes: dict[str, Any]):
-    from fundamentallm.config import RunConfig, flatten, load_config_file, parse_override
+    from fundamentallm.config import load_config_file, parse_override
     from fundamentallm.presets import preset
 
     config = preset(preset_name)
@@ -326,7 +329,7 @@ def train(
     preset_name: Annotated[
         str,
         typer.Option("--preset", "-p", help="Starting configuration: debug, cpu-quick, cpu-small or shakespeare-gpu."),
-    ] = "cpu-small",
+    ] = DEFAULT_PRESET,
     config_file: Annotated[
         Path | None, typer.Option("--config", "-c", help="JSON or TOML file with model/train settings over the preset.")
     ] = None,
@@ -457,7 +460,6 @@ def sample(
     """Generate text from a checkpoint or a registered model, streaming characters as they come."""
     with _user_errors():
         from fundamentallm.errors import ConfigError
-        from fundamentallm.sample import SampleConfig
 
         if (checkpoint is None) == (model_uri is None):
             raise ConfigError("give either a checkpoint file or --model URI (not both)")
@@ -559,16 +561,64 @@ def corpora() -> None:
 
 
 @app.command("config")
-def show_config() -> None:
-    """List every data setting with its default and meaning (for --set and --config)."""
-    from fundamentallm.config import DataConfig
+def show_config(
+    preset_name: Annotated[
+        str, typer.Option("--preset", "-p", help="Preset whose values the training settings show.")
+    ] = DEFAULT_PRESET,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the settings as JSON.")] = False,
+) -> None:
+    """List every setting, by the command that takes it, with its type, default and meaning.
 
-    table = Table(show_header=True, header_style="bold")
-    for column in ("setting", "type", "default", "meaning"):
-        table.add_column(column, overflow="fold")
-    for name, type_name, default, text in DataConfig.describe():
-        table.add_row(name, type_name, json.dumps(default), text)
-    out.print(table)
+    prepare takes the data settings and train the model and training settings, in a --config
+    file or as --set KEY=VALUE; sample takes the sampling settings as options. An option that
+    sets one directly is shown under its name.
+    """
+    with _user_errors():
+        from fundamentallm.presets import preset
+
+        run_values = flatten(preset(preset_name).to_dict())
+    rows = [
+        *_setting_rows("prepare", DataConfig, prepare),
+        *_setting_rows("train", RunConfig, train, run_values),
+        *_setting_rows("sample", SampleConfig, sample),
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    titles = {
+        "prepare": "prepare: in a --config file or as --set KEY=VALUE",
+        "train": f"train: in a --config file or as --set KEY=VALUE (defaults: preset {preset_name})",
+        "sample": "sample: as options",
+    }
+    for command, title in titles.items():
+        table = Table(title=title, title_justify="left", show_header=True, header_style="bold")
+        table.add_column("setting", no_wrap=True)
+        for column in ("type", "default", "meaning"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            if row["command"] == command:
+                name = "\n".join([row["setting"], ", ".join(row["options"])]) if row["options"] else row["setting"]
+                table.add_row(name, row["type"], json.dumps(row["default"]), row["help"])
+        out.print(table)
+
+
+def _setting_rows(
+    command: str, config: type[Config], function: Callable[..., Any], values: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One row per setting of `config` for `fundamentallm config`, with the options of `function`
+    that set it; `values` (dotted key -> value, e.g. a preset's) replaces the class defaults."""
+    flags = {s.key: [f for flag in s.flags for f in flag.split("/")] for s in setting_options(function).values()}
+    return [
+        {
+            "command": command,
+            "setting": name,
+            "type": type_name,
+            "default": default if values is None else values[name],
+            "help": text,
+            "options": flags.get(name, []),
+        }
+        for name, type_name, default, text in config.describe()
+    ]
 
 
 def run() -> None:

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from fundamentallm import cli
 from fundamentallm.cli import app, setting_options
-from fundamentallm.config import SampleConfig
+from fundamentallm.config import DataConfig, RunConfig, SampleConfig
+from fundamentallm.presets import preset
 
 runner = CliRunner()
 
@@ -243,3 +244,26 @@ def test_sample_options_left_out_give_the_default_sampling_settings(monkeypatch)
         SampleConfig(),
         SampleConfig(max_new_tokens=7, temperature=0.0, top_k=3, stop=("a", "bc"), unknown="unk"),
     ]
+
+
+def test_config_lists_every_setting_a_user_can_set_and_which_command_takes_it():
+    table = runner.invoke(app, ["config"])
+    assert table.exit_code == 0, table.output
+    for name in ("encode.shard_tokens", "train.lr", "model.n_layer", "temperature", "--max-new-tokens"):
+        assert name in table.output
+
+    rows = json.loads(runner.invoke(app, ["config", "--json"]).output)
+    listed = {(row["command"], row["setting"]): row for row in rows}
+    assert {name for command, name in listed if command == "prepare"} == {n for n, *_ in DataConfig.describe()}
+    assert {name for command, name in listed if command == "train"} == {n for n, *_ in RunConfig.describe()}
+    assert {name for command, name in listed if command == "sample"} == {n for n, *_ in SampleConfig.describe()}
+    shard_tokens = listed["prepare", "encode.shard_tokens"]
+    assert shard_tokens["default"] == 1 << 24 and shard_tokens["options"] == ["--shard-tokens"]
+    assert shard_tokens["type"] == "int" and "Tokens per Parquet shard" in shard_tokens["help"]
+    assert listed["sample", "temperature"]["default"] == 0.8
+    assert listed["sample", "temperature"]["options"] == ["--temperature", "-t"]
+    assert listed["train", "train.lr"]["options"] == []  # --set train.lr=... only
+    # train starts from a preset: its values are the defaults, the `train` command's preset unless told
+    assert listed["train", "model.n_layer"]["default"] == preset("cpu-small").model.n_layer
+    debug = json.loads(runner.invoke(app, ["config", "--json", "--preset", "debug"]).output)
+    assert next(r for r in debug if r["setting"] == "model.n_layer")["default"] == preset("debug").model.n_layer == 2
