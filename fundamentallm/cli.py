@@ -1,19 +1,23 @@
 """The `fundamentallm` command line.
 
-Commands import what they need when they run, so `fundamentallm --help` starts fast.
+Commands import what they need when they run, so `fundamentallm --help` starts fast; only
+the settings (`fundamentallm.config`, standard library only) are imported up front, because
+an option that is a setting takes its default and help from it (`_setting_option`).
 Errors caused by input or configuration are printed as one line (`error: ...`) with a
 non-zero exit status; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import inspect
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fundamentallm import __version__
-from fundamentallm.config import DEFAULT_CONTEXT_LENGTH
+from fundamentallm.config import DEFAULT_CONTEXT_LENGTH, Config, DataConfig, RunConfig, SampleConfig, flatten
 from fundamentallm.errors import FundamentaLLMError
 
 _command_start = time.monotonic()
@@ -40,6 +44,58 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingOption:
+    """A command-line option that sets one setting: `key` (dotted, as --set takes it) of `config`."""
+
+    config: type[Config]
+    key: str
+    flags: tuple[str, ...]
+
+
+DEFAULT_PRESET = "cpu-small"
+"""The preset `train` starts from unless told otherwise."""
+
+_UNSET_NOTE = {
+    DataConfig: "default: the --config file's, else {default}",
+    RunConfig: "default: the --config file's, else the preset's",
+}
+"""What an option of `prepare` / `train` that is left out means, appended to the setting's help."""
+
+
+def _describe(config: type[Config], key: str) -> tuple[Any, str]:
+    for name, _type, default, text in config.describe():
+        if name == key:
+            return default, text
+    raise KeyError(f"{config.__name__} has no setting {key!r}")
+
+
+def _setting_option(config: type[Config], key: str, *flags: str, note: str = "") -> Any:
+    """A typer option (used as a parameter default) for setting `key` of `config`: the help is the
+    setting's help, and the default the setting's default, except under `_UNSET_NOTE`'s configs,
+    whose options default to None ("not given") so they change the preset or file only when given.
+
+    The option carries its `SettingOption`, which `setting_options` reads back."""
+    default, text = _describe(config, key)
+    text += f" {note}" if note else ""
+    if config in _UNSET_NOTE:
+        text += f" ({_UNSET_NOTE[config].format(default=json.dumps(default))})"
+        default = None
+    option = typer.Option(default, *flags, help=text, show_default=default is not None)
+    option.fundamentallm_setting = SettingOption(config, key, flags)
+    return option
+
+
+def setting_options(command: Callable[..., Any]) -> dict[str, SettingOption]:
+    """Parameter name -> `SettingOption` for every option of a command function that is a setting."""
+    found = {}
+    for name, parameter in inspect.signature(command).parameters.items():
+        setting = getattr(parameter.default, "fundamentallm_setting", None)
+        if setting is not None:
+            found[name] = setting
+    return found
 
 
 def _version(value: bool) -> None:
@@ -160,24 +216,10 @@ def prepare(
         list[str] | None,
         typer.Option("--set", help="Override one setting, e.g. --set encode.shard_tokens=65536 (repeatable)."),
     ] = None,
-    include: Annotated[
-        list[str] | None, typer.Option("--include", help="Glob for files to read inside directories (repeatable).")
-    ] = None,
-    exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="Glob for files or directories to leave out (repeatable).")
-    ] = None,
-    encoding_policy: Annotated[
-        str | None,
-        typer.Option(
-            "--encoding-policy", help="Invalid UTF-8: strict (stop), replace (U+FFFD) or fallback (Windows-1252)."
-        ),
-    ] = None,
-    split: Annotated[
-        str | None,
-        typer.Option(
-            "--split", help="contiguous (first train fraction of characters to train) or hash (per document)."
-        ),
-    ] = None,
+    include: list[str] | None = _setting_option(DataConfig, "ingest.include", "--include", note="Repeatable."),
+    exclude: list[str] | None = _setting_option(DataConfig, "ingest.exclude", "--exclude", note="Repeatable."),
+    encoding_policy: str | None = _setting_option(DataConfig, "ingest.encoding_policy", "--encoding-policy"),
+    split: str | None = _setting_option(DataConfig, "encode.split", "--split"),
     splits: Annotated[str | None, typer.Option("--splits", help="TRAIN,VAL[,TEST] fractions, e.g. 0.9,0.1.")] = None,
     context_length: Annotated[
         int,
@@ -186,7 +228,7 @@ def prepare(
             help="Context length the data must support: every split needs at least context_length + 1 characters.",
         ),
     ] = DEFAULT_CONTEXT_LENGTH,
-    shard_tokens: Annotated[int | None, typer.Option("--shard-tokens", help="Tokens per Parquet shard.")] = None,
+    shard_tokens: int | None = _setting_option(DataConfig, "encode.shard_tokens", "--shard-tokens"),
     data_docs: Annotated[
         bool, typer.Option(help="Write Great Expectations Data Docs (HTML) beside the JSON report.")
     ] = True,
@@ -198,7 +240,7 @@ def prepare(
     Re-running with the same corpus and settings finds the finished dataset and does nothing.
     """
     with _user_errors():
-        from fundamentallm.config import DataConfig, load_config_file, parse_override
+        from fundamentallm.config import load_config_file, parse_override
         from fundamentallm.data.prepare import prepare as run_prepare
 
         config = DataConfig.from_dict(load_config_file(config_file)) if config_file else DataConfig()
@@ -248,25 +290,15 @@ def _print_prepare(result: Any) -> None:
 
 
 def _run_config(preset_name: str, config_file: Path | None, overrides: list[str] | None, changes: dict[str, Any]):
-    from fundamentallm.config import RunConfig, load_config_file, parse_override
+    from fundamentallm.config import load_config_file, parse_override
     from fundamentallm.presets import preset
 
     config = preset(preset_name)
     if config_file:
-        config = config.with_overrides(_flatten(load_config_file(config_file)))
+        config = config.with_overrides(flatten(load_config_file(config_file)))
     items = dict(parse_override(item) for item in overrides or [])
     items.update({k: v for k, v in changes.items() if v is not None})
     return RunConfig.from_dict(config.with_overrides(items).to_dict())
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _print_eval(result: Any, title: str) -> None:
@@ -274,6 +306,11 @@ def _print_eval(result: Any, title: str) -> None:
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     table.add_row("loss", f"{result.loss:.4f} nats/char over {result.characters:,} characters ({result.split})")
+    table.add_row(
+        "unknown",
+        f"{result.unknown_characters:,} of {result.characters:,} characters ({100 * result.unknown_share:.3g}%) "
+        "outside the training vocabulary",
+    )
     table.add_row("perplexity", f"{result.perplexity:.3f}")
     table.add_row("bits/char", f"{result.bits_per_char:.4f}")
     table.add_row(
@@ -296,7 +333,7 @@ def train(
     preset_name: Annotated[
         str,
         typer.Option("--preset", "-p", help="Starting configuration: debug, cpu-quick, cpu-small or shakespeare-gpu."),
-    ] = "cpu-small",
+    ] = DEFAULT_PRESET,
     config_file: Annotated[
         Path | None, typer.Option("--config", "-c", help="JSON or TOML file with model/train settings over the preset.")
     ] = None,
@@ -311,20 +348,11 @@ def train(
             "follows elapsed time and is fully decayed at the end.",
         ),
     ] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps (0: no limit).")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="auto, fp32 or bf16.")] = None,
-    compile_model: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.", show_default=False)
-    ] = None,
-    processes: Annotated[
-        int | None,
-        typer.Option(
-            "--processes",
-            help="Train in this many processes (torchrun + DistributedDataParallel; gloo on CPU, NCCL on GPUs); "
-            "the global batch stays the same.",
-        ),
-    ] = None,
+    max_steps: int | None = _setting_option(RunConfig, "train.max_steps", "--max-steps"),
+    device: str | None = _setting_option(RunConfig, "train.device", "--device"),
+    precision: str | None = _setting_option(RunConfig, "train.precision", "--precision"),
+    compile_model: bool | None = _setting_option(RunConfig, "train.compile", "--compile/--no-compile"),
+    processes: int | None = _setting_option(RunConfig, "train.processes", "--processes"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest.pt.")] = False,
     evaluate_after: Annotated[
         bool, typer.Option("--eval/--no-eval", help="Evaluate the best checkpoint exactly on val at the end.")
@@ -373,7 +401,8 @@ def evaluate(
     dataset: Annotated[str, typer.Argument(help="Dataset directory the model was trained on, or its fsspec URL.")],
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "val",
     stride: Annotated[
-        int | None, typer.Option("--stride", help="Sliding-window stride (default: half the context).")
+        int | None,
+        typer.Option("--stride", help="Sliding-window stride, 1 to the context length (default: half the context)."),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -406,19 +435,15 @@ def sample(
         ),
     ] = None,
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue (empty: start from a newline).")] = "",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Characters to generate.")] = 500,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 for greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely characters (0: all).")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus: keep characters up to this probability.")] = 1.0,
-    repetition_penalty: Annotated[
-        float, typer.Option("--repetition-penalty", help="1 is off; >1 avoids repeats.")
-    ] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples generated at once.")] = 1,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop a sample at this string (repeatable).")] = None,
-    unknown: Annotated[
-        str, typer.Option("--unknown", help="Prompt characters outside the vocabulary: error or unk (warn).")
-    ] = "error",
+    max_new_tokens: int = _setting_option(SampleConfig, "max_new_tokens", "--max-new-tokens", "-n"),
+    temperature: float = _setting_option(SampleConfig, "temperature", "--temperature", "-t"),
+    top_k: int = _setting_option(SampleConfig, "top_k", "--top-k"),
+    top_p: float = _setting_option(SampleConfig, "top_p", "--top-p"),
+    repetition_penalty: float = _setting_option(SampleConfig, "repetition_penalty", "--repetition-penalty"),
+    seed: int = _setting_option(SampleConfig, "seed", "--seed"),
+    num_samples: int = _setting_option(SampleConfig, "num_samples", "--num-samples"),
+    stop: list[str] = _setting_option(SampleConfig, "stop", "--stop", note="Repeatable."),
+    unknown: str = _setting_option(SampleConfig, "unknown", "--unknown"),
     interactive: Annotated[
         bool, typer.Option("--interactive", "-i", help="Keep a prompt loop open; ':help' lists settings.")
     ] = False,
@@ -427,7 +452,6 @@ def sample(
     """Generate text from a checkpoint or a registered model, streaming characters as they come."""
     with _user_errors():
         from fundamentallm.errors import ConfigError
-        from fundamentallm.sample import SampleConfig
 
         if (checkpoint is None) == (model_uri is None):
             raise ConfigError("give either a checkpoint file or --model URI (not both)")
@@ -529,16 +553,64 @@ def corpora() -> None:
 
 
 @app.command("config")
-def show_config() -> None:
-    """List every data setting with its default and meaning (for --set and --config)."""
-    from fundamentallm.config import DataConfig
+def show_config(
+    preset_name: Annotated[
+        str, typer.Option("--preset", "-p", help="Preset whose values the training settings show.")
+    ] = DEFAULT_PRESET,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the settings as JSON.")] = False,
+) -> None:
+    """List every setting, by the command that takes it, with its type, default and meaning.
 
-    table = Table(show_header=True, header_style="bold")
-    for column in ("setting", "type", "default", "meaning"):
-        table.add_column(column, overflow="fold")
-    for name, type_name, default, text in DataConfig.describe():
-        table.add_row(name, type_name, json.dumps(default), text)
-    out.print(table)
+    prepare takes the data settings and train the model and training settings, in a --config
+    file or as --set KEY=VALUE; sample takes the sampling settings as options. An option that
+    sets one directly is shown under its name.
+    """
+    with _user_errors():
+        from fundamentallm.presets import preset
+
+        run_values = flatten(preset(preset_name).to_dict())
+    rows = [
+        *_setting_rows("prepare", DataConfig, prepare),
+        *_setting_rows("train", RunConfig, train, run_values),
+        *_setting_rows("sample", SampleConfig, sample),
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    titles = {
+        "prepare": "prepare: in a --config file or as --set KEY=VALUE",
+        "train": f"train: in a --config file or as --set KEY=VALUE (defaults: preset {preset_name})",
+        "sample": "sample: as options",
+    }
+    for command, title in titles.items():
+        table = Table(title=title, title_justify="left", show_header=True, header_style="bold")
+        table.add_column("setting", no_wrap=True)
+        for column in ("type", "default", "meaning"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            if row["command"] == command:
+                name = "\n".join([row["setting"], ", ".join(row["options"])]) if row["options"] else row["setting"]
+                table.add_row(name, row["type"], json.dumps(row["default"]), row["help"])
+        out.print(table)
+
+
+def _setting_rows(
+    command: str, config: type[Config], function: Callable[..., Any], values: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One row per setting of `config` for `fundamentallm config`, with the options of `function`
+    that set it; `values` (dotted key -> value, e.g. a preset's) replaces the class defaults."""
+    flags = {s.key: [f for flag in s.flags for f in flag.split("/")] for s in setting_options(function).values()}
+    return [
+        {
+            "command": command,
+            "setting": name,
+            "type": type_name,
+            "default": default if values is None else values[name],
+            "help": text,
+            "options": flags.get(name, []),
+        }
+        for name, type_name, default, text in config.describe()
+    ]
 
 
 def run() -> None:

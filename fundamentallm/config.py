@@ -202,6 +202,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted-key form of a nested settings table, the form `Config.with_overrides` and
+    ``--set`` take: ``{"model": {"n_layer": 4}}`` becomes ``{"model.n_layer": 4}``.
+
+    Every value that is not a mapping (lists included) is a leaf; an empty table adds no key.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key=value`` from the command line; the value is JSON when it parses, else a string."""
     key, sep, raw = text.partition("=")
@@ -498,6 +513,10 @@ class RunConfig(Config):
 
 # Sampling ---------------------------------------------------------------------------------
 
+MIN_TEMPERATURE = 1e-6
+"""Smallest positive temperature: sampling divides float32 logits by it, and a smaller one
+(1e-45 rounds to a float32 denormal) turns them into infinities and the softmax into NaN."""
+
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig(Config):
@@ -520,6 +539,8 @@ class SampleConfig(Config):
             self._fail("max_new_tokens", "must not be negative")
         if self.temperature < 0:
             self._fail("temperature", "must not be negative")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self._fail("temperature", f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
         if self.top_k < 0:
             self._fail("top_k", "must not be negative")
         if not 0.0 < self.top_p <= 1.0:

@@ -9,6 +9,11 @@ window is aligned to the end of the split). The figures are sums over all scored
 characters: loss = total nats / characters, perplexity = exp(loss),
 bits per character = loss / ln 2.
 
+A character the training split never held is scored as the unknown id (`UNK_ID`): the
+model can predict "something unknown" but not which character. How many scored characters
+that was, and their share, are reported beside the figures, which they make look better
+than they are when the share is large.
+
 Two baselines on the same split put the figure in perspective: the uniform model (log2 of
 the vocabulary size) and the unigram entropy (the split's own character frequencies; no
 model that ignores context can beat it on this split).
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 
 from fundamentallm.checkpoint import load_checkpoint
 from fundamentallm.data.dataset import Dataset
+from fundamentallm.data.vocab import UNK_ID
 from fundamentallm.errors import CheckpointError, ConfigError
 from fundamentallm.progress import Progress, null_progress
 from fundamentallm.runtime import Precision, resolve_device, resolve_precision
@@ -39,6 +45,10 @@ LN2 = math.log(2.0)
 class EvalResult:
     split: str
     characters: int
+    unknown_characters: int
+    """Scored characters whose target is the unknown id (outside the training vocabulary)."""
+    unknown_share: float
+    """unknown_characters / characters."""
     total_nats: float
     loss: float
     perplexity: float
@@ -87,6 +97,12 @@ def window_plan(n: int, context: int, stride: int) -> list[tuple[int, int]]:
     return plan
 
 
+def check_stride(stride: int, context: int) -> None:
+    """Refuse a stride the sliding window cannot use: it must be in 1..context."""
+    if not 1 <= stride <= context:
+        raise ConfigError(f"stride must be between 1 and the context length {context}; got {stride}")
+
+
 @torch.no_grad()
 def score_tokens(
     model: torch.nn.Module,
@@ -104,8 +120,7 @@ def score_tokens(
     precision = precision or Precision("fp32", None)
     if len(tokens) < 2:
         raise ConfigError("a split needs at least two characters to be scored")
-    if not 1 <= stride <= context:
-        raise ConfigError(f"stride must be between 1 and the context length {context}; got {stride}")
+    check_stride(stride, context)
     model.eval()
     data = torch.from_numpy(tokens.astype(np.int64, copy=False))
     plan = window_plan(len(tokens), context, stride)
@@ -143,7 +158,10 @@ def evaluate(
     precision: str = "auto",
     progress: Progress = null_progress,
 ) -> EvalResult:
-    """Exact figures of a checkpoint on one split of a dataset (default stride: half the context)."""
+    """Exact figures of a checkpoint on one split of a dataset.
+
+    `stride` None means half the context; any other value must be in 1..context (`ConfigError`).
+    """
     started = time.perf_counter()
     data = Dataset(dataset)
     ckpt = load_checkpoint(checkpoint)
@@ -155,7 +173,9 @@ def evaluate(
     torch_device = resolve_device(device)
     model = ckpt.build_model(torch_device)
     context = ckpt.config.model.context_length
-    stride = stride or max(1, context // 2)
+    if stride is None:
+        stride = max(1, context // 2)
+    check_stride(stride, context)  # before reading the split
     tokens = data.tokens(split)
     total, count = score_tokens(
         model,
@@ -168,9 +188,12 @@ def evaluate(
         progress=progress,
     )
     loss, perplexity, bpc = metrics_from_sums(total, count)
+    unknown = int(np.count_nonzero(tokens[1:] == UNK_ID))  # the scored targets: all but the first
     return EvalResult(
         split=split,
         characters=count,
+        unknown_characters=unknown,
+        unknown_share=unknown / count,
         total_nats=total,
         loss=loss,
         perplexity=perplexity,

@@ -7,10 +7,11 @@ Parameters (all optional): ``max_new_tokens``, ``temperature``, ``top_k``, ``top
 ``seed``. Requests are bounded: at most `MAX_PROMPTS` prompts of `MAX_PROMPT_CHARS`
 characters and `MAX_NEW_TOKENS` new characters each, `MAX_REQUEST_NEW_TOKENS` in all; a
 request beyond them, or with a parameter that is not a number, out of range (a seed beyond
-64 bits, a temperature between 0 and `MIN_TEMPERATURE`, where float32 sampling would divide
-by zero) or refused by `SampleConfig`, is refused with a message naming the parameter (HTTP 400 when served)
-rather than run out of memory or fail inside the sampler. The checkpoint is loaded on the
-CPU (a model trained on a GPU samples anywhere) with ``weights_only=True``.
+64 bits) or refused by `SampleConfig` (a temperature between 0 and `MIN_TEMPERATURE`, where
+float32 sampling would divide by zero, among others), is refused with a message naming the
+parameter (HTTP 400 when served) rather than run out of memory or fail inside the sampler.
+The checkpoint is loaded on the CPU (a model trained on a GPU samples anywhere) with
+``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from typing import Any
 import mlflow
 from mlflow.pyfunc import PythonModel
 
+from fundamentallm.config import MIN_TEMPERATURE as MIN_TEMPERATURE  # the bound SampleConfig enforces
+
 MAX_PROMPTS = 64
 MAX_PROMPT_CHARS = 8192
 MAX_NEW_TOKENS = 4096
 MAX_REQUEST_NEW_TOKENS = 8192
 """Characters generated for one request, all prompts together: keeps a request inside the
 serving timeout (60 s by default) for models of a few million parameters on a CPU."""
-MIN_TEMPERATURE = 1e-6
 
 DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0}
 
@@ -88,8 +90,6 @@ class CharLanguageModel(PythonModel):
                 f"{MAX_REQUEST_NEW_TOKENS} characters one request may generate; split the request"
             )
         temperature = _number(settings, "temperature", float)
-        if 0 < temperature < MIN_TEMPERATURE:
-            raise _refuse(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}; got {temperature!r}")
         seed = _number(settings, "seed", int)
         if not -(2**63) <= seed < 2**64:
             raise _refuse(f"seed must be a 64-bit integer; got {seed}")

@@ -43,13 +43,16 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "tr
 
 
 def metrics_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per split: loss, perplexity and bits per character beside the baselines."""
+    """One row per split: loss, perplexity and bits per character beside the baselines, and
+    how many scored characters were outside the training vocabulary."""
     rows = []
     for split, r in results.items():
         rows.append(
             {
                 "split": split,
                 "characters": r["characters"],
+                "unknown characters": r["unknown_characters"],
+                "unknown share": round(r["unknown_share"], 4),
                 "loss (nats/char)": round(r["loss"], 4),
                 "perplexity": round(r["perplexity"], 3),
                 "bits/char": round(r["bits_per_char"], 4),

@@ -88,8 +88,10 @@ class Sampler:
     def stream(self, prompt: str, config: SampleConfig) -> Iterator[list[str]]:
         """Yield, at each step, the new text of every sample ('' where there is none).
 
-        Text that could be the start of a stop string is held back until it is clear that
-        it is not, so a consumer never prints part of a stop string.
+        A sample ends as soon as one of the stop strings has been generated; where several end
+        on the same character, the text is cut where the earliest of them starts. Text that
+        could be the start of a stop string is held back until it is clear that it is not, so
+        a consumer never prints part of a stop string.
         """
         prompt_ids = self.encode_prompt(prompt, config.unknown)
         B = config.num_samples
@@ -126,11 +128,12 @@ class Sampler:
                     continue
                 texts[b] += new_chars[b]
                 end = len(texts[b]) - _held_back(texts[b], config.stop)
-                for stop in config.stop:
-                    at = texts[b].find(stop, max(0, len(texts[b]) - len(stop)))
-                    if at >= 0:
-                        texts[b], end, done[b] = texts[b][:at], at, True
-                        break
+                # A stop string can only have just ended here (earlier ones ended the sample); of those
+                # ending on this character, the one starting first wins, whatever its place in the list.
+                starts = [len(texts[b]) - len(stop) for stop in config.stop if texts[b].endswith(stop)]
+                if starts:
+                    end = min(starts)
+                    texts[b], done[b] = texts[b][:end], True
                 out[b] = texts[b][emitted[b] : end]
                 emitted[b] = end
             yield out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -9,10 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from conftest import prose
 from typer.testing import CliRunner
 
-from fundamentallm.cli import app
+from fundamentallm import cli
+from fundamentallm.cli import app, setting_options
+from fundamentallm.config import DataConfig, RunConfig, SampleConfig
+from fundamentallm.presets import preset
 
 runner = CliRunner()
 
@@ -184,3 +189,80 @@ def test_error_messages_with_brackets_are_printed_as_they_are(tmp_path):
     result = prepare("--out", str(tmp_path / "o"), "--set", "encode.split=[1]")
     assert result.exit_code == 2
     assert "got [1]" in result.output
+
+
+def _commands() -> dict[str, tuple[typer.models.CommandInfo, object]]:
+    """Command name -> (its typer registration, its click command)."""
+    group = typer.main.get_command(app)
+    found = {}
+    for info in app.registered_commands:
+        name = info.name or info.callback.__name__.replace("_", "-")
+        found[name] = (info, group.commands[name])
+    return found
+
+
+def test_options_that_are_settings_take_their_default_and_help_from_the_setting():
+    declared = {name: setting_options(info.callback) for name, (info, _) in _commands().items()}
+    assert {s.key for s in declared["sample"].values()} == {f.name for f in dataclasses.fields(SampleConfig)}
+    assert {s.key for s in declared["train"].values()} == {
+        "train.max_steps",
+        "train.device",
+        "train.precision",
+        "train.compile",
+        "train.processes",
+    }
+    assert {s.key for s in declared["prepare"].values()} == {
+        "ingest.include",
+        "ingest.exclude",
+        "ingest.encoding_policy",
+        "encode.split",
+        "encode.shard_tokens",
+    }
+    for command, settings in declared.items():
+        params = {p.name: p for p in _commands()[command][1].params}
+        for name, setting in settings.items():
+            default, text = next((d, t) for key, _, d, t in setting.config.describe() if key == setting.key)
+            option = params[name]
+            assert text and text in option.help, (command, name)
+            flags = {part for flag in setting.flags for part in flag.split("/")}  # --compile/--no-compile
+            assert flags == {*option.opts, *option.secondary_opts}, (command, name)
+            if command == "sample":  # the option's value is the setting's value
+                assert option.default == default, (command, name)
+            else:  # leaving the option out leaves the preset or settings file alone
+                assert option.default is None, (command, name)
+
+
+def test_sample_options_left_out_give_the_default_sampling_settings(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "_sampler", lambda checkpoint, device: None)
+    monkeypatch.setattr(cli, "_stream", lambda sampler, prompt, config: seen.append(config))
+    assert runner.invoke(app, ["sample", "model.pt"]).exit_code == 0
+    args = ["sample", "model.pt", "-n", "7", "-t", "0", "--top-k", "3", "--stop", "a", "--stop", "bc"]
+    assert runner.invoke(app, [*args, "--unknown", "unk"]).exit_code == 0
+    assert seen == [
+        SampleConfig(),
+        SampleConfig(max_new_tokens=7, temperature=0.0, top_k=3, stop=("a", "bc"), unknown="unk"),
+    ]
+
+
+def test_config_lists_every_setting_a_user_can_set_and_which_command_takes_it():
+    table = runner.invoke(app, ["config"])
+    assert table.exit_code == 0, table.output
+    for name in ("encode.shard_tokens", "train.lr", "model.n_layer", "temperature", "--max-new-tokens"):
+        assert name in table.output
+
+    rows = json.loads(runner.invoke(app, ["config", "--json"]).output)
+    listed = {(row["command"], row["setting"]): row for row in rows}
+    assert {name for command, name in listed if command == "prepare"} == {n for n, *_ in DataConfig.describe()}
+    assert {name for command, name in listed if command == "train"} == {n for n, *_ in RunConfig.describe()}
+    assert {name for command, name in listed if command == "sample"} == {n for n, *_ in SampleConfig.describe()}
+    shard_tokens = listed["prepare", "encode.shard_tokens"]
+    assert shard_tokens["default"] == 1 << 24 and shard_tokens["options"] == ["--shard-tokens"]
+    assert shard_tokens["type"] == "int" and "Tokens per Parquet shard" in shard_tokens["help"]
+    assert listed["sample", "temperature"]["default"] == 0.8
+    assert listed["sample", "temperature"]["options"] == ["--temperature", "-t"]
+    assert listed["train", "train.lr"]["options"] == []  # --set train.lr=... only
+    # train starts from a preset: its values are the defaults, the `train` command's preset unless told
+    assert listed["train", "model.n_layer"]["default"] == preset("cpu-small").model.n_layer
+    debug = json.loads(runner.invoke(app, ["config", "--json", "--preset", "debug"]).output)
+    assert next(r for r in debug if r["setting"] == "model.n_layer")["default"] == preset("debug").model.n_layer == 2

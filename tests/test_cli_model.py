@@ -69,6 +69,27 @@ def test_sample_command(trained):
     assert bad.exit_code == 1 and "not in the vocabulary" in bad.output
 
 
+def _one_error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in output, output
+    return lines[0]
+
+
+def test_sample_refuses_a_temperature_too_small_to_sample_with(trained):
+    run, _ = trained
+    result = runner.invoke(app, ["sample", str(run / "best.pt"), "-n", "5", "--temperature", "1e-45"])
+    assert result.exit_code == 2
+    assert "SampleConfig.temperature must be 0 (greedy)" in _one_error_line(result.output)
+
+
+@pytest.mark.parametrize("stride", ["0", "-4", "33"])
+def test_evaluate_refuses_a_stride_outside_one_to_the_context(trained, tiny_dataset, stride):
+    run, _ = trained
+    result = runner.invoke(app, ["evaluate", str(run / "best.pt"), str(tiny_dataset), "--stride", stride])
+    assert result.exit_code == 2
+    assert f"stride must be between 1 and the context length 32; got {stride}" in _one_error_line(result.output)
+
+
 def test_interactive_sampling(trained):
     run, _ = trained
     session = ":temperature 0\n:max_new_tokens 15\nthe \n:top_k x\n:nonsense 1\n:quit\n"

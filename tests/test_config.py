@@ -8,6 +8,7 @@ from fundamentallm.config import (
     EncodeConfig,
     IngestConfig,
     ValidationConfig,
+    flatten,
     load_config_file,
     parse_override,
 )
@@ -78,6 +79,13 @@ def test_dotted_overrides():
         DataConfig().with_overrides({"encode.nope": 1})
     with pytest.raises(ConfigError, match="unknown setting"):
         DataConfig().with_overrides({"nope.shard_tokens": 1})
+
+
+def test_flatten_gives_the_dotted_keys_overrides_take():
+    nested = {"encode": {"shard_tokens": 99, "split": "hash"}, "ingest": {"sources": ["a"]}, "validation": {}}
+    flat = flatten(nested)
+    assert flat == {"encode.shard_tokens": 99, "encode.split": "hash", "ingest.sources": ["a"]}
+    assert DataConfig().with_overrides(flat) == DataConfig.from_dict(nested)
 
 
 def test_digest_tracks_content():

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
+import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import debug_config, prose
+from typer.testing import CliRunner
 
 from fundamentallm.checkpoint import load_checkpoint
+from fundamentallm.cli import app
 from fundamentallm.config import EncodeConfig, IngestConfig, ModelConfig
 from fundamentallm.data.encode import encode
 from fundamentallm.data.ingest import ingest
-from fundamentallm.errors import CheckpointError
+from fundamentallm.errors import CheckpointError, ConfigError
 from fundamentallm.evaluate import evaluate, metrics_from_sums, score_tokens, unigram_bits, window_plan
 from fundamentallm.model import CharTransformer
+from fundamentallm.report import metrics_rows
 from fundamentallm.train import train
+
+runner = CliRunner()
 
 
 def test_metric_arithmetic():
@@ -69,6 +76,55 @@ def test_evaluate_refuses_a_checkpoint_from_another_vocabulary(tiny_dataset, tmp
         evaluate(result.best_checkpoint, other.path, "val")
     with pytest.raises(CheckpointError, match="trained with vocabulary"):
         train(other.path, debug_config(max_steps=10), tmp_path / "run", resume=True)
+
+
+VAL_TEXT = ("0" + "the sea 12 and 345 war, the king 6789 speaks. " * 3)[:100]
+"""The validation split of `unknown_run`: digits, which the training split never holds, so the
+vocabulary does not either; the first one opens the split and is not scored."""
+
+
+@pytest.fixture(scope="module")
+def unknown_run(tmp_path_factory) -> tuple[str, str]:
+    """(dataset, best checkpoint): a 1,000-character corpus whose last 100 characters, the
+    validation split (90/10, no test split), are `VAL_TEXT`."""
+    root = tmp_path_factory.mktemp("unknown")
+    (root / "corpus").mkdir()
+    (root / "corpus" / "a.txt").write_text(prose(7, 400)[:900] + VAL_TEXT, encoding="utf-8")
+    docs = ingest(IngestConfig(sources=(str(root / "corpus"),)), root / "out")
+    dataset = encode(docs.path, EncodeConfig(train_fraction=0.9, val_fraction=0.1, test_fraction=0.0), root / "out")
+    run = train(dataset.path, debug_config(max_steps=5), root / "run")
+    return dataset.path, run.best_checkpoint
+
+
+@pytest.mark.parametrize("stride", [0, -1, 33])
+def test_a_stride_outside_one_to_the_context_is_refused(unknown_run, stride):
+    dataset, checkpoint = unknown_run
+    with pytest.raises(ConfigError, match=rf"stride must be between 1 and the context length 32; got {stride}"):
+        evaluate(checkpoint, dataset, "val", stride=stride)
+
+
+def test_the_default_stride_is_half_the_context(unknown_run):
+    dataset, checkpoint = unknown_run
+    assert evaluate(checkpoint, dataset, "val").stride == 16
+    assert evaluate(checkpoint, dataset, "val", stride=32).stride == 32
+
+
+def test_characters_outside_the_training_vocabulary_are_counted_where_they_are_scored(unknown_run):
+    dataset, checkpoint = unknown_run
+    scored = VAL_TEXT[1:]  # the opening "0" is only context
+    unknown = sum(c.isdigit() for c in scored)
+    result = evaluate(checkpoint, dataset, "val")
+    assert result.characters == len(scored) == 99
+    assert result.unknown_characters == unknown == 18
+    assert result.unknown_share == pytest.approx(18 / 99)
+    assert evaluate(checkpoint, dataset, "train").unknown_characters == 0
+
+    figures = json.loads(runner.invoke(app, ["evaluate", checkpoint, dataset, "--json"]).output)
+    assert figures["unknown_characters"] == 18 and figures["unknown_share"] == pytest.approx(18 / 99)
+    table = runner.invoke(app, ["evaluate", checkpoint, dataset]).output
+    assert re.search(r"unknown\W+18 of 99 characters \(18\.2%\)", table), table
+    (row,) = metrics_rows({"val": result.to_dict()})
+    assert row["unknown characters"] == 18 and row["unknown share"] == pytest.approx(0.1818)
 
 
 def test_crafted_pickle_is_refused_without_running_it(tmp_path):

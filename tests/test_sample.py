@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from fundamentallm.config import ModelConfig
+from fundamentallm.config import MIN_TEMPERATURE, ModelConfig
 from fundamentallm.data.vocab import Vocab
-from fundamentallm.errors import DatasetError
+from fundamentallm.errors import ConfigError, DatasetError
 from fundamentallm.model import CharTransformer
 from fundamentallm.sample import SampleConfig, Sampler, apply_repetition_penalty, filter_logits
 
@@ -66,6 +66,38 @@ def test_stop_strings_end_samples_and_are_never_streamed(sampler):
     assert all(stop not in p for p in pieces)
 
 
+class Scripted(torch.nn.Module):
+    """A stand-in model that generates a fixed text: at each position, all the probability on
+    the script's next character (after the one-character start of an empty prompt)."""
+
+    def __init__(self, script: str):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=VOCAB.size, context_length=64)
+        self.script = VOCAB.encode(script).tolist()
+
+    def forward(self, ids, targets=None, caches=None):
+        logits = torch.zeros(ids.shape[0], ids.shape[1], VOCAB.size)
+        logits[:, -1, self.script[ids.shape[1] - 1]] = 1.0
+        return logits, None
+
+
+@pytest.mark.parametrize(
+    ("script", "stop", "expected"),
+    [
+        ("xxab.....", ("b", "xab"), "x"),  # both end on the same character: the earlier start wins
+        ("xxab.....", ("xab", "b"), "x"),  # whatever their order in the list
+        ("xxab.....", ("ab", "b"), "xx"),
+        ("axbab....", ("ab", "q"), "axb"),  # a start of a stop string that did not go on is printed
+        ("xyz......", ("b",), "xyz......"),  # no stop string: everything, held-back text included
+    ],
+)
+def test_the_earliest_stop_string_wins_and_no_part_of_it_is_printed(script, stop, expected):
+    sampler = Sampler(Scripted(script), VOCAB, use_cache=False)
+    config = SampleConfig(max_new_tokens=len(script), temperature=0.0, stop=stop)
+    assert sampler.generate("", config) == [expected]
+    assert "".join(step[0] for step in sampler.stream("", config)) == expected
+
+
 def test_unknown_prompt_characters(sampler, caplog):
     with pytest.raises(DatasetError, match="not in the vocabulary: 'Q'"):
         sampler.generate("Quit", SampleConfig(max_new_tokens=5))
@@ -97,3 +129,15 @@ def test_sample_config_checks():
         SampleConfig(top_p=0.0)
     with pytest.raises(Exception, match="stop strings must not be empty"):
         SampleConfig(stop=("",))
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-7])
+def test_a_temperature_too_small_to_sample_with_is_refused_by_the_config(temperature):
+    with pytest.raises(ConfigError, match=r"SampleConfig\.temperature must be 0 \(greedy\) or at least 1e-06"):
+        SampleConfig(temperature=temperature)
+    assert SampleConfig(temperature=MIN_TEMPERATURE).temperature == MIN_TEMPERATURE
+
+
+def test_the_smallest_temperature_allowed_samples(sampler):
+    text = sampler.generate("the", SampleConfig(max_new_tokens=10, temperature=MIN_TEMPERATURE))
+    assert text == sampler.generate("the", SampleConfig(max_new_tokens=10, temperature=0.0))
