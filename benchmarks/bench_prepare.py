@@ -123,7 +123,6 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
     results = []
     base = {
-        "validation": {"context_length": 256},
         "encode": {"train_fraction": 0.9, "val_fraction": 0.1, "test_fraction": 0.0},
     }
     size = args.shakespeare.stat().st_size

@@ -80,7 +80,7 @@ def train_and_register(
     is), else ``models:/<name>/<version>``."""
     from fundamentallm.presets import preset as make_preset
     from fundamentallm.registry import log_model, register
-    from fundamentallm.tracking import client, end_run, start_run
+    from fundamentallm.tracking import tracked_run
     from fundamentallm.train import train
 
     config = make_preset(preset)
@@ -94,24 +94,16 @@ def train_and_register(
         )
     )
     result = train(dataset, config, run_dir)
-    run_id = start_run(experiment, f"{name}-{preset}-{steps}", {"purpose": "serving benchmark"})
-    failure = None
-    try:
-        log_model(client(), run_id, result.best_checkpoint, "The ")
+    with tracked_run(experiment, f"{name}-{preset}-{steps}", {"purpose": "serving benchmark"}) as tracker:
+        log_model(tracker, result.best_checkpoint, "The ")
         record = register(
-            client(),
-            run_id,
+            tracker,
             name,
             val_bpc=result.best_val_loss / math.log(2),
             dataset_id=Path(dataset).name,
             tags={"preset": preset},
             description=f"{preset}, {steps} steps, for the serving benchmark",
         )
-    except BaseException as exc:
-        failure = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        end_run(run_id, failure)
     if not record.champion:
         return record.model_uri
     return f"models:/{name}@champion"

@@ -1,28 +1,59 @@
-"""The training pipeline's configuration and its stages after encoding, as plain functions.
+"""The training pipeline's rules and stages, as plain functions the Prefect flow wires together.
 
-The Prefect flow (`flows/train_pipeline.py`) wires these with the data-stage functions:
-ingest -> validate -> encode -> train -> evaluate -> sample -> register. Each stage takes
-and returns small records (paths, hashes, counts, metrics), never tensors or tables, and
-logs through a `fundamentallm.tracking.Tracker`.
+ingest -> validate -> encode -> train -> evaluate -> sample -> register. What the flow
+(`flows/train_pipeline.py`) does is call one task per stage and show artifacts; everything it
+decides lives here, where a test reaches it without Prefect:
+
+- `PipelineConfig`, the flow's parameters, and `plan_run`, which derives from it, once, what the
+  stages are given: the training settings, the fewest characters a split needs (the same figure
+  for validation and encoding, from the model's context), where data and runs go, the training
+  task's time limit, the MLflow run's tags and params;
+- one function per stage after encoding (`train_stage`, `evaluate_stage`, `sample_stage`,
+  `register_stage`) and `log_lineage` for what the data stage produced; each takes and returns
+  small frozen records (paths, hashes, counts, metrics), never tensors or tables, and logs
+  through a `fundamentallm.tracking.Tracker`;
+- `PipelineSummary`, what a run returns, and `run_locally`, the one-shot command line
+  (``python -m flows.train_pipeline``) that parses its flags, runs the flow and prints the summary.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from fundamentallm.config import Config, DataConfig, RunConfig, SampleConfig, parse_override, setting
+from fundamentallm import storage
+from fundamentallm.config import (
+    Config,
+    DataConfig,
+    RunConfig,
+    SampleConfig,
+    min_split_tokens,
+    parse_override,
+    setting,
+)
 from fundamentallm.errors import ConfigError
 from fundamentallm.presets import PRESETS, preset
-from fundamentallm.tracking import NullTracker, Tracker
+from fundamentallm.registry import RegistrationRecord
+from fundamentallm.rundir import CONFIG, RunDir
+from fundamentallm.tracking import NullTracker, Tracker, browse_lines, git_commit, store_description
+
+if TYPE_CHECKING:  # torch comes with them: the flow module stays quick to import
+    from fundamentallm.evaluate import EvalResult
+    from fundamentallm.train import TrainResult
 
 PresetName = Literal["debug", "cpu-quick", "cpu-small", "shakespeare-gpu"]
 if set(PresetName.__args__) != set(PRESETS):  # type: ignore[attr-defined]
     raise ImportError("PresetName is out of step with fundamentallm.presets.PRESETS")
+
+PIPELINE_SAMPLE = SampleConfig(max_new_tokens=300, num_samples=2, temperature=0.8)
+"""How the pipeline samples after training, unless told otherwise."""
+
+EVAL_SPLITS = ("val", "test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +65,7 @@ class PipelineConfig(Config):
         (), "Settings over the preset, as 'key=value': e.g. 'train.max_steps=500', 'model.n_layer=2'."
     )
     data: DataConfig = setting(DataConfig(), "Corpus sources, validation thresholds, encoding.")
-    sample: SampleConfig = setting(
-        SampleConfig(max_new_tokens=300, num_samples=2, temperature=0.8), "How samples are generated after training."
-    )
+    sample: SampleConfig = setting(PIPELINE_SAMPLE, "How samples are generated after training.")
     prompts: tuple[str, ...] = setting(("",), "Prompts to sample from after training ('' starts from a newline).")
     model_name: str = setting("fundamentallm-char", "Registered model name in the MLflow registry.")
     experiment: str = setting("fundamentallm", "MLflow experiment of the runs.")
@@ -63,115 +92,107 @@ class PipelineConfig(Config):
                 raise ConfigError(f"override {key!r} must start with 'model.' or 'train.'")
         return preset(self.preset).with_overrides(changes)
 
+    @classmethod
+    def from_parameters(
+        cls, *, sources: Sequence[str] | None = None, prompts: Sequence[str] | None = None, **fields: Any
+    ) -> PipelineConfig:
+        """The config from the flow's parameters: `sources` is a shortcut for ``data.ingest.sources``,
+        and no prompts means the one empty prompt."""
+        if sources:
+            fields["data"] = fields.get("data", DataConfig()).with_overrides({"ingest.sources": list(sources)})
+        overrides = fields.pop("overrides", None)
+        return cls(overrides=tuple(overrides or ()), prompts=tuple(prompts) if prompts else ("",), **fields)
 
-def resume_if_possible(run_dir: str | Path) -> bool:
-    """A retried training task continues from the run's latest checkpoint when it has one."""
-    from fundamentallm import storage
 
-    return storage.exists(storage.join(run_dir, "latest.pt"))
+@dataclass(frozen=True)
+class RunPlan:
+    """What one pipeline run derives from its config before any work, for the stages to be given."""
+
+    name: str
+    """The MLflow run's name: the flow run's."""
+    run_config: RunConfig
+    min_split_tokens: int
+    """Fewest characters every split needs, from the model's context: validation and encoding both get it."""
+    work_dir: str
+    """Where the data stage writes: `data_dir`, or its local mirror when `data_dir` is a URL."""
+    run_dir: str
+    """The training run's directory: one per flow run, under `runs_dir`."""
+    train_timeout_s: float | None
+    """The training task's limit: twice a time budget plus half an hour for loading, evaluation and
+    checkpoints; none for a run bounded by steps, whose length the pipeline cannot know."""
+    tags: dict[str, str]
+    params: dict[str, Any]
 
 
-def train_stage(
-    dataset_path: str,
-    config: RunConfig,
-    run_dir: str | Path,
-    tracker: Tracker | None = None,
-    on_output: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Train (or, when the run directory has a checkpoint, resume) and return the result record.
-
-    With ``train.processes`` > 1 training runs under torchrun; the processes' output goes to
-    `on_output` line by line, and rank 0 logs metrics to the tracker's MLflow run itself.
-    """
-    from fundamentallm.launch import run_training
-
-    tracker = tracker or NullTracker()
-    resume = resume_if_possible(run_dir)
-    result = run_training(dataset_path, config, run_dir, resume=resume, tracker=tracker, on_output=on_output)
-    tracker.set_tags({"device": result.device, "precision": result.precision, "vocab_hash": result.vocab_hash})
-    tracker.log_metrics(
-        {"steps": result.steps, "train_seconds": result.train_seconds, "parameters": result.parameters},
-        step=result.steps,
+def plan_run(config: PipelineConfig, flow_run_id: str, flow_run_name: str) -> RunPlan:
+    run_config = config.run_config()
+    budget = run_config.train.time_budget_s
+    return RunPlan(
+        name=flow_run_name,
+        run_config=run_config,
+        min_split_tokens=min_split_tokens(run_config.model.context_length),
+        work_dir=str(storage.local_path(config.data_dir)),
+        run_dir=storage.join(config.runs_dir, f"{flow_run_name}-{flow_run_id[:8]}"),
+        train_timeout_s=(budget * 2 + 1800) if budget else None,
+        tags={
+            "prefect.flow_run_id": flow_run_id,
+            "prefect.flow_run_name": flow_run_name,
+            "git_commit": git_commit(),
+            "preset": config.preset,
+        },
+        params={"pipeline": {**config.to_dict(), "run": run_config.to_dict()}},
     )
-    return result.to_dict()
 
 
-def evaluate_stage(
-    checkpoint: str, dataset_path: str, splits: tuple[str, ...], tracker: Tracker | None = None
-) -> dict[str, dict[str, Any]]:
-    """Exact figures of `checkpoint` on each non-empty split, logged as final metrics."""
-    from fundamentallm.data.dataset import Dataset
-    from fundamentallm.evaluate import evaluate
-
-    tracker = tracker or NullTracker()
-    data = Dataset(dataset_path)
-    results: dict[str, dict[str, Any]] = {}
-    for split in splits:
-        if data.num_tokens(split) < 2:
-            continue
-        figures = evaluate(checkpoint, dataset_path, split).to_dict()
-        results[split] = figures
-        tracker.log_metrics(
-            {
-                f"{split}_loss": figures["loss"],
-                f"{split}_perplexity": figures["perplexity"],
-                f"{split}_bpc": figures["bits_per_char"],
-                f"{split}_unigram_bpc": figures["unigram_bits_per_char"],
-                f"{split}_uniform_bpc": figures["uniform_bits_per_char"],
-            }
-        )
-    return results
+# Records --------------------------------------------------------------------------------------
 
 
-def sample_stage(
-    checkpoint: str, prompts: tuple[str, ...], config: SampleConfig, out_dir: str | Path, tracker: Tracker | None = None
-) -> dict[str, Any]:
-    """Generate samples for each prompt; write them as text and Markdown; return both paths."""
-    from fundamentallm import storage
-    from fundamentallm.checkpoint import load_checkpoint
-    from fundamentallm.report import samples_markdown
-    from fundamentallm.sample import Sampler
+@dataclass(frozen=True)
+class Evaluation:
+    """Exact figures of the trained model on each split that has characters to score."""
 
-    tracker = tracker or NullTracker()
-    ckpt = load_checkpoint(checkpoint)
-    sampler = Sampler(ckpt.build_model("cpu"), ckpt.vocab)
-    samples = [sampler.generate(prompt, config.replace(unknown="unk")) for prompt in prompts]
-    location, out_dir = str(out_dir), storage.local_path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text_path = out_dir / "samples.txt"
-    text_path.write_text(
-        "\n\n".join(
-            f"--- prompt {prompt!r}, sample {i} ---\n{prompt}{t}"
-            for prompt, texts in zip(prompts, samples, strict=True)
-            for i, t in enumerate(texts, 1)
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    markdown = samples_markdown(prompts, samples)
-    (out_dir / "samples.md").write_text(markdown, encoding="utf-8")
-    if storage.is_remote(location):
-        for path in (text_path, out_dir / "samples.md"):
-            storage.push_file(path, storage.join(location, path.name))
-    tracker.log_artifact(text_path, "samples")
-    return {"path": str(text_path), "markdown": markdown, "samples": samples}
+    results: tuple[EvalResult, ...]
+
+    def __getitem__(self, split: str) -> EvalResult:
+        for result in self.results:
+            if result.split == split:
+                return result
+        raise KeyError(split)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {result.split: result.to_dict() for result in self.results}
 
 
-def loss_plot_stage(run_dir: str | Path, tracker: Tracker | None = None) -> str:
-    from fundamentallm import storage
-    from fundamentallm.report import plot_losses
+@dataclass(frozen=True)
+class Samples:
+    """Generated text: `texts[i]` holds the samples of `prompts[i]`, written to `path` (and `markdown`)."""
 
-    local = storage.local_path(run_dir)
-    png = plot_losses(local / "metrics.jsonl", local / "loss.png")
-    if storage.is_remote(run_dir):
-        storage.push_file(png, storage.join(run_dir, png.name))
-    (tracker or NullTracker()).log_artifact(png, "plots")
-    return str(png)
+    path: str
+    markdown: str
+    prompts: tuple[str, ...]
+    texts: tuple[tuple[str, ...], ...]
+
+    @property
+    def first(self) -> str:
+        """The first prompt with its first sample."""
+        return self.prompts[0] + self.texts[0][0]
+
+
+@dataclass(frozen=True)
+class RegistrationRequest:
+    """What the register stage registers the run's model as."""
+
+    model_name: str
+    val_bpc: float
+    dataset_id: str
+    tags: dict[str, str]
+    description: str
+    example_prompt: str
 
 
 @dataclass(frozen=True)
 class PipelineSummary:
-    """What `make run` prints and the flow returns."""
+    """What the flow returns (as a dict) and the local run prints."""
 
     mlflow_run_id: str
     dataset: str
@@ -183,19 +204,218 @@ class PipelineSummary:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def of(
+        cls,
+        mlflow_run_id: str,
+        dataset: str,
+        trained: TrainResult,
+        evaluation: Evaluation,
+        samples: Samples,
+        registration: RegistrationRecord,
+    ) -> PipelineSummary:
+        return cls(
+            mlflow_run_id=mlflow_run_id,
+            dataset=dataset,
+            run_dir=trained.run_dir,
+            metrics=evaluation.to_dict(),
+            sample=samples.first,
+            registration=registration.to_dict(),
+        )
 
-def version_description(summary_metrics: dict[str, dict[str, Any]], corpus_hash: str, config: RunConfig) -> str:
-    val = summary_metrics.get("val", {})
+
+# Stages ---------------------------------------------------------------------------------------
+
+
+def log_lineage(tracker: Tracker, documents: Any, validation: Any, dataset: Any) -> None:
+    """Tag the run with the corpus, vocabulary and dataset it trains on, and keep the validation
+    report, the manifest and the vocabulary beside it."""
+    tracker.set_tags(
+        {"corpus_hash": documents.corpus_hash, "vocab_hash": dataset.vocab_hash, "dataset_id": dataset.dataset_id}
+    )
+    tracker.log_artifact(validation.report_path, "data")
+    tracker.log_artifact(dataset.manifest_path, "data")
+    tracker.log_artifact(Path(dataset.path) / "vocab.json", "data")
+
+
+def train_stage(
+    dataset_path: str,
+    config: RunConfig,
+    run_dir: str,
+    tracker: Tracker | None = None,
+    on_output: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train, or resume when the run directory has a checkpoint (a retried task); log the outcome,
+    the loss curve and the resolved config.
+
+    With ``train.processes`` > 1 training runs under torchrun; the processes' output goes to
+    `on_output` line by line, and rank 0 logs metrics to the tracker's MLflow run itself.
+    """
+    from fundamentallm.launch import run_training
+    from fundamentallm.report import plot_losses
+
+    tracker = tracker or NullTracker()
+    run = RunDir(run_dir)
+    result = run_training(
+        dataset_path, config, run_dir, resume=run.has_checkpoint(), tracker=tracker, on_output=on_output
+    )
+    tracker.set_tags({"device": result.device, "precision": result.precision, "vocab_hash": result.vocab_hash})
+    tracker.log_metrics(
+        {"steps": result.steps, "train_seconds": result.train_seconds, "parameters": result.parameters},
+        step=result.steps,
+    )
+    png = plot_losses(run.metrics, run.path / "loss.png")
+    run.publish(png)
+    tracker.log_artifact(png, "plots")
+    tracker.log_artifact(run.path / CONFIG, "config")
+    return result
+
+
+def evaluate_stage(checkpoint: str, dataset_path: str, tracker: Tracker | None = None) -> Evaluation:
+    """Exact figures of `checkpoint` on the validation and test splits (those with characters to
+    score), logged as the run's final metrics."""
+    from fundamentallm.data.dataset import Dataset
+    from fundamentallm.evaluate import evaluate
+
+    tracker = tracker or NullTracker()
+    data = Dataset(dataset_path)
+    results = []
+    for split in EVAL_SPLITS:
+        if data.num_tokens(split) < 2:
+            continue
+        result = evaluate(checkpoint, dataset_path, split)
+        results.append(result)
+        tracker.log_metrics(
+            {
+                f"{split}_loss": result.loss,
+                f"{split}_perplexity": result.perplexity,
+                f"{split}_bpc": result.bits_per_char,
+                f"{split}_unigram_bpc": result.unigram_bits_per_char,
+                f"{split}_uniform_bpc": result.uniform_bits_per_char,
+                f"{split}_unknown_chars": result.unknown_characters,
+                f"{split}_unknown_share": result.unknown_share,
+            }
+        )
+    return Evaluation(tuple(results))
+
+
+def sample_stage(
+    checkpoint: str, prompts: tuple[str, ...], config: SampleConfig, out_dir: str, tracker: Tracker | None = None
+) -> Samples:
+    """Generate samples for each prompt; write them as text and Markdown into the run directory."""
+    from fundamentallm.checkpoint import load_checkpoint
+    from fundamentallm.report import samples_markdown
+    from fundamentallm.sample import Sampler
+
+    tracker = tracker or NullTracker()
+    ckpt = load_checkpoint(checkpoint)
+    sampler = Sampler(ckpt.build_model("cpu"), ckpt.vocab)
+    texts = tuple(tuple(sampler.generate(prompt, config.replace(unknown="unk"))) for prompt in prompts)
+    run = RunDir(out_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    text_path, markdown_path = run.path / "samples.txt", run.path / "samples.md"
+    text_path.write_text(
+        "\n\n".join(
+            f"--- prompt {prompt!r}, sample {i} ---\n{prompt}{t}"
+            for prompt, samples in zip(prompts, texts, strict=True)
+            for i, t in enumerate(samples, 1)
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    markdown = samples_markdown(prompts, texts)
+    markdown_path.write_text(markdown, encoding="utf-8")
+    run.publish(text_path, markdown_path)
+    tracker.log_artifact(text_path, "samples")
+    return Samples(path=str(text_path), markdown=markdown, prompts=tuple(prompts), texts=texts)
+
+
+def registration_request(
+    config: PipelineConfig, run_config: RunConfig, dataset: Any, evaluation: Evaluation
+) -> RegistrationRequest:
+    """Register under the config's model name, judged by the validation bits per character on this dataset."""
+    return RegistrationRequest(
+        model_name=config.model_name,
+        val_bpc=evaluation["val"].bits_per_char,
+        dataset_id=dataset.dataset_id,
+        tags={"corpus_hash": dataset.corpus_hash, "vocab_hash": dataset.vocab_hash, "preset": config.preset},
+        description=version_description(evaluation, dataset.corpus_hash, run_config),
+        example_prompt=config.prompts[0],
+    )
+
+
+def register_stage(checkpoint: str, tracker: Any, request: RegistrationRequest) -> RegistrationRecord:
+    """Log the pyfunc model to the tracker's run and register it; `champion` moves only to a better model."""
+    from fundamentallm.registry import log_model, register
+
+    log_model(tracker, checkpoint, request.example_prompt)
+    return register(
+        tracker,
+        request.model_name,
+        val_bpc=request.val_bpc,
+        dataset_id=request.dataset_id,
+        tags=request.tags,
+        description=request.description,
+    )
+
+
+def version_description(evaluation: Evaluation, corpus_hash: str, config: RunConfig) -> str:
+    figures = evaluation.to_dict()
     parts = []
+    val = figures.get("val")
     if val:
         parts.append(
             f"val: {val['loss']:.4f} nats/char, perplexity {val['perplexity']:.3f}, "
             f"{val['bits_per_char']:.4f} bits/char"
         )
-    test = summary_metrics.get("test")
+    test = figures.get("test")
     if test:
         parts.append(f"test: {test['bits_per_char']:.4f} bits/char")
     m = config.model
     parts.append(f"model {m.n_layer}x{m.d_model}, context {m.context_length}; corpus {corpus_hash[:16]}")
     parts.append("config: " + json.dumps(config.to_dict(), sort_keys=True))
     return "\n".join(parts)
+
+
+# The local one-shot run -------------------------------------------------------------------------
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """What `make run` prints at the end: the figures, a sample, the registration, where to look next."""
+    lines = ["", "=== train-pipeline finished ==="]
+    for split, figures in summary["metrics"].items():
+        lines.append(
+            f"{split:5s} loss {figures['loss']:.4f} nats/char | perplexity {figures['perplexity']:.3f} | "
+            f"{figures['bits_per_char']:.4f} bits/char (unigram {figures['unigram_bits_per_char']:.3f}, "
+            f"uniform {figures['uniform_bits_per_char']:.3f})"
+        )
+    lines += ["", f"sample:\n{summary['sample']}", ""]
+    registration = summary["registration"]
+    val = summary["metrics"]["val"]
+    lines.append(f"registered {registration['model_uri']} ({registration['reason']})")
+    lines.append(f"val bits/char {val['bits_per_char']:.4f}; run directory {summary['run_dir']}")
+    lines += ["", "Browse the runs:", *(f"  {line}" for line in browse_lines())]
+    lines.append("  Prefect UI:  make up   (then http://127.0.0.1:4200; `make down` stops it)")
+    lines.append(
+        f"  Sample:      .venv/bin/fundamentallm sample --model models:/{registration['model_name']}@champion "
+        "--prompt 'The '"
+    )
+    lines.append(f"  (MLflow store: {store_description()})")
+    return "\n".join(lines)
+
+
+def run_locally(argv: Sequence[str] | None, run_flow: Callable[..., dict[str, Any]]) -> int:
+    """``python -m flows.train_pipeline``: parse the flags, run the flow once, print the summary."""
+    parser = argparse.ArgumentParser(description="Run train-pipeline once, locally (no server needed).")
+    parser.add_argument("--preset", default="cpu-quick", help=f"training preset ({', '.join(PRESETS)})")
+    parser.add_argument("--source", action="append", help="corpus source (repeatable; default: built-in 'default')")
+    parser.add_argument("--set", dest="overrides", action="append", help="model/train override, e.g. train.lr=0.003")
+    parser.add_argument(
+        "--encode-workers", type=int, default=1, help="processes encoding shards (more than 1: a local Dask cluster)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+    data = DataConfig().with_overrides({"encode.workers": args.encode_workers})
+    summary = run_flow(preset=args.preset, sources=args.source, overrides=args.overrides, data=data)
+    print(json.dumps(summary, indent=2) if args.json else summary_text(summary))
+    return 0

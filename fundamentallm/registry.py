@@ -65,8 +65,8 @@ def _requirements() -> list[str]:
     ]
 
 
-def log_model(client: Any, run_id: str, checkpoint: str | Path, example_prompt: str) -> str:
-    """Save the pyfunc model and log it to the run under ``model/``; returns its ``runs:/`` URI."""
+def log_model(tracker: Any, checkpoint: str | Path, example_prompt: str) -> str:
+    """Save the pyfunc model and log it to the tracker's run under ``model/``; returns its ``runs:/`` URI."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -89,8 +89,8 @@ def log_model(client: Any, run_id: str, checkpoint: str | Path, example_prompt: 
             input_example=(example, {"max_new_tokens": 20}),
             pip_requirements=_requirements(),
         )
-        client.log_artifacts(run_id, str(path), MODEL_ARTIFACT)
-    return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+        tracker.log_directory(path, MODEL_ARTIFACT)
+    return f"runs:/{tracker.run_id}/{MODEL_ARTIFACT}"
 
 
 def _champion(client: Any, name: str) -> Any | None:
@@ -150,8 +150,7 @@ def champion_lock(client: Any, name: str, timeout_s: float = LOCK_TIMEOUT_S) -> 
 
 
 def register(
-    client: Any,
-    run_id: str,
+    tracker: Any,
     name: str,
     *,
     val_bpc: float,
@@ -159,9 +158,10 @@ def register(
     tags: dict[str, str],
     description: str,
 ) -> RegistrationRecord:
-    """Register the run's logged model as a new version of `name` and apply the champion rule."""
+    """Register the tracker's run's logged model as a new version of `name` and apply the champion rule."""
     from mlflow.exceptions import MlflowException
 
+    client, run_id = tracker.client, tracker.run_id
     try:
         client.create_registered_model(name, description="Character-level transformer language models.")
     except MlflowException as exc:
@@ -213,13 +213,9 @@ def _apply_champion_rule(
 
 def download_checkpoint(model_uri: str) -> Path:
     """The checkpoint inside a logged or registered model (``models:/name@champion``, ``runs:/...``)."""
-    import mlflow
+    from fundamentallm.tracking import download_artifacts
 
-    from fundamentallm.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_registry_uri(tracking_uri())
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    local = download_artifacts(model_uri)
     found = sorted(local.rglob("*.pt"))
     if not found:
         from fundamentallm.errors import CheckpointError

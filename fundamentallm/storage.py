@@ -164,7 +164,10 @@ def fetch(location: str | os.PathLike[str]) -> Path:
 def publish_dataset(dataset_dir: str | os.PathLike[str], work_dir: str | os.PathLike[str], data_dir: str) -> str:
     """Copy the dataset `dataset_dir` (inside the local `work_dir`) to the same place under the
     remote `data_dir`, its manifest last; a no-op when it is there already (datasets are
-    content-addressed). Returns the remote dataset's URL."""
+    content-addressed). Returns the remote dataset's URL, or `dataset_dir` itself when `data_dir`
+    is local (the dataset is where training reads it)."""
+    if not is_remote(data_dir):
+        return str(dataset_dir)
     relative = Path(dataset_dir).resolve().relative_to(Path(work_dir).resolve())
     url = join(data_dir, *relative.parts)
     if not exists(join(url, "manifest.json")):

@@ -1,8 +1,10 @@
 """Experiment tracking behind a small interface, with MLflow as the real implementation.
 
-Library code talks to a `Tracker` (params, metrics, tags, artifacts); `NullTracker` drops
-everything and is what tests and plain CLI runs use. The pipeline opens one MLflow run per
-flow run and hands an `MlflowTracker` for it to the stages that log.
+This module is the one owner of MLflow's client and URIs: nothing else builds an MLflow client
+or sets a tracking URI. Library code talks to a `Tracker` (params, metrics, tags, artifacts);
+`NullTracker` drops everything and is what tests and plain CLI runs use. The pipeline opens one
+MLflow run per flow run with `tracked_run`, which closes it as FINISHED, or as FAILED with the
+reason, and hands an `MlflowTracker` for it to the stages that log.
 
 Where MLflow keeps things, by default: a sqlite database and an artifact directory under
 the project's ``mlruns/`` (the checkout the package is installed from), or under
@@ -11,9 +13,10 @@ points everything at a tracking server instead.
 
 A tracking server that is down or goes away is reported as `TrackingUnavailable`, naming the
 server, within a bound: a health check before a run opens, and MLflow's HTTP retries capped at
-`HTTP_RETRIES` (about 15 s of back-off) unless ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` says
-otherwise. A run left RUNNING by a pipeline that died (or lost its server) is closed as FAILED
-by `close_abandoned_runs`, which the next pipeline run calls.
+`HTTP_RETRIES` (about 15 s of back-off) for as long as a tracked run is open, unless
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` says otherwise. A run left RUNNING by a pipeline that died
+(or lost its server) is closed as FAILED by `close_abandoned_runs`, which the next pipeline run
+calls.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import re
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from fundamentallm.config import flatten
 from fundamentallm.errors import TrackingUnavailable
 
 log = logging.getLogger(__name__)
@@ -108,6 +113,7 @@ def mask_credentials(text: str) -> str:
 
 
 def is_remote(uri: str | None = None) -> bool:
+    """True when runs are tracked by a server (http or https), False for the embedded store."""
     return (uri or tracking_uri()).startswith(("http://", "https://"))
 
 
@@ -118,12 +124,42 @@ def client() -> Any:
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    if is_remote(uri):
-        # MLflow's own defaults retry for about four minutes; a pipeline should say sooner that its server is gone.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_RETRIES))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(HTTP_BACKOFF_FACTOR))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def bounded_http_retries() -> Iterator[None]:
+    """Cap MLflow's HTTP retries while the block runs (unless the user set the variables).
+
+    MLflow's own defaults retry for about four minutes, and it reads them from the environment
+    at each request, so they are set there, for the block only; processes started inside it
+    (torchrun's training processes) inherit them.
+    """
+    limits = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(HTTP_RETRIES),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(HTTP_BACKOFF_FACTOR),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(HTTP_TIMEOUT_S),
+    }
+    added = [name for name in limits if name not in os.environ]
+    os.environ.update({name: limits[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def download_artifacts(uri: str) -> Path:
+    """Download a logged or registered model's files (``models:/name@alias``, ``runs:/...``) to a
+    temporary directory, from the store `tracking_uri()` names."""
+    import mlflow
+
+    with reporting_unreachable():
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, tracking_uri=tracking_uri(), registry_uri=tracking_uri()
+            )
+        )
 
 
 _UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish", "Connection aborted", "timed out")
@@ -179,17 +215,6 @@ def experiment_id(mlflow_client: Any, name: str) -> str:
         return experiment.experiment_id
 
 
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> {"model.n_layer": 4, ...}."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def git_commit() -> str:
     root = project_root()
     if root is None:
@@ -213,7 +238,8 @@ class MlflowTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(key, mask_credentials(str(value))[:MAX_PARAM_LENGTH]) for key, value in flatten(params).items()]
+        flat = flatten(params)
+        items = [Param(key, mask_credentials(str(value))[:MAX_PARAM_LENGTH]) for key, value in flat.items()]
         with reporting_unreachable():
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
                 self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
@@ -239,9 +265,10 @@ class MlflowTracker:
         with reporting_unreachable():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
-        for path in paths:
-            self.log_artifact(path, artifact_path)
+    def log_directory(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        """Log the files of `directory` (and its subdirectories) under `artifact_path`."""
+        with reporting_unreachable():
+            self.client.log_artifacts(self.run_id, str(directory), artifact_path)
 
 
 def start_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
@@ -267,6 +294,43 @@ def end_run(run_id: str, failure: str | None = None) -> None:
         if failure is not None:
             mlflow_client.set_tag(run_id, "failure_reason", mask_credentials(failure)[:5000])
         mlflow_client.set_terminated(run_id, "FAILED" if failure is not None else "FINISHED")
+
+
+@contextlib.contextmanager
+def tracked_run(
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    *,
+    params: Mapping[str, Any] | None = None,
+    why_abandoned: Callable[[Any], str | None] | None = None,
+) -> Iterator[MlflowTracker]:
+    """One MLflow run for the block: opened with `tags` and `params`, closed as FINISHED when the
+    block ends, or as FAILED with the exception as ``failure_reason`` when it raises.
+
+    Opening fails at once with `TrackingUnavailable` when a remote server does not answer. With
+    `why_abandoned`, RUNNING runs of the experiment that nobody is left to close are closed
+    first (see `close_abandoned_runs`). A server lost by the time the run closes is logged: the
+    run then stays RUNNING until the next `tracked_run` closes it.
+    """
+    with bounded_http_retries():
+        run_id = start_run(experiment, run_name, tags)
+        tracker = MlflowTracker(run_id)
+        try:
+            if why_abandoned is not None:
+                closed = close_abandoned_runs(experiment, why_abandoned)
+                if closed:
+                    log.warning("closed %d MLflow run(s) abandoned by ended flow runs: %s", len(closed), closed)
+            if params:
+                tracker.log_params(params)
+            yield tracker
+        except BaseException as exc:
+            try:
+                end_run(run_id, failure=f"{type(exc).__name__}: {exc}")
+            except TrackingUnavailable as lost:
+                log.error("%s; the MLflow run stays RUNNING until the next pipeline run closes it", lost)
+            raise
+        end_run(run_id)
 
 
 def close_abandoned_runs(experiment: str, why_abandoned: Callable[[Any], str | None]) -> list[str]:
@@ -298,7 +362,33 @@ LOCAL_UI = "http://127.0.0.1:5000"
 
 def ui_url(run_id: str) -> str:
     """Browser URL of a run: on the tracking server, or on a local `mlflow ui` of the embedded store."""
-    uri = tracking_uri()
-    base = mask_credentials(uri.rstrip("/")) if uri.startswith(("http://", "https://")) else LOCAL_UI
+    base = mask_credentials(tracking_uri().rstrip("/")) if is_remote() else LOCAL_UI
     run = client().get_run(run_id)
     return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+@dataclass(frozen=True)
+class RunLink:
+    """Where to see a run in the MLflow UI, and what it takes to open it."""
+
+    url: str
+    text: str
+    hint: str | None
+
+    @classmethod
+    def of(cls, run_id: str) -> RunLink:
+        hint = None if is_remote() else "Start `mlflow ui` on the embedded store (or `make up`) to open it"
+        return cls(url=ui_url(run_id), text=f"MLflow run {run_id}", hint=hint)
+
+
+def browse_lines() -> list[str]:
+    """How to open the MLflow UI on the runs: the server's address, or the command for the embedded store."""
+    uri = tracking_uri()
+    if is_remote(uri):
+        return [f"MLflow UI:   {mask_credentials(uri)}"]
+    return [f"MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   (then {LOCAL_UI})"]
+
+
+def store_description() -> str:
+    """The store runs go to, for people: the embedded store's directory, or the server's address."""
+    return mask_credentials(tracking_uri()) if is_remote() else str(store_dir())

@@ -2,8 +2,8 @@
 
 Ingestion and encoding are cached on content: the key of ingestion is a digest of what the
 sources hold (never their paths alone) and the settings; the key of encoding is the corpus
-hash and the encoding settings. A cached record points at files on disk: the flow checks they
-are still there and refreshes the cache when they are not.
+hash and the encoding settings. A cached record points at files on disk: `cached` calls such a
+task and, when the record's files were deleted since, runs it again with a fresh cache.
 
 Encoding runs in the flow's process (`encode` in `fundamentallm.data.encode`, two writer
 threads) or, with `EncodeConfig.workers` > 1, as the subflow `encode-parallel`: the plan in
@@ -57,6 +57,14 @@ def _encode_key(context: Any, parameters: dict[str, Any]) -> str:
     return "encode-" + sha256_json(
         [documents.corpus_hash, config_hash(config), str(target.resolve()), parameters["min_split_tokens"]]
     )
+
+
+def cached(cached_task: Any, *args: Any) -> Any:
+    """Call a cached task; when the record it returns names files no longer on disk, run it again."""
+    record = cached_task(*args)
+    if not record.is_on_disk():
+        record = cached_task.with_options(refresh_cache=True)(*args)
+    return record
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -20,7 +20,7 @@ def _runs(mlflow_client, experiment: str, n: int) -> list[str]:
 
 
 def test_concurrent_registrations_get_distinct_versions_and_the_best_is_champion(mlflow_store):
-    from fundamentallm.tracking import client
+    from fundamentallm.tracking import MlflowTracker, client
 
     mlflow_client = client()
     name = "race-char"
@@ -34,8 +34,7 @@ def test_concurrent_registrations_get_distinct_versions_and_the_best_is_champion
         try:
             start.wait()
             records[i] = registry.register(
-                client(),  # one client per pipeline, as separate processes would have
-                run_ids[i],
+                MlflowTracker(run_ids[i]),  # one client per pipeline, as separate processes would have
                 name,
                 val_bpc=bpcs[i],
                 dataset_id="same-data",

@@ -94,6 +94,10 @@ class DatasetRecord:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def is_on_disk(self) -> bool:
+        """True while the dataset this record names is complete on disk (its manifest is written last)."""
+        return Path(self.manifest_path).is_file()
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DatasetRecord:
         return cls(**data)

@@ -184,6 +184,10 @@ class DocumentsRecord:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def is_on_disk(self) -> bool:
+        """True while the documents table this record names still exists (a cached record may outlive it)."""
+        return Path(self.path).is_file()
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DocumentsRecord:
         return cls(**data)
