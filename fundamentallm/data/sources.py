@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from fundamentallm import storage
 from fundamentallm.errors import CorpusError, DownloadError
 from fundamentallm.fsutil import atomic_path
 
@@ -64,23 +65,6 @@ class RawDocument:
 class SkippedSource:
     source: str
     reason: str
-
-
-def default_cache_dir() -> Path | str:
-    """``$FUNDAMENTALLM_CACHE_DIR`` (a path, or an fsspec URL such as ``s3://bucket/cache``), else
-    ``$XDG_CACHE_HOME/fundamentallm`` or ``~/.cache/fundamentallm``."""
-    env = os.environ.get("FUNDAMENTALLM_CACHE_DIR")
-    if env:
-        return env if "://" in env else Path(env)
-    return local_cache_dir()
-
-
-def local_cache_dir() -> Path:
-    """The cache on this machine: ``$FUNDAMENTALLM_CACHE_DIR`` when it is a path, else the XDG default."""
-    env = os.environ.get("FUNDAMENTALLM_CACHE_DIR")
-    if env and "://" not in env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fundamentallm"
 
 
 def is_url(spec: str) -> bool:
@@ -163,8 +147,6 @@ def download(
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise CorpusError(f"{label}: only http:// and https:// URLs can be downloaded")
-    from fundamentallm import storage
-
     # A remote cache (an fsspec URL) is used through its local mirror: fetched from when it
     # holds the file, added to after a good download.
     remote = storage.join(cache_dir, "downloads", _cache_name(url)) if storage.is_remote(cache_dir) else None
@@ -343,7 +325,7 @@ def iter_source(
 
     Raises `CorpusError` when the source itself is unusable (missing path, failed download).
     """
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or storage.default_cache_dir()
     builtin = split_builtin(spec)
     if builtin is not None:
         name, location = builtin
