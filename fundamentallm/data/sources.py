@@ -36,7 +36,7 @@ from pathlib import Path
 
 from fundamentallm import storage
 from fundamentallm.errors import CorpusError, DownloadError
-from fundamentallm.fsutil import atomic_path
+from fundamentallm.fsutil import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def download(
     if remote is not None and not target.is_file() and storage.exists(remote):
         storage.pull_file(remote, target)
     if target.is_file():
-        if sha256 is None or _file_sha256(target) == sha256:
+        if sha256 is None or sha256_file(target) == sha256:
             log.info("using cached download of %s (%s)", label, target)
             return target
         log.warning("cached copy of %s does not match the pinned sha256; downloading again", label)
@@ -196,14 +196,6 @@ def download(
     if remote is not None:
         storage.push_file(target, remote)
     return target
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # Built-in corpora -----------------------------------------------------------------------
@@ -397,13 +389,13 @@ def fingerprint(
             continue
         path = Path(spec)
         if path.is_file():
-            digest.update(_file_sha256(path).encode())
+            digest.update(sha256_file(path).encode())
         elif path.is_dir():
             for member, skipped in iter_directory(path, include, exclude):
                 digest.update(f"{member.relative_to(path).as_posix()}\n".encode())
                 if skipped is None:
                     try:
-                        digest.update(_file_sha256(member).encode())
+                        digest.update(sha256_file(member).encode())
                     except OSError:
                         return None
         else:
