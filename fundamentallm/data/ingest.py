@@ -36,10 +36,11 @@ import pyarrow.parquet as pq
 from fundamentallm.config import IngestConfig
 from fundamentallm.data.codepoints import add_counts, count_codepoints, counts_to_dict, iter_codepoint_chunks
 from fundamentallm.data.schema import DOCUMENTS_SCHEMA
-from fundamentallm.data.sources import RawDocument, SkippedSource, iter_source, redact_url
+from fundamentallm.data.sources import RawDocument, SkippedSource, iter_source
 from fundamentallm.errors import CorpusError
 from fundamentallm.fsutil import atomic_write_json, publish_dir, staging_dir
 from fundamentallm.progress import Progress, null_progress
+from fundamentallm.redact import mask_credentials
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def _nothing_usable(config: IngestConfig, skipped: list[dict[str, str]]) -> Corp
     shown = "; ".join(f"{s['source']}: {s['reason']}" for s in skipped[:5])
     more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
     detail = f": {shown}{more}" if skipped else ""
-    return CorpusError(f"no usable text in {', '.join(map(redact_url, config.sources))}{detail}")
+    return CorpusError(f"no usable text in {', '.join(map(mask_credentials, config.sources))}{detail}")
 
 
 def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_progress) -> DocumentsRecord:
@@ -289,7 +290,7 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
     """
     started = time.perf_counter()
     root = Path(out_dir) / "documents"
-    sources = [redact_url(spec) for spec in config.sources]  # credentials in a URL are never recorded
+    sources = [mask_credentials(spec) for spec in config.sources]  # credentials in a URL are never recorded
     read: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     duplicates: list[dict[str, str]] = []

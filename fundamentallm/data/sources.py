@@ -37,6 +37,7 @@ from pathlib import Path
 from fundamentallm import storage
 from fundamentallm.errors import CorpusError, DownloadError
 from fundamentallm.fsutil import atomic_path, sha256_file
+from fundamentallm.redact import mask_credentials
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +83,6 @@ def split_builtin(spec: str) -> tuple[str, str | None] | None:
 # Downloads ------------------------------------------------------------------------------
 
 
-def redact_url(text: str) -> str:
-    """`text` with the user:password of a URL in it replaced by ``***``, for labels, logs and messages."""
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return text
-    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
-    authority = rest[:end]
-    if "@" not in authority:
-        return text
-    return f"{scheme}://***@{authority.rpartition('@')[2]}{rest[end:]}"
-
-
 def _split_credentials(url: str) -> tuple[str, str | None]:
     """The URL without user:password, and the HTTP basic ``Authorization`` value they make (or None)."""
     parts = urllib.parse.urlsplit(url)
@@ -113,7 +102,9 @@ def parse_pinned_url(url: str) -> tuple[str, str | None]:
     key, _, value = fragment.partition("=")
     value = value.strip().lower()
     if key != "sha256" or not _SHA256_HEX.match(value):
-        raise CorpusError(f"{redact_url(url)}: the URL fragment must be #sha256=<64 hex digits> to pin the content")
+        raise CorpusError(
+            f"{mask_credentials(url)}: the URL fragment must be #sha256=<64 hex digits> to pin the content"
+        )
     return base, value
 
 
@@ -142,7 +133,7 @@ def download(
     masked in every message. A server error (5xx, 408, 425, 429) or a network failure raises
     `DownloadError`, worth a retry; any other refusal (404, 401, ...) a plain `CorpusError`.
     """
-    label = redact_url(url)
+    label = mask_credentials(url)
     url, authorization = _split_credentials(url)
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
@@ -331,7 +322,7 @@ def iter_source(
     if is_url(spec):
         url, pinned = parse_pinned_url(spec)
         path = download(url, cache_dir, sha256=pinned, max_bytes=max_download_bytes, timeout_s=download_timeout_s)
-        yield RawDocument(redact_url(url), _read_file(path, max_download_bytes))
+        yield RawDocument(mask_credentials(url), _read_file(path, max_download_bytes))
         return
     path = Path(spec)
     if path.is_dir():
