@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from fundamentallm.config import IngestConfig
 from fundamentallm.data.codepoints import add_counts, count_codepoints, counts_to_dict, iter_codepoint_chunks
-from fundamentallm.data.schema import DOCUMENTS_SCHEMA
+from fundamentallm.data.schema import DOCUMENTS_SCHEMA, corpus_hash_of
 from fundamentallm.data.sources import RawDocument, SkippedSource, iter_source
 from fundamentallm.errors import CorpusError
 from fundamentallm.fsutil import atomic_write_json, publish_dir, staging_dir
@@ -332,7 +332,7 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
             writer.close()
         if not read:
             raise _nothing_usable(config, skipped)
-        corpus_hash = hashlib.sha256("\n".join(r["doc_id"] for r in read).encode("ascii")).hexdigest()
+        corpus_hash = corpus_hash_of(r["doc_id"] for r in read)
         final = root / corpus_hash[:16]
         report = {
             "corpus_hash": corpus_hash,
