@@ -38,6 +38,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from fundamentallm.redact import mask_credentials
+
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("FUNDAMENTALLM_SERVICES_DIR", ROOT / ".services"))
 BIN = Path(sys.executable).parent
@@ -65,18 +67,6 @@ DATABASE_SETTINGS = {
 _POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg2")
 
 
-def masked(url: str) -> str:
-    """`url` with any user:password replaced by ``***`` (up to the last ``@``, so an unencoded ``@``
-    in a password is masked too)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    return f"{scheme}://{netloc}{slash}{path}"
-
-
 def _database_urls() -> dict[str, str]:
     """The PostgreSQL URL each server is given (with its driver), for the servers whose setting is
     set; a server without one keeps its sqlite file."""
@@ -88,16 +78,16 @@ def _database_urls() -> dict[str, str]:
         scheme, _, rest = value.partition("://")
         if scheme not in _POSTGRES_SCHEMES or not rest:
             raise SystemExit(
-                f"{setting}={masked(value)}: expected a PostgreSQL URL, "
+                f"{setting}={mask_credentials(value)}: expected a PostgreSQL URL, "
                 "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (unset it to keep sqlite)"
             )
         parsed = urllib.parse.urlsplit(f"{driver}://{rest}")
         try:
             port = parsed.port or 5432
         except ValueError:
-            raise SystemExit(f"{setting}={masked(value)}: the port is not a number") from None
+            raise SystemExit(f"{setting}={mask_credentials(value)}: the port is not a number") from None
         if not parsed.path.strip("/"):
-            raise SystemExit(f"{setting}={masked(value)}: name the database (postgresql://...:PORT/DATABASE)")
+            raise SystemExit(f"{setting}={mask_credentials(value)}: name the database (postgresql://...:PORT/DATABASE)")
         urls[server] = f"{driver}://{rest}"
         where[server] = ((parsed.hostname or "").lower(), port, parsed.path.strip("/"))
     if len(where) == 2 and where["prefect"] == where["mlflow"]:
@@ -248,10 +238,8 @@ def up() -> None:
     }
     (STATE / "urls.json").write_text(json.dumps(urls, indent=2))
     print(f"Prefect UI:  {urls['prefect']}\nMLflow UI:   {urls['mlflow']}")
-    print(
-        f"Databases:   Prefect {masked(databases['prefect']) if 'prefect' in databases else 'sqlite (PREFECT_HOME)'}, "
-        f"MLflow {masked(mlflow_env['MLFLOW_BACKEND_STORE_URI'])}"
-    )
+    prefect_db = mask_credentials(databases["prefect"]) if "prefect" in databases else "sqlite (PREFECT_HOME)"
+    print(f"Databases:   Prefect {prefect_db}, MLflow {mask_credentials(mlflow_env['MLFLOW_BACKEND_STORE_URI'])}")
     print("Deployments: train-pipeline/default (on demand), train-pipeline/nightly (03:00 UTC)")
     print(
         f"Use them from this shell with:\n  export PREFECT_API_URL={urls['prefect_api']} "

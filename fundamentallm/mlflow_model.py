@@ -1,5 +1,7 @@
-"""The MLflow pyfunc model, logged with MLflow's models-from-code: MLflow stores this file
-(not a pickle) and runs it when the model is loaded.
+"""The MLflow pyfunc model, logged with MLflow's models-from-code: no pickle. MLflow stores a
+small code file (`write_model_code`) that imports `CharLanguageModel` from here and hands an
+instance to ``mlflow.models.set_model``, and runs that file when the model is saved and loaded;
+this module only defines the class, so importing it registers nothing.
 
 Input: prompts, as a list of strings, a single string, or a DataFrame whose ``prompt``
 column (or first column) holds them. Output: one generated continuation per prompt.
@@ -16,9 +18,9 @@ The checkpoint is loaded on the CPU (a model trained on a GPU samples anywhere) 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.pyfunc import PythonModel
 
 from fundamentallm.config import MIN_TEMPERATURE as MIN_TEMPERATURE  # the bound SampleConfig enforces
@@ -107,4 +109,34 @@ class CharLanguageModel(PythonModel):
         return [self.sampler.generate(prompt, config)[0] for prompt in prompts]
 
 
+MODEL_CODE_FILE = "fundamentallm_model.py"
+"""The name of the code file in a saved model's directory."""
+
+_MODEL_CODE = '''"""A FundamentaLLM model for MLflow's models-from-code; MLflow runs this file to load it."""
+
+import mlflow
+
+from fundamentallm.mlflow_model import CharLanguageModel
+
 mlflow.models.set_model(CharLanguageModel())
+'''
+
+
+def write_model_code(directory: str | Path) -> Path:
+    """Write the code file to pass as ``python_model`` to ``mlflow.pyfunc.save_model`` into
+    `directory` (not the model's own path, which MLflow wants new) and return its path. It
+    imports the package, so save the model with the package among its ``code_paths``."""
+    from fundamentallm.fsutil import atomic_write_text
+
+    path = Path(directory) / MODEL_CODE_FILE
+    atomic_write_text(path, _MODEL_CODE)
+    return path
+
+
+if __name__ != "fundamentallm.mlflow_model":
+    # MLflow runs a code file under a name of its own: this file is a model's code file only
+    # while registry.log_model still passes it as python_model. Remove this block when it
+    # passes write_model_code(tmp) instead; importing the module never gets here.
+    import mlflow
+
+    mlflow.models.set_model(CharLanguageModel())

@@ -50,10 +50,25 @@ def _fs(url: str) -> tuple[Any, str]:
         raise StorageError(f"{url}: no filesystem for this URL ({exc})") from exc
 
 
+def default_cache_dir() -> Path | str:
+    """``$FUNDAMENTALLM_CACHE_DIR`` (a path, or an fsspec URL such as ``s3://bucket/cache``), else
+    ``$XDG_CACHE_HOME/fundamentallm`` or ``~/.cache/fundamentallm``."""
+    env = os.environ.get("FUNDAMENTALLM_CACHE_DIR")
+    if env:
+        return env if "://" in env else Path(env)
+    return local_cache_dir()
+
+
+def local_cache_dir() -> Path:
+    """The cache on this machine: ``$FUNDAMENTALLM_CACHE_DIR`` when it is a path, else the XDG default."""
+    env = os.environ.get("FUNDAMENTALLM_CACHE_DIR")
+    if env and "://" not in env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fundamentallm"
+
+
 def mirror_root() -> Path:
     """``$FUNDAMENTALLM_MIRROR_DIR``, else ``mirror/`` in the local cache directory."""
-    from fundamentallm.data.sources import local_cache_dir
-
     env = os.environ.get("FUNDAMENTALLM_MIRROR_DIR")
     return Path(env) if env else local_cache_dir() / "mirror"
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from fundamentallm.config import flatten
 from fundamentallm.errors import TrackingUnavailable
+from fundamentallm.redact import mask_credentials
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +103,6 @@ def artifact_root() -> str | None:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return None
     return (store_dir() / "artifacts").as_uri()
-
-
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+)(:(?P<password>[^@/\s]*))?@")
-
-
-def mask_credentials(text: str) -> str:
-    """Replace user:password in URIs (``postgresql://u:p@host``) by ``***``."""
-    return _CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@", text)
 
 
 def is_remote(uri: str | None = None) -> bool:

@@ -17,7 +17,7 @@ from fundamentallm.config import EncodeConfig, IngestConfig
 from fundamentallm.data.dataset import Dataset
 from fundamentallm.data.encode import encode, hash_split_of
 from fundamentallm.data.ingest import ingest
-from fundamentallm.data.schema import shard_schema
+from fundamentallm.data.schema import corpus_hash_of, shard_schema
 from fundamentallm.data.vocab import UNK_ID, Vocab
 from fundamentallm.errors import CorpusError, DatasetError
 
@@ -139,6 +139,15 @@ def test_second_run_is_a_no_op_and_changes_get_new_directories(tmp_path):
     docs2 = documents(tmp_path, [prose(i, 300) for i in range(3)] + ["one more document\n"])
     changed_corpus = encode(docs2.path, EncodeConfig(), tmp_path / "out")
     assert changed_corpus.path != first.path
+
+
+def test_ingest_and_encode_name_a_corpus_by_the_same_hash(tmp_path):
+    docs = documents(tmp_path, [prose(i, 300) for i in range(3)])
+    record = encode(docs.path, EncodeConfig(), tmp_path / "out")
+    doc_ids = pq.read_table(docs.path, columns=["doc_id"]).column("doc_id").to_pylist()
+    expected = hashlib.sha256("\n".join(doc_ids).encode("ascii")).hexdigest()
+    assert corpus_hash_of(doc_ids) == docs.corpus_hash == record.corpus_hash == expected
+    assert Path(record.path).name.startswith(expected[:16])
 
 
 def test_reader_detects_corruption(tmp_path):

@@ -81,3 +81,27 @@ def test_thresholds_are_configurable(tmp_path):
         validate(tmp_path, docs, context_length=4, min_document_chars=100_000)
     with pytest.raises(DataValidationError, match="at least 2 document"):
         validate(tmp_path, docs, context_length=4, min_documents=2)
+
+
+def test_validation_changes_no_environment_and_uses_no_network(tmp_path, monkeypatch):
+    import os
+    import socket
+    import threading
+
+    docs = ingest_texts(tmp_path, {f"d{i}.txt": prose(i) for i in range(3)})
+    monkeypatch.delenv("GX_ANALYTICS_ENABLED", raising=False)
+    attempts = []
+
+    def refuse(sock, address, *rest):
+        attempts.append(address)
+        raise OSError("no network in this test")
+
+    # Usage analytics, a version check or anything else that would phone out connects a socket.
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    environment, threads = dict(os.environ), threading.active_count()
+    record = validate(tmp_path, docs, context_length=64)
+    assert record.success
+    assert dict(os.environ) == environment
+    assert attempts == []
+    assert threading.active_count() == threads  # no sender left running in the background

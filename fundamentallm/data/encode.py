@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from fundamentallm import __version__
 from fundamentallm.config import SPLITS, EncodeConfig
 from fundamentallm.data.codepoints import add_counts, count_codepoints, iter_codepoint_chunks, text_codepoints
-from fundamentallm.data.schema import DOCUMENTS_SCHEMA, FORMAT_VERSION, check_schema, shard_schema
+from fundamentallm.data.schema import DOCUMENTS_SCHEMA, FORMAT_VERSION, check_schema, corpus_hash_of, shard_schema
 from fundamentallm.data.vocab import UNK_ID, Vocab
 from fundamentallm.errors import CorpusError, DatasetError
 from fundamentallm.fsutil import (
@@ -403,7 +403,7 @@ def plan_encode(
     corpus = _Corpus(documents_path)
     if len(corpus) == 0:
         raise CorpusError(f"{documents_path}: the documents table is empty")
-    corpus_hash = hashlib.sha256("\n".join(corpus.doc_ids).encode("ascii")).hexdigest()
+    corpus_hash = corpus_hash_of(corpus.doc_ids)
     final = dataset_dir(out_dir, corpus_hash, config)
     where = {"documents_path": str(documents_path), "dataset_dir": str(final), "corpus_hash": corpus_hash}
     manifest = _existing(final)

@@ -35,11 +35,12 @@ import pyarrow.parquet as pq
 
 from fundamentallm.config import IngestConfig
 from fundamentallm.data.codepoints import add_counts, count_codepoints, counts_to_dict, iter_codepoint_chunks
-from fundamentallm.data.schema import DOCUMENTS_SCHEMA
-from fundamentallm.data.sources import RawDocument, SkippedSource, iter_source, redact_url
+from fundamentallm.data.schema import DOCUMENTS_SCHEMA, corpus_hash_of
+from fundamentallm.data.sources import RawDocument, SkippedSource, iter_source
 from fundamentallm.errors import CorpusError
 from fundamentallm.fsutil import atomic_write_json, publish_dir, staging_dir
 from fundamentallm.progress import Progress, null_progress
+from fundamentallm.redact import mask_credentials
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def _nothing_usable(config: IngestConfig, skipped: list[dict[str, str]]) -> Corp
     shown = "; ".join(f"{s['source']}: {s['reason']}" for s in skipped[:5])
     more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
     detail = f": {shown}{more}" if skipped else ""
-    return CorpusError(f"no usable text in {', '.join(map(redact_url, config.sources))}{detail}")
+    return CorpusError(f"no usable text in {', '.join(map(mask_credentials, config.sources))}{detail}")
 
 
 def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_progress) -> DocumentsRecord:
@@ -293,7 +294,7 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
     """
     started = time.perf_counter()
     root = Path(out_dir) / "documents"
-    sources = [redact_url(spec) for spec in config.sources]  # credentials in a URL are never recorded
+    sources = [mask_credentials(spec) for spec in config.sources]  # credentials in a URL are never recorded
     read: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     duplicates: list[dict[str, str]] = []
@@ -335,7 +336,7 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
             writer.close()
         if not read:
             raise _nothing_usable(config, skipped)
-        corpus_hash = hashlib.sha256("\n".join(r["doc_id"] for r in read).encode("ascii")).hexdigest()
+        corpus_hash = corpus_hash_of(r["doc_id"] for r in read)
         final = root / corpus_hash[:16]
         report = {
             "corpus_hash": corpus_hash,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
+
 import pyarrow as pa
 
 from fundamentallm.errors import DatasetError
@@ -32,6 +35,14 @@ DOCUMENTS_SCHEMA = pa.schema(
     ],
     metadata={"format": DOCUMENTS_FORMAT, "version": str(FORMAT_VERSION)},
 )
+
+
+def corpus_hash_of(doc_ids: Iterable[str]) -> str:
+    """The identity of a documents table: sha256 (hex) of its ``doc_id`` values, in table order,
+    joined by newlines. Ingestion names the table by it and encoding names its datasets by it,
+    so both must compute it alike."""
+    return hashlib.sha256("\n".join(doc_ids).encode("ascii")).hexdigest()
+
 
 TOKEN_TYPES: dict[str, pa.DataType] = {"uint8": pa.uint8(), "uint16": pa.uint16(), "uint32": pa.uint32()}
 

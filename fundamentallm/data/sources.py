@@ -34,8 +34,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from fundamentallm import storage
 from fundamentallm.errors import CorpusError, DownloadError
-from fundamentallm.fsutil import atomic_path
+from fundamentallm.fsutil import atomic_path, sha256_file
+from fundamentallm.redact import mask_credentials
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +68,6 @@ class SkippedSource:
     reason: str
 
 
-def default_cache_dir() -> Path | str:
-    """``$FUNDAMENTALLM_CACHE_DIR`` (a path, or an fsspec URL such as ``s3://bucket/cache``), else
-    ``$XDG_CACHE_HOME/fundamentallm`` or ``~/.cache/fundamentallm``."""
-    env = os.environ.get("FUNDAMENTALLM_CACHE_DIR")
-    if env:
-        return env if "://" in env else Path(env)
-    return local_cache_dir()
-
-
-def local_cache_dir() -> Path:
-    """The cache on this machine: ``$FUNDAMENTALLM_CACHE_DIR`` when it is a path, else the XDG default."""
-    env = os.environ.get("FUNDAMENTALLM_CACHE_DIR")
-    if env and "://" not in env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fundamentallm"
-
-
 def is_url(spec: str) -> bool:
     return "://" in spec
 
@@ -96,18 +81,6 @@ def split_builtin(spec: str) -> tuple[str, str | None] | None:
 
 
 # Downloads ------------------------------------------------------------------------------
-
-
-def redact_url(text: str) -> str:
-    """`text` with the user:password of a URL in it replaced by ``***``, for labels, logs and messages."""
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return text
-    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
-    authority = rest[:end]
-    if "@" not in authority:
-        return text
-    return f"{scheme}://***@{authority.rpartition('@')[2]}{rest[end:]}"
 
 
 def _split_credentials(url: str) -> tuple[str, str | None]:
@@ -129,7 +102,9 @@ def parse_pinned_url(url: str) -> tuple[str, str | None]:
     key, _, value = fragment.partition("=")
     value = value.strip().lower()
     if key != "sha256" or not _SHA256_HEX.match(value):
-        raise CorpusError(f"{redact_url(url)}: the URL fragment must be #sha256=<64 hex digits> to pin the content")
+        raise CorpusError(
+            f"{mask_credentials(url)}: the URL fragment must be #sha256=<64 hex digits> to pin the content"
+        )
     return base, value
 
 
@@ -158,13 +133,11 @@ def download(
     masked in every message. A server error (5xx, 408, 425, 429) or a network failure raises
     `DownloadError`, worth a retry; any other refusal (404, 401, ...) a plain `CorpusError`.
     """
-    label = redact_url(url)
+    label = mask_credentials(url)
     url, authorization = _split_credentials(url)
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise CorpusError(f"{label}: only http:// and https:// URLs can be downloaded")
-    from fundamentallm import storage
-
     # A remote cache (an fsspec URL) is used through its local mirror: fetched from when it
     # holds the file, added to after a good download.
     remote = storage.join(cache_dir, "downloads", _cache_name(url)) if storage.is_remote(cache_dir) else None
@@ -172,7 +145,7 @@ def download(
     if remote is not None and not target.is_file() and storage.exists(remote):
         storage.pull_file(remote, target)
     if target.is_file():
-        if sha256 is None or _file_sha256(target) == sha256:
+        if sha256 is None or sha256_file(target) == sha256:
             log.info("using cached download of %s (%s)", label, target)
             return target
         log.warning("cached copy of %s does not match the pinned sha256; downloading again", label)
@@ -214,14 +187,6 @@ def download(
     if remote is not None:
         storage.push_file(target, remote)
     return target
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # Built-in corpora -----------------------------------------------------------------------
@@ -343,7 +308,7 @@ def iter_source(
 
     Raises `CorpusError` when the source itself is unusable (missing path, failed download).
     """
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or storage.default_cache_dir()
     builtin = split_builtin(spec)
     if builtin is not None:
         name, location = builtin
@@ -357,7 +322,7 @@ def iter_source(
     if is_url(spec):
         url, pinned = parse_pinned_url(spec)
         path = download(url, cache_dir, sha256=pinned, max_bytes=max_download_bytes, timeout_s=download_timeout_s)
-        yield RawDocument(redact_url(url), _read_file(path, max_download_bytes))
+        yield RawDocument(mask_credentials(url), _read_file(path, max_download_bytes))
         return
     path = Path(spec)
     if path.is_dir():
@@ -415,13 +380,13 @@ def fingerprint(
             continue
         path = Path(spec)
         if path.is_file():
-            digest.update(_file_sha256(path).encode())
+            digest.update(sha256_file(path).encode())
         elif path.is_dir():
             for member, skipped in iter_directory(path, include, exclude):
                 digest.update(f"{member.relative_to(path).as_posix()}\n".encode())
                 if skipped is None:
                     try:
-                        digest.update(_file_sha256(member).encode())
+                        digest.update(sha256_file(member).encode())
                     except OSError:
                         return None
         else:

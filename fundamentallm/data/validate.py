@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -223,9 +222,12 @@ def validate_documents(
     and the Data Docs site to ``<out>/validation/data-docs/``; both are written before any
     error is raised.
     """
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no network calls from a pipeline
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
 
     frames = _frames(documents)
     suites = _suites(config, encode, min_split_tokens)
@@ -234,10 +236,16 @@ def validate_documents(
     report_dir = Path(out_dir) / "validation" / f"{documents.corpus_hash[:16]}-{settings_hash[:16]}"
     docs_dir = (Path(out_dir) / "validation" / "data-docs").resolve()  # Great Expectations needs it absolute
 
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    for site in list(context.variables.data_docs_sites or {}):
-        context.delete_data_docs_site(site)  # the default site would write into a fresh /tmp directory
+    project_config = DataContextConfig(
+        # No default Data Docs site: it would be a fresh /tmp directory; ours is added below.
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        # No network calls from a pipeline: earlier GX 1.x releases send usage events unless told
+        # not to (1.24 has no analytics code left), and the context's own setting outranks
+        # GX_ANALYTICS_ENABLED, so the process environment is left alone.
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    context = gx.get_context(mode="ephemeral", project_config=project_config)
     if data_docs:
         context.add_data_docs_site(
             site_name="fundamentallm",
