@@ -132,11 +132,3 @@ def write_model_code(directory: str | Path) -> Path:
     atomic_write_text(path, _MODEL_CODE)
     return path
 
-
-if __name__ != "fundamentallm.mlflow_model":
-    # MLflow runs a code file under a name of its own: this file is a model's code file only
-    # while registry.log_model still passes it as python_model. Remove this block when it
-    # passes write_model_code(tmp) instead; importing the module never gets here.
-    import mlflow
-
-    mlflow.models.set_model(CharLanguageModel())

@@ -1,6 +1,7 @@
 """Logging a trained model to MLflow and registering it, with the `champion` alias rule.
 
-The model is saved as an MLflow pyfunc from code (`fundamentallm/mlflow_model.py`), with the
+The model is saved as an MLflow pyfunc from code (a short code file that loads
+`fundamentallm.mlflow_model.CharLanguageModel`, written by `write_model_code`), with the
 checkpoint as its artifact, this package's source beside it (so it loads where FundamentaLLM
 is not installed), pinned requirements, a signature and an input example. It is logged into
 the pipeline's run and registered as a new version of the model name.
@@ -82,7 +83,7 @@ def log_model(tracker: Any, checkpoint: str | Path, example_prompt: str) -> str:
         path = Path(tmp) / MODEL_ARTIFACT
         mlflow.pyfunc.save_model(
             path,
-            python_model=str(package / "mlflow_model.py"),
+            python_model=str(mlflow_model.write_model_code(tmp)),
             artifacts={"checkpoint": str(fetch(checkpoint))},  # a local copy when the run directory is remote
             code_paths=[str(package)],
             signature=signature,
