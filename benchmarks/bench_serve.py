@@ -358,9 +358,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"in {time.perf_counter() - started:.1f} s",
                 flush=True,
             )
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri())
         alphabet = model_alphabet(model_uri)
         started = time.perf_counter()
         with serve(model_uri, tmp_path / "server.log", tracking_uri=tracking_uri(), port=args.port) as server:
