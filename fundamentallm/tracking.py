@@ -143,16 +143,39 @@ def bounded_http_retries() -> Iterator[None]:
 
 
 def download_artifacts(uri: str) -> Path:
-    """Download a logged or registered model's files (``models:/name@alias``, ``runs:/...``) to a
-    temporary directory, from the store `tracking_uri()` names."""
-    import mlflow
+    """Download a logged or registered model's files (``models:/name@alias``, ``models:/name/3``,
+    ``runs:/...``) to a temporary directory, from the store `tracking_uri()` names.
 
+    A ``models:/`` URI is resolved here, with this module's client: MLflow's own resolution asks
+    the process-wide registry URI, which this package never sets. A name, version or alias the
+    registry does not hold raises `RegistryError` naming the store.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from fundamentallm.errors import RegistryError
+
+    store = tracking_uri()
+    source = uri
+    if uri.startswith("models:/"):
+        first, _, path = uri.removeprefix("models:/").partition("/")
+        name, at, alias = first.partition("@")
+        if not at:
+            version, _, path = path.partition("/")
+        mlflow_client = client()
+        try:
+            with reporting_unreachable():
+                found = mlflow_client.get_model_version_by_alias(name, alias) if at else None
+                version = str(found.version) if found is not None else version
+                source = mlflow_client.get_model_version_download_uri(name, version)
+        except MlflowException as exc:
+            raise RegistryError(
+                f"{uri}: not in the model registry of {mask_credentials(store)} ({exc.message})"
+            ) from exc
+        source = f"{source.rstrip('/')}/{path}" if path else source
     with reporting_unreachable():
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, tracking_uri=tracking_uri(), registry_uri=tracking_uri()
-            )
-        )
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=store, registry_uri=store)
+    return Path(local)
 
 
 _UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish", "Connection aborted", "timed out")
