@@ -46,6 +46,15 @@ def _task_states(flow_run_id) -> dict[str, list[str]]:
     return states
 
 
+def _log_messages(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
 def _artifact_keys(flow_run_id) -> set[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -70,6 +79,9 @@ def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
     assert first["registration"]["version"] == "1" and first["registration"]["champion"] is True
     assert first["metrics"]["val"]["bits_per_char"] < first["metrics"]["val"]["unigram_bits_per_char"]
     assert {"validation", "metrics", "samples", "mlflow-run"} <= _artifact_keys(state.state_details.flow_run_id)
+    messages = _log_messages(state.state_details.flow_run_id)
+    assert any(m.startswith("step 300/300 | loss") for m in messages)  # training progress in the flow run's log
+    assert first["registration"]["reason"] in messages  # and the registration outcome
 
     mlflow_client = client()
     run = mlflow_client.get_run(first["mlflow_run_id"])
@@ -81,6 +93,9 @@ def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
     assert run.data.params["pipeline.run.train.max_steps"] == "300"
     for key in ("val_loss", "val_bpc", "val_perplexity", "test_bpc", "train_loss", "lr", "tokens_per_s", "grad_norm"):
         assert key in run.data.metrics, key
+    # Characters the training split never held are counted, not hidden in the figure.
+    assert run.data.metrics["val_unknown_chars"] == first["metrics"]["val"]["unknown_characters"]
+    assert run.data.metrics["val_unknown_share"] == first["metrics"]["val"]["unknown_share"]
     assert len(mlflow_client.get_metric_history(run.info.run_id, "train_loss")) > 3
     artifacts = {
         a.path
