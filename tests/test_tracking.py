@@ -36,10 +36,10 @@ def test_http_retry_caps_hold_inside_a_tracked_run_only(mlflow_store, monkeypatc
     assert dict(os.environ) == before
 
 
-def test_registered_model_files_download_from_this_store_without_a_global_uri(mlflow_store, tmp_path, monkeypatch):
+def test_registered_model_files_download_from_this_store_whatever_the_global_uri(mlflow_store, tmp_path, monkeypatch):
     import mlflow
 
-    monkeypatch.chdir(tmp_path)  # MLflow's own default store would appear here as mlflow.db
+    monkeypatch.chdir(tmp_path)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "weights.txt").write_text("the trained weights")
@@ -51,13 +51,19 @@ def test_registered_model_files_download_from_this_store_without_a_global_uri(ml
     version = mlflow_client.create_model_version("download-char", source, run_id=tracker.run_id)
     mlflow_client.set_registered_model_alias("download-char", "champion", version.version)
 
-    for uri in ("models:/download-char@champion", "models:/download-char/1", f"runs:/{tracker.run_id}/model"):
-        local = tracking.download_artifacts(uri)
-        assert (local / "weights.txt").read_text() == "the trained weights", uri
-    assert (tracking.download_artifacts("models:/download-char/1/weights.txt")).read_text() == "the trained weights"
-    assert mlflow.get_registry_uri() != tracking.tracking_uri()  # nothing was set process-wide
-    assert not (tmp_path / "mlflow.db").exists()
-    with pytest.raises(RegistryError, match=r"models:/download-char@gone: not in the model registry of sqlite:"):
-        tracking.download_artifacts("models:/download-char@gone")
-    with pytest.raises(RegistryError, match=r"models:/missing-char/1: not in the model registry"):
-        tracking.download_artifacts("models:/missing-char/1")
+    # MLflow's own resolution of models:/ URIs asks its process-wide registry URI: point it elsewhere.
+    previous = mlflow.get_registry_uri()
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    try:
+        for uri in ("models:/download-char@champion", "models:/download-char/1", f"runs:/{tracker.run_id}/model"):
+            local = tracking.download_artifacts(uri)
+            assert (local / "weights.txt").read_text() == "the trained weights", uri
+        weights = tracking.download_artifacts("models:/download-char/1/weights.txt")
+        assert weights.read_text() == "the trained weights"
+        with pytest.raises(RegistryError, match=r"models:/download-char@gone: not in the model registry of sqlite:"):
+            tracking.download_artifacts("models:/download-char@gone")
+        with pytest.raises(RegistryError, match=r"models:/missing-char/1: not in the model registry"):
+            tracking.download_artifacts("models:/missing-char/1")
+    finally:
+        mlflow.set_registry_uri(previous)
+    assert not (tmp_path / "elsewhere.db").exists() and not (tmp_path / "mlflow.db").exists()
