@@ -10,7 +10,7 @@ locally (Prefect's temporary API, the embedded MLflow store) with ``python -m fl
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -30,6 +30,7 @@ from fundamentallm.tracking import RunLink, tracked_run
 from tasks.data import cached, encode_task, ingest_task, validate_task
 from tasks.flow_runs import ended_flow_run
 from tasks.pipeline import (
+    before_training_task,
     evaluate_task,
     lineage_task,
     publish_dataset_task,
@@ -51,11 +52,17 @@ def train_pipeline(
     experiment: str = "fundamentallm",
     data_dir: str = "data",
     runs_dir: str = "runs",
+    retrain: Literal["always", "on-change"] = "always",
+    init_from: str | None = None,
+    promotion_margin_bpc: float = 0.0,
 ) -> dict[str, Any]:
     """Train a character-level language model from corpus sources and register it.
 
     `sources` is a shortcut for `data.ingest.sources`; `overrides` are 'key=value' settings
-    over the preset (e.g. 'train.max_steps=500').
+    over the preset (e.g. 'train.max_steps=500'). With `retrain` 'on-change' a run on the
+    champion's corpus and settings ends early; `init_from` warm-starts from a registered model
+    or a checkpoint; the champion alias moves only to a model that beats the champion on this
+    run's data by `promotion_margin_bpc`.
     """
     config = PipelineConfig.from_parameters(
         preset=preset,
@@ -68,6 +75,9 @@ def train_pipeline(
         experiment=experiment,
         data_dir=data_dir,
         runs_dir=runs_dir,
+        retrain=retrain,
+        init_from=init_from,
+        promotion_margin_bpc=promotion_margin_bpc,
     )
     plan = plan_run(config, str(runtime.flow_run.id), str(runtime.flow_run.name))
     with tracked_run(config.experiment, plan.name, plan.tags, params=plan.params, why_abandoned=ended_flow_run) as run:
@@ -75,6 +85,10 @@ def train_pipeline(
         create_link_artifact(link.url, link_text=link.text, key="mlflow-run", description=link.hint)
 
         documents = cached(ingest_task, config.data.ingest, plan.work_dir)
+        outlook = before_training_task(run.run_id, config, plan, documents)
+        create_markdown_artifact(outlook.markdown(), key="retraining")
+        if not outlook.retrain:
+            return PipelineSummary.nothing_to_do(run.run_id, outlook).to_dict()
         validation = validate_task(
             documents, config.data.validation, config.data.encode, plan.work_dir, plan.min_split_tokens
         )
@@ -84,7 +98,7 @@ def train_pipeline(
         lineage_task(run.run_id, documents, validation, dataset)
 
         trained = train_task.with_options(timeout_seconds=plan.train_timeout_s)(
-            location, plan.run_config, plan.run_dir, run.run_id
+            location, outlook.training_config(plan.run_config), plan.run_dir, run.run_id
         )
         evaluation = evaluate_task(trained.best_checkpoint, location, run.run_id)
         create_table_artifact(
@@ -92,9 +106,12 @@ def train_pipeline(
         )
         samples = sample_task(trained.best_checkpoint, config.prompts, config.sample, plan.run_dir, run.run_id)
         create_markdown_artifact(samples.markdown, key="samples")
-        request = registration_request(config, plan.run_config, dataset, evaluation)
-        registration = register_task(trained.best_checkpoint, run.run_id, request)
-    return PipelineSummary.of(run.run_id, dataset.path, trained, evaluation, samples, registration).to_dict()
+        request = registration_request(config, plan, outlook, dataset, location, evaluation)
+        registration = register_task(trained.best_checkpoint, run.run_id, request, outlook)
+        create_table_artifact(
+            registration.comparison.rows(), key="challenger-vs-champion", description=registration.reason
+        )
+    return PipelineSummary.of(run.run_id, outlook, dataset.path, trained, evaluation, samples, registration).to_dict()
 
 
 if __name__ == "__main__":

@@ -9,10 +9,18 @@ window is aligned to the end of the split). The figures are sums over all scored
 characters: loss = total nats / characters, perplexity = exp(loss),
 bits per character = loss / ln 2.
 
-A character the training split never held is scored as the unknown id (`UNK_ID`): the
-model can predict "something unknown" but not which character. How many scored characters
-that was, and their share, are reported beside the figures, which they make look better
-than they are when the share is large.
+A character the model's vocabulary does not hold is scored as the unknown id (`UNK_ID`): the
+model can predict "something unknown" but not which character, so it is charged for that too:
+its probability of the unknown id spread evenly over every Unicode character outside its
+vocabulary (`unknown_charge_bits`, about 20 bits more per such character). Crediting the
+unknown id as if it had predicted the exact character would flatter a model whose vocabulary
+lacks characters of the text. How many scored characters were unknown, and their share, are
+reported beside the figures.
+
+A model can be scored on a dataset encoded with another vocabulary (`other_vocabulary=True`:
+a champion on a challenger's validation data): the dataset's ids are mapped to the model's
+through their characters, and the dataset's own unknown id stays unknown to the model (the
+dataset keeps no record of which character it was).
 
 Two baselines on the same split put the figure in perspective: the uniform model (log2 of
 the vocabulary size) and the unigram entropy (the split's own character frequencies; no
@@ -33,12 +41,32 @@ import torch.nn.functional as F
 
 from fundamentallm.checkpoint import load_checkpoint
 from fundamentallm.data.dataset import Dataset
-from fundamentallm.data.vocab import UNK_ID
+from fundamentallm.data.vocab import UNK_ID, Vocab
 from fundamentallm.errors import CheckpointError, ConfigError
 from fundamentallm.progress import Progress, null_progress
 from fundamentallm.runtime import Precision, resolve_device, resolve_precision
 
 LN2 = math.log(2.0)
+EVALUATOR_VERSION = 2
+"""2: characters outside the model's vocabulary are charged `unknown_charge_bits` each (1 credited
+the unknown id as if it had predicted the character). Figures of different versions are not
+compared with each other."""
+UNICODE_CHARACTERS = 0x110000 - 0x800
+"""Unicode scalar values: every code point but the surrogates."""
+
+
+def unknown_charge_nats(vocab_size: int) -> float:
+    """What an unknown character costs beyond -ln p(unknown id): ln of the number of characters the
+    vocabulary (of `vocab_size` ids, the unknown id included) does not hold, among which the model
+    cannot tell."""
+    return math.log(UNICODE_CHARACTERS - (vocab_size - 1))
+
+
+def translate_ids(tokens: np.ndarray, source: Vocab, target: Vocab) -> np.ndarray:
+    """`tokens` of vocabulary `source` as ids of `target` (by character; unknown stays unknown)."""
+    table = np.zeros(source.size, dtype=np.int64)  # the unknown id maps to the unknown id
+    table[1:] = target.encode("".join(source.chars), unknown="unk")
+    return table[tokens]
 
 
 @dataclass(frozen=True)
@@ -49,6 +77,8 @@ class EvalResult:
     """Scored characters whose target is the unknown id (outside the training vocabulary)."""
     unknown_share: float
     """unknown_characters / characters."""
+    unknown_charge_bits: float
+    """Bits charged per unknown character on top of the model's own -log2 p(unknown id)."""
     total_nats: float
     loss: float
     perplexity: float
@@ -156,16 +186,19 @@ def evaluate(
     batch_size: int = 32,
     device: str = "auto",
     precision: str = "auto",
+    other_vocabulary: bool = False,
     progress: Progress = null_progress,
 ) -> EvalResult:
     """Exact figures of a checkpoint on one split of a dataset.
 
     `stride` None means half the context; any other value must be in 1..context (`ConfigError`).
+    A dataset encoded with another vocabulary than the checkpoint's is refused unless
+    `other_vocabulary` (then its ids are mapped to the model's by character).
     """
     started = time.perf_counter()
     data = Dataset(dataset)
     ckpt = load_checkpoint(checkpoint)
-    if ckpt.vocab_hash != data.vocab_hash:
+    if ckpt.vocab_hash != data.vocab_hash and not other_vocabulary:
         raise CheckpointError(
             f"{checkpoint} was trained with vocabulary {ckpt.vocab_hash[:12]}, but {dataset} uses "
             f"{data.vocab_hash[:12]}: ids would mean different characters; evaluate on the dataset it was trained on"
@@ -177,6 +210,8 @@ def evaluate(
         stride = max(1, context // 2)
     check_stride(stride, context)  # before reading the split
     tokens = data.tokens(split)
+    if ckpt.vocab_hash != data.vocab_hash:
+        tokens = translate_ids(tokens, data.vocab, ckpt.vocab)
     total, count = score_tokens(
         model,
         tokens,
@@ -187,13 +222,16 @@ def evaluate(
         precision=resolve_precision(precision, torch_device),
         progress=progress,
     )
-    loss, perplexity, bpc = metrics_from_sums(total, count)
     unknown = int(np.count_nonzero(tokens[1:] == UNK_ID))  # the scored targets: all but the first
+    charge = unknown_charge_nats(ckpt.vocab.size)
+    total += unknown * charge
+    loss, perplexity, bpc = metrics_from_sums(total, count)
     return EvalResult(
         split=split,
         characters=count,
         unknown_characters=unknown,
         unknown_share=unknown / count,
+        unknown_charge_bits=charge / LN2,
         total_nats=total,
         loss=loss,
         perplexity=perplexity,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,9 +37,11 @@ from fundamentallm.config import (
     parse_override,
     setting,
 )
+from fundamentallm.drift import DriftReport
 from fundamentallm.errors import ConfigError
 from fundamentallm.presets import PRESETS, preset
 from fundamentallm.registry import RegistrationRecord
+from fundamentallm.retrain import RetrainPlan, compare_with_champion, look_before_training
 from fundamentallm.rundir import CONFIG, RunDir
 from fundamentallm.tracking import NullTracker, Tracker, browse_lines, git_commit, store_description
 
@@ -77,6 +80,21 @@ class PipelineConfig(Config):
     runs_dir: str = setting(
         "runs", "Directory for training runs (checkpoints and logs), or an fsspec URL (s3://bucket/runs)."
     )
+    retrain: Literal["always", "on-change"] = setting(
+        "always",
+        "'always' trains every run; 'on-change' ends a run early, training and registering nothing, when the "
+        "corpus and the training settings are those the champion was trained with.",
+    )
+    init_from: str | None = setting(
+        None,
+        "Warm start: a registered model (models:/NAME@champion, models:/NAME/3) or a checkpoint file whose "
+        "weights training starts from; characters new to the corpus get new embedding rows. None: from scratch.",
+    )
+    promotion_margin_bpc: float = setting(
+        0.0,
+        "The champion alias moves to a new model only when its validation bits per character beat the "
+        "champion's, on the new model's validation data, by at least this much.",
+    )
 
     def check(self) -> None:
         self.run_config()  # a bad override fails here, before any work
@@ -84,6 +102,10 @@ class PipelineConfig(Config):
             self._fail("prompts", "must hold at least one prompt")
         if not self.model_name.strip():
             self._fail("model_name", "must not be empty")
+        if self.promotion_margin_bpc < 0:
+            self._fail("promotion_margin_bpc", "must not be negative")
+        if self.init_from is not None and not self.init_from.strip():
+            self._fail("init_from", "must name a model or a checkpoint (or be null)")
 
     def run_config(self) -> RunConfig:
         changes = dict(parse_override(item) for item in self.overrides)
@@ -122,12 +144,17 @@ class RunPlan:
     checkpoints; none for a run bounded by steps, whose length the pipeline cannot know."""
     tags: dict[str, str]
     params: dict[str, Any]
+    training_digest: str
+    """What, besides the corpus, decides the model trained (`fundamentallm.retrain.training_digest`)."""
 
 
 def plan_run(config: PipelineConfig, flow_run_id: str, flow_run_name: str) -> RunPlan:
+    from fundamentallm.retrain import training_digest
+
     run_config = config.run_config()
     budget = run_config.train.time_budget_s
     return RunPlan(
+        training_digest=training_digest(run_config, config.data.encode, config.init_from),
         name=flow_run_name,
         run_config=run_config,
         min_split_tokens=min_split_tokens(run_config.model.context_length),
@@ -180,11 +207,15 @@ class Samples:
 
 @dataclass(frozen=True)
 class RegistrationRequest:
-    """What the register stage registers the run's model as."""
+    """What the register stage registers the run's model as, and what it compares it on."""
 
     model_name: str
     val_bpc: float
     dataset_id: str
+    dataset_path: str
+    figures: dict[str, dict[str, Any]]
+    """The challenger's exact evaluation, by split."""
+    margin_bpc: float
     tags: dict[str, str]
     description: str
     example_prompt: str
@@ -192,14 +223,19 @@ class RegistrationRequest:
 
 @dataclass(frozen=True)
 class PipelineSummary:
-    """What the flow returns (as a dict) and the local run prints."""
+    """What the flow returns (as a dict) and the local run prints: a trained and registered model,
+    or why nothing was trained."""
 
     mlflow_run_id: str
-    dataset: str
-    run_dir: str
-    metrics: dict[str, dict[str, Any]]
-    sample: str
-    registration: dict[str, Any]
+    skipped: bool
+    reason: str
+    """Why the run trained, or why it did not (`RetrainPlan.reason`)."""
+    drift: dict[str, Any] | None = None
+    dataset: str | None = None
+    run_dir: str | None = None
+    metrics: dict[str, dict[str, Any]] | None = None
+    sample: str | None = None
+    registration: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,6 +244,7 @@ class PipelineSummary:
     def of(
         cls,
         mlflow_run_id: str,
+        retrain: RetrainPlan,
         dataset: str,
         trained: TrainResult,
         evaluation: Evaluation,
@@ -216,12 +253,19 @@ class PipelineSummary:
     ) -> PipelineSummary:
         return cls(
             mlflow_run_id=mlflow_run_id,
+            skipped=False,
+            reason=retrain.reason,
+            drift=retrain.drift.to_dict() if retrain.drift else None,
             dataset=dataset,
             run_dir=trained.run_dir,
             metrics=evaluation.to_dict(),
             sample=samples.first,
             registration=registration.to_dict(),
         )
+
+    @classmethod
+    def nothing_to_do(cls, mlflow_run_id: str, retrain: RetrainPlan) -> PipelineSummary:
+        return cls(mlflow_run_id=mlflow_run_id, skipped=True, reason=retrain.reason)
 
 
 # Stages ---------------------------------------------------------------------------------------
@@ -233,6 +277,7 @@ def log_lineage(tracker: Tracker, documents: Any, validation: Any, dataset: Any)
     tracker.set_tags(
         {"corpus_hash": documents.corpus_hash, "vocab_hash": dataset.vocab_hash, "dataset_id": dataset.dataset_id}
     )
+    tracker.log_artifact(documents.report_path, "data")  # the corpus profile a later run's drift report reads
     tracker.log_artifact(validation.report_path, "data")
     tracker.log_artifact(dataset.manifest_path, "data")
     tracker.log_artifact(Path(dataset.path) / "vocab.json", "data")
@@ -331,32 +376,113 @@ def sample_stage(
 
 
 def registration_request(
-    config: PipelineConfig, run_config: RunConfig, dataset: Any, evaluation: Evaluation
+    config: PipelineConfig,
+    plan: RunPlan,
+    retrain: RetrainPlan,
+    dataset: Any,
+    dataset_path: str,
+    evaluation: Evaluation,
 ) -> RegistrationRequest:
-    """Register under the config's model name, judged by the validation bits per character on this dataset."""
+    """Register under the config's model name, judged by the validation bits per character on this
+    dataset; the version's tags say what it was trained on and from, for the next run's decisions."""
+    from fundamentallm.evaluate import EVALUATOR_VERSION
+
+    val = evaluation["val"]
+    tags = {
+        "corpus_hash": dataset.corpus_hash,
+        "vocab_hash": dataset.vocab_hash,
+        "preset": config.preset,
+        "training_digest": plan.training_digest,
+        "evaluator": str(EVALUATOR_VERSION),
+        "unknown_chars": str(val.unknown_characters),
+    }
+    if "test" in evaluation.to_dict():
+        tags["test_bpc"] = repr(evaluation["test"].bits_per_char)
+    if retrain.warm_start is not None:
+        tags["init_from"] = retrain.warm_start.source
+        if retrain.warm_start.parent_version is not None:
+            tags["parent_version"] = retrain.warm_start.parent_version
+            tags["parent_model"] = str(retrain.warm_start.parent_model)
     return RegistrationRequest(
         model_name=config.model_name,
-        val_bpc=evaluation["val"].bits_per_char,
+        val_bpc=val.bits_per_char,
         dataset_id=dataset.dataset_id,
-        tags={"corpus_hash": dataset.corpus_hash, "vocab_hash": dataset.vocab_hash, "preset": config.preset},
-        description=version_description(evaluation, dataset.corpus_hash, run_config),
+        dataset_path=dataset_path,
+        figures=evaluation.to_dict(),
+        margin_bpc=config.promotion_margin_bpc,
+        tags=tags,
+        description=version_description(evaluation, dataset.corpus_hash, plan.run_config),
         example_prompt=config.prompts[0],
     )
 
 
-def register_stage(checkpoint: str, tracker: Any, request: RegistrationRequest) -> RegistrationRecord:
-    """Log the pyfunc model to the tracker's run and register it; `champion` moves only to a better model."""
+def before_training_stage(tracker: Tracker, config: PipelineConfig, plan: RunPlan, documents: Any) -> RetrainPlan:
+    """Decide whether this run trains, and from what (`fundamentallm.retrain.look_before_training`);
+    keep the decision and the corpus drift with the MLflow run."""
+    from fundamentallm.fsutil import read_json
+
+    retrain = look_before_training(
+        tracker,
+        model_name=config.model_name,
+        retrain=config.retrain,
+        corpus_hash=documents.corpus_hash,
+        digest=plan.training_digest,
+        ingest_report=read_json(documents.report_path),
+        model=plan.run_config.model,
+        init_from=config.init_from,
+    )
+    tags = {"retrain": "yes" if retrain.retrain else "skipped", "retrain_reason": retrain.reason}
+    if retrain.warm_start is not None:
+        tags["init_from"] = retrain.warm_start.source
+    tracker.set_tags(tags)
+    if retrain.drift is not None:
+        with tempfile.TemporaryDirectory(prefix="fundamentallm-drift-") as tmp:
+            report = Path(tmp) / "drift.json"
+            report.write_text(json.dumps(retrain.drift.to_dict(), indent=2) + "\n", encoding="utf-8")
+            (Path(tmp) / "drift.md").write_text(retrain.drift.markdown(), encoding="utf-8")
+            tracker.log_artifact(report, "drift")
+            tracker.log_artifact(Path(tmp) / "drift.md", "drift")
+        tracker.log_metrics(
+            {
+                "drift_divergence_bits": retrain.drift.divergence_bits,
+                "drift_new_text_share": retrain.drift.new_text_share,
+            }
+        )
+    return retrain
+
+
+def register_stage(
+    checkpoint: str, tracker: Any, request: RegistrationRequest, retrain: RetrainPlan
+) -> RegistrationRecord:
+    """Log the pyfunc model to the tracker's run and register it; `champion` moves only to a model that
+    beats it on this run's data (`fundamentallm.retrain.compare_with_champion`) by the margin."""
     from fundamentallm.registry import log_model, register
 
     log_model(tracker, checkpoint, request.example_prompt)
-    return register(
+    record = register(
         tracker,
         request.model_name,
         val_bpc=request.val_bpc,
         dataset_id=request.dataset_id,
         tags=request.tags,
         description=request.description,
+        compare=lambda current: compare_with_champion(
+            current,
+            retrain,
+            dataset_path=request.dataset_path,
+            dataset_id=request.dataset_id,
+            figures=request.figures,
+            margin_bpc=request.margin_bpc,
+        ),
     )
+    comparison = record.comparison
+    tracker.set_tags({"registration": record.reason[:5000], "promoted": str(record.champion).lower()})
+    if comparison is not None and comparison.champion_val_bpc is not None:
+        figures = {"champion_val_bpc": comparison.champion_val_bpc}
+        if comparison.champion_test_bpc is not None:
+            figures["champion_test_bpc"] = comparison.champion_test_bpc
+        tracker.log_metrics(figures)
+    return record
 
 
 def version_description(evaluation: Evaluation, corpus_hash: str, config: RunConfig) -> str:
@@ -381,7 +507,10 @@ def version_description(evaluation: Evaluation, corpus_hash: str, config: RunCon
 
 
 def summary_text(summary: dict[str, Any]) -> str:
-    """What `make run` prints at the end: the figures, a sample, the registration, where to look next."""
+    """What `make run` prints at the end: the figures, a sample, the registration, where to look next
+    (or why nothing was trained)."""
+    if summary["skipped"]:
+        return f"\n=== train-pipeline: nothing to do ===\nskipped: {summary['reason']}\n"
     lines = ["", "=== train-pipeline finished ==="]
     for split, figures in summary["metrics"].items():
         lines.append(
@@ -392,6 +521,8 @@ def summary_text(summary: dict[str, Any]) -> str:
     lines += ["", f"sample:\n{summary['sample']}", ""]
     registration = summary["registration"]
     val = summary["metrics"]["val"]
+    if summary["drift"]:
+        lines.append(DriftReport(**{**summary["drift"], **_tuples(summary["drift"])}).summary())
     lines.append(f"registered {registration['model_uri']} ({registration['reason']})")
     lines.append(f"val bits/char {val['bits_per_char']:.4f}; run directory {summary['run_dir']}")
     lines += ["", "Browse the runs:", *(f"  {line}" for line in browse_lines())]
@@ -404,6 +535,10 @@ def summary_text(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _tuples(drift: dict[str, Any]) -> dict[str, Any]:
+    return {key: tuple(drift[key]) for key in ("chars_added", "chars_removed")}
+
+
 def run_locally(argv: Sequence[str] | None, run_flow: Callable[..., dict[str, Any]]) -> int:
     """``python -m flows.train_pipeline``: parse the flags, run the flow once, print the summary."""
     parser = argparse.ArgumentParser(description="Run train-pipeline once, locally (no server needed).")
@@ -413,9 +548,32 @@ def run_locally(argv: Sequence[str] | None, run_flow: Callable[..., dict[str, An
     parser.add_argument(
         "--encode-workers", type=int, default=1, help="processes encoding shards (more than 1: a local Dask cluster)"
     )
+    parser.add_argument(
+        "--retrain",
+        choices=["always", "on-change"],
+        default="always",
+        help="on-change: train nothing when the corpus and settings are the champion's",
+    )
+    parser.add_argument("--init-from", help="warm start from models:/NAME@champion, models:/NAME/3 or a checkpoint")
+    parser.add_argument(
+        "--promotion-margin",
+        type=float,
+        default=0.0,
+        help="bits/char by which a new model must beat the champion to take the alias",
+    )
+    parser.add_argument("--model-name", default=PipelineConfig().model_name, help="registered model name")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     data = DataConfig().with_overrides({"encode.workers": args.encode_workers})
-    summary = run_flow(preset=args.preset, sources=args.source, overrides=args.overrides, data=data)
+    summary = run_flow(
+        preset=args.preset,
+        sources=args.source,
+        overrides=args.overrides,
+        data=data,
+        retrain=args.retrain,
+        init_from=args.init_from,
+        promotion_margin_bpc=args.promotion_margin,
+        model_name=args.model_name,
+    )
     print(json.dumps(summary, indent=2) if args.json else summary_text(summary))
     return 0

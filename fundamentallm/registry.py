@@ -27,7 +27,7 @@ import random
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ class RegistrationRecord:
     champion: bool
     reason: str
     previous_champion: str | None
+    comparison: Comparison | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +151,138 @@ def champion_lock(client: Any, name: str, timeout_s: float = LOCK_TIMEOUT_S) -> 
             client.delete_registered_model(lock)
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """The challenger (the model being registered) and the champion, measured on the same data.
+
+    Both figures are validation bits per character on the challenger's validation split (and
+    test, when it has one), from the same exact evaluator. `champion_val_bpc` is None when there
+    is no champion, or when it could not be measured on this data (`compared` False).
+    """
+
+    challenger_val_bpc: float
+    challenger_dataset: str
+    champion_version: str | None = None
+    champion_val_bpc: float | None = None
+    champion_dataset: str | None = None
+    challenger_test_bpc: float | None = None
+    champion_test_bpc: float | None = None
+    challenger_unknown: int = 0
+    """Scored validation characters outside the challenger's vocabulary."""
+    champion_unknown: int | None = None
+    """Scored validation characters outside the champion's vocabulary."""
+    rescored: bool = False
+    """True when the champion was scored afresh on this data; False when its own recorded figure is used."""
+    margin_bpc: float = 0.0
+
+    @property
+    def compared(self) -> bool:
+        return self.champion_val_bpc is not None
+
+    def promotes(self) -> bool:
+        """The rule: no champion yet, or the challenger beats it on the same data by at least the margin
+        (and by something: a tie keeps the champion)."""
+        if self.champion_version is None:
+            return True
+        if self.champion_val_bpc is None:
+            return False
+        gain = self.champion_val_bpc - self.challenger_val_bpc
+        return gain > 0 and gain >= self.margin_bpc
+
+    def reason(self, name: str, version: str) -> str:
+        if self.champion_version is None:
+            return f"first model registered as {name}: version {version} is champion"
+        if self.champion_val_bpc is None:
+            return (
+                f"champion is version {self.champion_version}, measured on other validation data "
+                f"(dataset {self.champion_dataset}, this run {self.challenger_dataset}); not compared, alias kept. "
+                f"Promote by hand if wanted: MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, "
+                f"{version!r})"
+            )
+        promote = self.promotes()
+        where = "scored afresh on this run's" if self.rescored else "on the same"
+        text = (
+            f"version {version} val {self.challenger_val_bpc:.4f} bits/char {'beats' if promote else 'does not beat'} "
+            f"champion version {self.champion_version}'s {self.champion_val_bpc:.4f} {where} validation data"
+        )
+        if self.margin_bpc:
+            text += f" (by {self.champion_val_bpc - self.challenger_val_bpc:+.4f}; margin {self.margin_bpc:g})"
+        return text + (f"; {CHAMPION} moves to version {version}" if promote else f"; {CHAMPION} stays")
+
+    def tags(self) -> dict[str, str]:
+        """The comparison as model-version tags (None figures left out)."""
+        values = {
+            "compared_with_version": self.champion_version,
+            "champion_val_bpc": self.champion_val_bpc,
+            "champion_test_bpc": self.champion_test_bpc,
+            "champion_dataset_id": self.champion_dataset,
+            "champion_unknown_chars": self.champion_unknown,
+            "unknown_chars": self.challenger_unknown,
+            "promotion_margin_bpc": self.margin_bpc,
+        }
+        return {
+            key: repr(value) if isinstance(value, float) else str(value)
+            for key, value in values.items()
+            if value is not None
+        }
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Challenger vs champion as table rows (one per model)."""
+
+        def row(model: str, val: float | None, test: float | None, unknown: int | None, dataset: str | None) -> dict:
+            return {
+                "model": model,
+                "val bits/char": None if val is None else round(val, 4),
+                "test bits/char": None if test is None else round(test, 4),
+                "unknown characters (val)": unknown,
+                "trained on dataset": dataset,
+            }
+
+        rows = [
+            row(
+                "challenger",
+                self.challenger_val_bpc,
+                self.challenger_test_bpc,
+                self.challenger_unknown,
+                self.challenger_dataset,
+            )
+        ]
+        if self.champion_version is not None:
+            rows.append(
+                row(
+                    f"champion (version {self.champion_version})",
+                    self.champion_val_bpc,
+                    self.champion_test_bpc,
+                    self.champion_unknown,
+                    self.champion_dataset,
+                )
+            )
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_by_tags(champion: Any | None, val_bpc: float, dataset_id: str) -> Comparison:
+    """A comparison from the champion's recorded figure, which holds only on the same dataset
+    (the pipeline scores the champion afresh instead; see `fundamentallm.pipeline`)."""
+    if champion is None:
+        return Comparison(challenger_val_bpc=val_bpc, challenger_dataset=dataset_id)
+    same = champion.tags.get("dataset_id") == dataset_id
+    return Comparison(
+        challenger_val_bpc=val_bpc,
+        challenger_dataset=dataset_id,
+        champion_version=str(champion.version),
+        champion_val_bpc=float(champion.tags["val_bpc"]) if same else None,
+        champion_dataset=champion.tags.get("dataset_id"),
+    )
+
+
+def champion_version(client: Any, name: str) -> Any | None:
+    """The model version the champion alias points at (None when there is none, or no such model)."""
+    return _champion(client, name)
+
+
 def register(
     tracker: Any,
     name: str,
@@ -158,58 +291,59 @@ def register(
     dataset_id: str,
     tags: dict[str, str],
     description: str,
+    compare: Callable[[Any | None], Comparison] | None = None,
 ) -> RegistrationRecord:
-    """Register the tracker's run's logged model as a new version of `name` and apply the champion rule."""
+    """Register the tracker's run's logged model as a new version of `name` and apply the champion rule.
+
+    `compare(champion_version_or_None)` measures the challenger against the champion on the same
+    data (by default from the champion's recorded figure: `compare_by_tags`). It may take a while
+    (an evaluation), so it runs outside the lock; if the champion moved meanwhile, it runs again
+    against the new one before the decision. The comparison goes on the version's tags and into its
+    description.
+    """
     from mlflow.exceptions import MlflowException
 
+    compare = compare or (lambda champion: compare_by_tags(champion, val_bpc, dataset_id))
     client, run_id = tracker.client, tracker.run_id
     try:
         client.create_registered_model(name, description="Character-level transformer language models.")
     except MlflowException as exc:
         if not _already_exists(exc):
             raise
+    champion = _champion(client, name)
+    comparison = compare(champion)
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
     version_tags = {**tags, "val_bpc": repr(val_bpc), "dataset_id": dataset_id, "run_id": run_id}
     version = client.create_model_version(name, source, run_id=run_id, tags=version_tags, description=description)
-    with champion_lock(client, name):
-        promote, reason, current = _apply_champion_rule(client, name, version.version, val_bpc, dataset_id)
+    number = str(version.version)
+    while True:
+        with champion_lock(client, name):
+            current = _champion(client, name)
+            if _same_version(current, champion):
+                promote = comparison.promotes()
+                if promote:
+                    client.set_registered_model_alias(name, CHAMPION, number)
+                break
+        champion = current  # it moved while this run compared: compare with the new one
+        comparison = compare(champion)
+    reason = comparison.reason(name, number)
+    for key, value in {**comparison.tags(), "decision": reason[:5000]}.items():
+        client.set_model_version_tag(name, number, key, value)
+    client.update_model_version(name, number, description=f"{reason}\n{description}")
     log.info(reason)
     return RegistrationRecord(
         model_name=name,
-        version=str(version.version),
-        model_uri=f"models:/{name}/{version.version}",
+        version=number,
+        model_uri=f"models:/{name}/{number}",
         champion=promote,
         reason=reason,
-        previous_champion=None if current is None else str(current.version),
+        previous_champion=None if champion is None else str(champion.version),
+        comparison=comparison,
     )
 
 
-def _apply_champion_rule(
-    client: Any, name: str, version: str, val_bpc: float, dataset_id: str
-) -> tuple[bool, str, Any | None]:
-    current = _champion(client, name)
-    if current is None:
-        promote, reason = True, f"first model registered as {name}: version {version} is champion"
-    elif current.tags.get("dataset_id") != dataset_id:
-        promote = False
-        reason = (
-            f"champion is version {current.version}, measured on other validation data "
-            f"(dataset {current.tags.get('dataset_id')}, this run {dataset_id}); not compared, alias kept. "
-            f"Promote by hand if wanted: MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, "
-            f"{version!r})"
-        )
-    else:
-        best = float(current.tags["val_bpc"])
-        promote = val_bpc < best
-        verdict = "beats" if promote else "does not beat"
-        reason = (
-            f"version {version} val {val_bpc:.4f} bits/char {verdict} champion version "
-            f"{current.version}'s {best:.4f} on the same validation data"
-        )
-        reason += f"; {CHAMPION} moves to version {version}" if promote else f"; {CHAMPION} stays"
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    return promote, reason, current
+def _same_version(a: Any | None, b: Any | None) -> bool:
+    return (a is None) == (b is None) and (a is None or str(a.version) == str(b.version))
 
 
 def download_checkpoint(model_uri: str) -> Path:

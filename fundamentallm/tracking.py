@@ -142,13 +142,40 @@ def bounded_http_retries() -> Iterator[None]:
             os.environ.pop(name, None)
 
 
+def model_version(uri: str) -> tuple[str, str, str]:
+    """(name, version, path inside the model) of a registered model URI: ``models:/name@alias``,
+    ``models:/name/3``, either followed by ``/path``. Raises `RegistryError` naming the store when
+    the registry holds no such name, version or alias."""
+    from mlflow.exceptions import MlflowException
+
+    from fundamentallm.errors import RegistryError
+
+    if not uri.startswith("models:/"):
+        raise RegistryError(f"{uri}: not a registered model URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
+    first, _, path = uri.removeprefix("models:/").partition("/")
+    name, at, alias = first.partition("@")
+    version = ""
+    if not at:
+        version, _, path = path.partition("/")
+    try:
+        with reporting_unreachable():
+            if at:
+                version = str(client().get_model_version_by_alias(name, alias).version)
+            else:
+                client().get_model_version(name, version)
+    except MlflowException as exc:
+        where = mask_credentials(tracking_uri())
+        raise RegistryError(f"{uri}: not in the model registry of {where} ({exc.message})") from exc
+    return name, version, path
+
+
 def download_artifacts(uri: str) -> Path:
     """Download a logged or registered model's files (``models:/name@alias``, ``models:/name/3``,
     ``runs:/...``) to a temporary directory, from the store `tracking_uri()` names.
 
     A ``models:/`` URI is resolved here, with this module's client: MLflow's own resolution asks
     the process-wide registry URI, which this package never sets. A name, version or alias the
-    registry does not hold raises `RegistryError` naming the store.
+    registry does not hold, or files that cannot be downloaded, raise `RegistryError`.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -158,23 +185,15 @@ def download_artifacts(uri: str) -> Path:
     store = tracking_uri()
     source = uri
     if uri.startswith("models:/"):
-        first, _, path = uri.removeprefix("models:/").partition("/")
-        name, at, alias = first.partition("@")
-        if not at:
-            version, _, path = path.partition("/")
-        mlflow_client = client()
-        try:
-            with reporting_unreachable():
-                found = mlflow_client.get_model_version_by_alias(name, alias) if at else None
-                version = str(found.version) if found is not None else version
-                source = mlflow_client.get_model_version_download_uri(name, version)
-        except MlflowException as exc:
-            raise RegistryError(
-                f"{uri}: not in the model registry of {mask_credentials(store)} ({exc.message})"
-            ) from exc
+        name, version, path = model_version(uri)
+        with reporting_unreachable():
+            source = client().get_model_version_download_uri(name, version)
         source = f"{source.rstrip('/')}/{path}" if path else source
-    with reporting_unreachable():
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=store, registry_uri=store)
+    try:
+        with reporting_unreachable():
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=store, registry_uri=store)
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(f"{uri}: its files cannot be downloaded ({exc})") from exc
     return Path(local)
 
 

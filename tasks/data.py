@@ -67,7 +67,7 @@ def cached(cached_task: Any, *args: Any) -> Any:
     return record
 
 
-def _transient(task: Any, task_run: Any, state: Any) -> bool:
+def transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry downloads that failed and unexpected I/O errors, not bad input (a missing file stays missing)."""
     try:
         state.result()
@@ -84,7 +84,7 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     name="ingest",
     retries=2,
     retry_delay_seconds=[2, 10],
-    retry_condition_fn=_transient,
+    retry_condition_fn=transient,
     cache_key_fn=_ingest_key,
     persist_result=True,
     timeout_seconds=4 * 3600,
@@ -132,7 +132,7 @@ def encode_plan_task(
     return plan_encode(documents.path, config, out_dir, min_split_tokens=min_split_tokens)
 
 
-@task(name="encode-shard", cache_policy=NO_CACHE, persist_result=False, retries=1, retry_condition_fn=_transient)
+@task(name="encode-shard", cache_policy=NO_CACHE, persist_result=False, retries=1, retry_condition_fn=transient)
 def encode_shard_task(spec: ShardSpec, directory: str) -> dict[str, Any]:
     """Write one shard into the staging directory; returns its manifest entry and which process
     wrote it (`writer`, not part of the manifest). Retried once on an I/O error."""

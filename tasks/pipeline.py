@@ -1,4 +1,4 @@
-"""Training-pipeline tasks after encoding: lineage, train, evaluate, sample, register.
+"""Training-pipeline tasks: the look before training, lineage, train, evaluate, sample, register.
 
 Each calls one library function (`fundamentallm.pipeline`) with a tracker on the flow's MLflow
 run, built here from the run's id (Prefect hashes and persists task inputs: an id, not a client).
@@ -14,8 +14,11 @@ from fundamentallm.data.ingest import DocumentsRecord
 from fundamentallm.data.validate import ValidationRecord
 from fundamentallm.pipeline import (
     Evaluation,
+    PipelineConfig,
     RegistrationRequest,
+    RunPlan,
     Samples,
+    before_training_stage,
     evaluate_stage,
     log_lineage,
     register_stage,
@@ -23,9 +26,30 @@ from fundamentallm.pipeline import (
     train_stage,
 )
 from fundamentallm.registry import RegistrationRecord
+from fundamentallm.retrain import RetrainPlan
 from fundamentallm.storage import publish_dataset
 from fundamentallm.tracking import MlflowTracker
 from fundamentallm.train import TrainResult
+from tasks.data import transient
+
+
+@task(
+    name="look-before-training",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=transient,
+    timeout_seconds=1800,
+)
+def before_training_task(
+    mlflow_run_id: str, config: PipelineConfig, plan: RunPlan, documents: DocumentsRecord
+) -> RetrainPlan:
+    """The champion, whether to train at all, the corpus drift since its training, the warm-start source."""
+    retrain = before_training_stage(MlflowTracker(mlflow_run_id), config, plan, documents)
+    logger = get_run_logger()
+    logger.info("%s: %s", "training" if retrain.retrain else "nothing to do", retrain.reason)
+    if retrain.drift is not None:
+        logger.info(retrain.drift.summary())
+    return retrain
 
 
 @task(name="publish-dataset", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=4 * 3600)
@@ -66,8 +90,11 @@ def sample_task(
 
 
 @task(name="register", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=1800)
-def register_task(checkpoint: str, mlflow_run_id: str, request: RegistrationRequest) -> RegistrationRecord:
-    """Log the pyfunc model to the run and register it; move `champion` only to a better model."""
-    record = register_stage(checkpoint, MlflowTracker(mlflow_run_id), request)
+def register_task(
+    checkpoint: str, mlflow_run_id: str, request: RegistrationRequest, retrain: RetrainPlan
+) -> RegistrationRecord:
+    """Log the pyfunc model to the run and register it; move `champion` only to a model that beats it
+    on this run's data."""
+    record = register_stage(checkpoint, MlflowTracker(mlflow_run_id), request, retrain)
     get_run_logger().info(record.reason)
     return record

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from fundamentallm.checkpoint import load_checkpoint
 from fundamentallm.cli import app
 from fundamentallm.config import EncodeConfig, IngestConfig, ModelConfig
+from fundamentallm.data.dataset import Dataset
 from fundamentallm.data.encode import encode
 from fundamentallm.data.ingest import ingest
 from fundamentallm.errors import CheckpointError, ConfigError
@@ -125,6 +126,44 @@ def test_characters_outside_the_training_vocabulary_are_counted_where_they_are_s
     assert re.search(r"unknown\W+18 of 99 characters \(18\.2%\)", table), table
     (row,) = metrics_rows({"val": result.to_dict()})
     assert row["unknown characters"] == 18 and row["unknown share"] == pytest.approx(0.1818)
+
+
+def test_an_unknown_character_is_charged_beyond_the_unknown_ids_probability(unknown_run):
+    # Crediting the unknown id as if it had predicted the exact character flatters a model whose
+    # vocabulary lacks characters of the text: each is charged ln(characters it cannot tell apart).
+    dataset, checkpoint = unknown_run
+    ckpt = load_checkpoint(checkpoint)
+    tokens = Dataset(dataset).tokens("val")
+    model_nats, count = score_tokens(ckpt.build_model(), tokens, 32, 16)
+    result = evaluate(checkpoint, dataset, "val", precision="fp32")
+    outside = 0x110000 - 0x800 - (ckpt.vocab.size - 1)  # Unicode characters the vocabulary lacks
+    assert result.unknown_charge_bits == pytest.approx(math.log2(outside))
+    assert result.total_nats == pytest.approx(model_nats + 18 * math.log(outside))
+    assert result.bits_per_char == pytest.approx(result.total_nats / count / math.log(2))
+
+
+def test_a_model_scored_on_data_of_another_vocabulary_sees_the_same_characters(unknown_run, tmp_path):
+    # The champion on a challenger's data: ids are mapped by character; what the model does not
+    # know is unknown to it, however the dataset encoded it.
+    _, checkpoint = unknown_run
+    ckpt = load_checkpoint(checkpoint)
+    (tmp_path / "corpus").mkdir()
+    text = prose(8, 400)[:800] + "0123456789 ~ " * 8 + VAL_TEXT  # digits now in the training split
+    (tmp_path / "corpus" / "b.txt").write_text(text, encoding="utf-8")
+    docs = ingest(IngestConfig(sources=(str(tmp_path / "corpus"),)), tmp_path / "out")
+    split = EncodeConfig(train_fraction=0.9, val_fraction=0.1, test_fraction=0.0)
+    other = Dataset(encode(docs.path, split, tmp_path / "out").path)
+    assert other.vocab != ckpt.vocab and "5" in other.vocab.chars and "5" not in ckpt.vocab.chars
+    with pytest.raises(CheckpointError, match="trained with vocabulary"):
+        evaluate(checkpoint, other.path, "val")
+    result = evaluate(checkpoint, other.path, "val", other_vocabulary=True, precision="fp32")
+    val_text = other.text("val")
+    expected_ids = ckpt.vocab.encode(val_text, unknown="unk")
+    model_nats, count = score_tokens(ckpt.build_model(), expected_ids, 32, 16)
+    unknown = int((expected_ids[1:] == 0).sum())
+    assert unknown == sum(c not in ckpt.vocab.chars for c in val_text[1:]) and unknown > 0
+    assert result.characters == count and result.unknown_characters == unknown
+    assert result.total_nats == pytest.approx(model_nats + unknown * result.unknown_charge_bits * math.log(2))
 
 
 def test_crafted_pickle_is_refused_without_running_it(tmp_path):
