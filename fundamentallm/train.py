@@ -50,7 +50,7 @@ import torch
 
 from fundamentallm.callbacks import JsonlLogger, TrainCallback, trim_metrics
 from fundamentallm.checkpoint import Checkpoint, TrainProgress, load_checkpoint, save_checkpoint
-from fundamentallm.config import RunConfig, TrainConfig, min_split_tokens
+from fundamentallm.config import RunConfig, TrainConfig, differences, min_split_tokens
 from fundamentallm.data.dataset import Dataset
 from fundamentallm.data.vocab import Vocab
 from fundamentallm.distributed import Dist, env_world, process_group
@@ -77,12 +77,15 @@ RESUMABLE_SETTINGS = frozenset(
         "threads",
         "processes",
         "dist_timeout_s",
+        "init_from",
     }
 )
 """Training settings that may differ when a run is resumed: where it stops, how often it reports,
-and where and how fast it runs. A changed step limit or time budget stretches the schedule from
-the step reached; every other setting (the model, the optimizer and its schedule, the batch, the
-seed) defines the trajectory and must be what the checkpoint was trained with."""
+where and how fast it runs, and `init_from` (a resumed run continues from its checkpoint, not from
+the weights it first started from, and keeps recording those). A changed step limit or time budget
+stretches the schedule from the step reached; every other setting (the model, the optimizer and its
+schedule, the batch, the seed) defines the trajectory and must be what the checkpoint was trained
+with."""
 
 
 @dataclass(frozen=True)
@@ -169,14 +172,6 @@ def check_resumable(saved: RunConfig, given: RunConfig, where: str | Path) -> No
 
     The error names every setting that differs, with the checkpoint's value and the one given.
     """
-
-    def differences(a: Any, b: Any, prefix: str, allowed: frozenset[str] = frozenset()) -> list[str]:
-        return [
-            f"{prefix}{f.name} {getattr(a, f.name)!r} -> {getattr(b, f.name)!r}"
-            for f in fields(a)
-            if f.name not in allowed and getattr(a, f.name) != getattr(b, f.name)
-        ]
-
     model = differences(saved.model, given.model, "model.")
     if model:
         raise CheckpointError(
