@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import InterruptAt, debug_config, prose
+from typer.testing import CliRunner
 
 from fundamentallm.checkpoint import Checkpoint, load_checkpoint
+from fundamentallm.cli import app
 from fundamentallm.config import ModelConfig, RunConfig
 from fundamentallm.data.dataset import Dataset
 from fundamentallm.data.vocab import UNK_ID, Vocab
@@ -205,3 +207,29 @@ def test_resuming_a_warm_started_run_does_not_load_its_source_again(grown_datase
     b = load_checkpoint(resumed.latest_checkpoint)
     assert all(torch.equal(a[k], b.model_state[k]) for k in a)
     assert resumed.init_from == b.config.train.init_from == str(source)
+
+
+# The command line ----------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def _cli_train(dataset: Path, run: Path, *extra: str):
+    args = ["train", str(dataset), "--out", str(run), "--preset", "debug", "--max-steps", "5", "--no-eval", "--json"]
+    return runner.invoke(app, [*args, *extra])
+
+
+def test_the_command_line_starts_from_a_checkpoint_file(grown_dataset, source_checkpoint, tmp_path):
+    result = _cli_train(grown_dataset, tmp_path / "run", "--init-from", str(source_checkpoint))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["train"]["init_from"] == str(source_checkpoint)
+    assert load_checkpoint(tmp_path / "run" / "latest.pt").config.train.init_from == str(source_checkpoint)
+
+
+def test_the_command_line_names_a_registered_model_it_cannot_find(grown_dataset, mlflow_store, tmp_path):
+    result = _cli_train(grown_dataset, tmp_path / "run", "--init-from", "models:/nope@champion")
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "models:/nope@champion" in errors[0], result.output
+    assert not (tmp_path / "run").exists()
