@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -207,6 +209,46 @@ def test_resuming_a_warm_started_run_does_not_load_its_source_again(grown_datase
     b = load_checkpoint(resumed.latest_checkpoint)
     assert all(torch.equal(a[k], b.model_state[k]) for k in a)
     assert resumed.init_from == b.config.train.init_from == str(source)
+
+
+def test_under_two_processes_a_refused_source_fails_with_one_clear_error(grown_dataset, source_checkpoint, tmp_path):
+    # Every rank loads the source and refuses it, at once, before any collective operation.
+    command = [sys.executable, "-m", "fundamentallm.cli", "train", str(grown_dataset), "--out", str(tmp_path / "run")]
+    command += ["--preset", "debug", "--set", "model.n_layer=3", "--init-from", str(source_checkpoint)]
+    proc = subprocess.run([*command, "--processes", "2", "--no-eval"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].count("rank ") == 1 and errors[0].endswith("except vocab_size and dropout"), errors
+    assert "(model.n_layer 2 -> 3)" in errors[0]
+    assert sorted((tmp_path / "run").rglob("*.pt")) == []
+
+
+def test_a_failing_rank_writes_its_error_line_in_one_piece(grown_dataset, source_checkpoint, tmp_path, monkeypatch):
+    # Ranks share one pipe to the launcher: a line written in pieces (print writes the text and the
+    # newline apart) interleaves with another rank's into one garbled line the report cannot read.
+    from fundamentallm.launch import worker_main
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    config = _warm(debug_config(max_steps=5), source_checkpoint)
+    settings = tmp_path / "config.json"
+    settings.write_text(json.dumps(config.replace(model=config.model.replace(n_layer=3)).to_dict()))
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    code = worker_main(["--dataset", str(grown_dataset), "--run-dir", str(tmp_path / "run"), "--config", str(settings)])
+    assert code == 1
+    assert len(writes) == 1 and writes[0].startswith("rank 0: error: "), writes
+    assert writes[0].endswith(
+        "(model.n_layer 2 -> 3); a warm start needs the same model settings, except vocab_size and dropout\n"
+    )
 
 
 # The command line ----------------------------------------------------------------------------
