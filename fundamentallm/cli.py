@@ -321,6 +321,20 @@ def _print_eval(result: Any, title: str) -> None:
     out.print(table)
 
 
+_MODEL_URIS = ("models:/", "runs:/")
+"""Prefixes of MLflow model URIs, which `train --init-from` resolves to the checkpoint inside the model."""
+
+
+def _download_model(uri: str) -> str:
+    """The local path of the checkpoint inside a logged or registered model (the library trains
+    from files and fsspec URLs; MLflow stays out of it)."""
+    from fundamentallm.registry import download_checkpoint
+
+    path = str(download_checkpoint(uri))
+    logging.getLogger("fundamentallm").info("init_from %s: downloaded to %s", uri, path)
+    return path
+
+
 @app.command()
 def train(
     dataset: Annotated[
@@ -353,6 +367,12 @@ def train(
     precision: str | None = _setting_option(RunConfig, "train.precision", "--precision"),
     compile_model: bool | None = _setting_option(RunConfig, "train.compile", "--compile/--no-compile"),
     processes: int | None = _setting_option(RunConfig, "train.processes", "--processes"),
+    init_from: str | None = _setting_option(
+        RunConfig,
+        "train.init_from",
+        "--init-from",
+        note="A logged or registered model is taken too: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/model.",
+    ),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's latest.pt.")] = False,
     evaluate_after: Annotated[
         bool, typer.Option("--eval/--no-eval", help="Evaluate the best checkpoint exactly on val at the end.")
@@ -370,12 +390,15 @@ def train(
             "train.compile": compile_model,
             "train.max_steps": max_steps,
             "train.processes": processes,
+            "train.init_from": init_from,
         }
         if time_budget is not None:
             changes["train.time_budget_s"] = parse_duration(time_budget)
             if max_steps is None:
                 changes["train.max_steps"] = 0
         config = _run_config(preset_name, config_file, overrides, changes)
+        if not resume and config.train.init_from.startswith(_MODEL_URIS):
+            config = config.replace(train=config.train.replace(init_from=_download_model(config.train.init_from)))
         result = run_training(dataset, config, run_dir, resume=resume, clock_start=_command_start)
         evaluation = None
         if evaluate_after:

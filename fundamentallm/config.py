@@ -15,7 +15,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -227,6 +227,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     except ValueError:
         value = raw
     return key.strip(), value
+
+
+def differences(old: Config, new: Config, prefix: str = "", ignore: Collection[str] = ()) -> list[str]:
+    """``name old -> new`` (values as repr) for each setting of `old` that `new` (the same config
+    class) has changed, in field order, `ignore`d names left out: how an error that refuses a
+    changed setting names it, e.g. ``model.d_model 160 -> 192``. Nested tables compare whole."""
+    return [
+        f"{prefix}{f.name} {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+        for f in dataclasses.fields(old)  # type: ignore[arg-type]
+        if f.name not in ignore and getattr(old, f.name) != getattr(new, f.name)
+    ]
 
 
 DEFAULT_CONTEXT_LENGTH = 256
@@ -443,6 +454,14 @@ class TrainConfig(Config):
     )
     log_interval: int = setting(50, "Steps between progress lines.")
     seed: int = setting(1337, "Seed for initialisation, batches and dropout.")
+    init_from: str = setting(
+        "",
+        "Checkpoint file or fsspec URL whose weights a fresh run starts from (warm start); empty: a random "
+        "initialisation. The model settings must equal the checkpoint's except vocab_size and dropout. Characters "
+        "of the checkpoint's vocabulary keep their embedding rows, characters new to the corpus are initialised "
+        "as usual, characters the corpus lacks are dropped. The optimizer starts afresh (no state carried, full "
+        "warm-up and schedule). No effect on a resumed run: its checkpoint holds everything.",
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = setting("auto", "auto picks CUDA, then MPS, then CPU.")
     precision: Literal["auto", "fp32", "bf16"] = setting(
         "auto",

@@ -198,7 +198,10 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
                 callbacks.append(TrackerCallback(MlflowTracker(args.mlflow_run_id)))
         result = train(args.dataset, config, args.run_dir, resume=args.resume, callbacks=callbacks)
     except FundamentaLLMError as exc:
-        print(f"rank {rank}: error: {exc}", file=sys.stderr, flush=True)
+        # One write: print() writes the text and the newline apart, and ranks failing at once (a
+        # warm start's source refused by each) interleave on the shared pipe into one garbled line.
+        sys.stderr.write(f"rank {rank}: error: {exc}\n")
+        sys.stderr.flush()
         return getattr(exc, "exit_code", 1)
     if rank == 0:
         print(RESULT_MARKER + json.dumps(result.to_dict()), flush=True)

@@ -2,6 +2,8 @@
 
 One call, `train(dataset, config, run_dir)`, trains a model on an encoded dataset:
 
+- the model starts from a random initialisation, or from an earlier model's weights
+  (``train.init_from``, see `fundamentallm.warmstart`; the optimizer starts afresh);
 - batches are random windows of context + 1 tokens from the training split;
 - AdamW (weight decay on matrices and embeddings only; fused where PyTorch offers it), or
   Muon for the blocks' weight matrices (see `fundamentallm.optim`); linear warm-up, then
@@ -41,7 +43,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ import torch
 
 from fundamentallm.callbacks import JsonlLogger, TrainCallback, trim_metrics
 from fundamentallm.checkpoint import Checkpoint, TrainProgress, load_checkpoint, save_checkpoint
-from fundamentallm.config import RunConfig, TrainConfig, min_split_tokens
+from fundamentallm.config import RunConfig, TrainConfig, differences, min_split_tokens
 from fundamentallm.data.dataset import Dataset
 from fundamentallm.data.vocab import Vocab
 from fundamentallm.distributed import Dist, env_world, process_group
@@ -60,6 +62,7 @@ from fundamentallm.model import CharTransformer
 from fundamentallm.optim import Optimizers, build_optimizer
 from fundamentallm.rundir import CONFIG, RESULT, RunDir
 from fundamentallm.runtime import Precision, configure_backends, resolve_device, resolve_precision
+from fundamentallm.warmstart import WarmStart, warm_start_from
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +80,15 @@ RESUMABLE_SETTINGS = frozenset(
         "threads",
         "processes",
         "dist_timeout_s",
+        "init_from",
     }
 )
 """Training settings that may differ when a run is resumed: where it stops, how often it reports,
-and where and how fast it runs. A changed step limit or time budget stretches the schedule from
-the step reached; every other setting (the model, the optimizer and its schedule, the batch, the
-seed) defines the trajectory and must be what the checkpoint was trained with."""
+where and how fast it runs, and `init_from` (a resumed run continues from its checkpoint, not from
+the weights it first started from, and keeps recording those). A changed step limit or time budget
+stretches the schedule from the step reached; every other setting (the model, the optimizer and its
+schedule, the batch, the seed) defines the trajectory and must be what the checkpoint was trained
+with."""
 
 
 @dataclass(frozen=True)
@@ -104,13 +110,16 @@ class TrainResult:
     parameters: int
     tokens_per_s: float
     vocab_hash: str
+    init_from: str = ""
+    """The checkpoint the run's weights started from (``train.init_from``); empty: a random initialisation."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainResult:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        # A field with a default may be missing: result.json of a run written before it was added.
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or f.default is MISSING})
 
 
 # Decisions -------------------------------------------------------------------------------
@@ -169,14 +178,6 @@ def check_resumable(saved: RunConfig, given: RunConfig, where: str | Path) -> No
 
     The error names every setting that differs, with the checkpoint's value and the one given.
     """
-
-    def differences(a: Any, b: Any, prefix: str, allowed: frozenset[str] = frozenset()) -> list[str]:
-        return [
-            f"{prefix}{f.name} {getattr(a, f.name)!r} -> {getattr(b, f.name)!r}"
-            for f in fields(a)
-            if f.name not in allowed and getattr(a, f.name) != getattr(b, f.name)
-        ]
-
     model = differences(saved.model, given.model, "model.")
     if model:
         raise CheckpointError(
@@ -352,7 +353,11 @@ class Checkpointer:
             self.run.publish(self.run.metrics, path)
 
     def load_latest(self, dataset: str) -> Checkpoint:
-        """The run's ``latest.pt``, checked against the data and settings it is to continue with."""
+        """The run's ``latest.pt``, checked against the data and settings it is to continue with.
+
+        The run goes on recording the weights it first started from: `config` takes the
+        checkpoint's ``train.init_from``, whatever was given now (it has no effect on a resumed run).
+        """
         checkpoint = load_checkpoint(self.run.latest)
         if checkpoint.vocab_hash != self.vocab.hash:
             raise CheckpointError(
@@ -360,6 +365,15 @@ class Checkpointer:
                 f"but {dataset} has {self.vocab.hash[:12]}; resume on the dataset it was trained on"
             )
         check_resumable(checkpoint.config, self.config, self.run.latest)
+        origin, given = checkpoint.config.train.init_from, self.config.train.init_from
+        if given and given != origin and self.dist.is_main:
+            log.warning(
+                "init_from %s is ignored: a resumed run continues from %s (the run started from %s)",
+                given,
+                self.run.latest,
+                origin or "a random initialisation",
+            )
+        self.config = replace(self.config, train=replace(self.config.train, init_from=origin))
         return checkpoint
 
 
@@ -469,11 +483,12 @@ class Trainer:
     ):
         data = Dataset(dataset)
         self.vocab = data.vocab
-        self.config = config = resolve_model_config(config, self.vocab.size)
-        tc, mc = config.train, config.model
         self.dataset, self.run, self.dist, self.resumed, self.callbacks = dataset, run, dist, resume, callbacks
+        config = resolve_model_config(config, self.vocab.size)
         self.checkpointer = Checkpointer(run, dist, config, self.vocab, data.corpus_hash)
         checkpoint = self.checkpointer.load_latest(dataset) if resume else None
+        self.config = config = self.checkpointer.config  # resumed: with the run's own init_from
+        tc, mc = config.train, config.model
 
         train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
         for split, tokens in (("train", train_tokens), ("val", val_tokens)):
@@ -488,6 +503,13 @@ class Trainer:
         configure_backends(self.device, tc.threads)
         torch.manual_seed(tc.seed)
         model = CharTransformer(mc).to(self.device)
+        self.warm_start: WarmStart | None = None
+        if checkpoint is None and tc.init_from:
+            # After the normal initialisation, which gives characters new to the corpus their rows.
+            # Under DDP every process loads the same weights (and DDP broadcasts rank 0's anyway).
+            self.warm_start = warm_start_from(tc.init_from, model, self.vocab)
+            if dist.is_main:
+                log.info("%s", self.warm_start.summary())
         part = (dist.rank, dist.world)
         batches = Batches(train_tokens, mc.context_length, tc.batch_size, self.device, tc.seed + 1, part)
         self.state = TrainState(model, build_optimizer(model, tc, self.device), batches, TrainProgress())
@@ -677,6 +699,7 @@ class Trainer:
             parameters=self.state.model.num_parameters(),
             tokens_per_s=progress.tokens / progress.train_s if progress.train_s else 0.0,
             vocab_hash=self.vocab.hash,
+            init_from=self.config.train.init_from,
         )
 
 

@@ -210,6 +210,7 @@ def test_options_that_are_settings_take_their_default_and_help_from_the_setting(
         "train.precision",
         "train.compile",
         "train.processes",
+        "train.init_from",
     }
     assert {s.key for s in declared["prepare"].values()} == {
         "ingest.include",
