@@ -59,7 +59,7 @@ class ChampionRef:
 
 
 @dataclass(frozen=True)
-class WarmStart:
+class WarmStartSource:
     """Where a warm-started run takes its weights from."""
 
     source: str
@@ -78,7 +78,7 @@ class RetrainPlan:
     reason: str
     champion: ChampionRef | None = None
     drift: DriftReport | None = None
-    warm_start: WarmStart | None = None
+    warm_start: WarmStartSource | None = None
 
     def training_config(self, run_config: RunConfig) -> RunConfig:
         """`run_config` with the warm-start checkpoint filled in."""
@@ -169,7 +169,7 @@ def _drift(tracker: Any, champion: ChampionRef, ingest_report: dict[str, Any]) -
     return corpus_drift(old, ingest_report)
 
 
-def resolve_warm_start(init_from: str | None, model: ModelConfig) -> WarmStart | None:
+def resolve_warm_start(init_from: str | None, model: ModelConfig) -> WarmStartSource | None:
     """The checkpoint a warm start loads, fetched and checked against the model to train.
 
     A registered model (``models:/name@alias``, ``models:/name/3``) is downloaded; a file or URL
@@ -179,7 +179,7 @@ def resolve_warm_start(init_from: str | None, model: ModelConfig) -> WarmStart |
     if not init_from:
         return None
     from fundamentallm.checkpoint import load_checkpoint
-    from fundamentallm.warm_start import check_warm_start
+    from fundamentallm.warmstart import check_source
 
     parent_model = parent_version = None
     if init_from.startswith("models:/"):
@@ -190,8 +190,8 @@ def resolve_warm_start(init_from: str | None, model: ModelConfig) -> WarmStart |
     else:
         checkpoint = init_from
     source = load_checkpoint(checkpoint)
-    check_warm_start(source.config.model, model, where=init_from)
-    return WarmStart(init_from, checkpoint, parent_model, parent_version)
+    check_source(source.config.model, model, init_from)
+    return WarmStartSource(init_from, checkpoint, parent_model, parent_version)
 
 
 def compare_with_champion(

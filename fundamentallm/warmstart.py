@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fundamentallm.checkpoint import Checkpoint, load_checkpoint
-from fundamentallm.config import differences
+from fundamentallm.config import ModelConfig, differences
 from fundamentallm.data.vocab import UNK_ID, Vocab
 from fundamentallm.errors import CheckpointError
 from fundamentallm.model import CharTransformer
@@ -60,6 +60,17 @@ class WarmStart:
         return asdict(self)
 
 
+def check_source(source: ModelConfig, model: ModelConfig, where: str | Path) -> None:
+    """Refuse, with `CheckpointError` naming each difference, a source whose model settings differ
+    from `model`'s other than `REMAPPED_SETTINGS` (the pipeline checks this before any training)."""
+    changed = differences(source, model, "model.", REMAPPED_SETTINGS)
+    if changed:
+        raise CheckpointError(
+            f"{where}: cannot start from its weights: its model differs from the one given ({', '.join(changed)}); "
+            "a warm start needs the same model settings, except vocab_size and dropout"
+        )
+
+
 def warm_start(model: CharTransformer, vocab: Vocab, source: Checkpoint) -> WarmStart:
     """Copy `source`'s weights into `model`, a freshly initialised model over `vocab` (see the
     module docstring for what is carried and what is not).
@@ -70,12 +81,7 @@ def warm_start(model: CharTransformer, vocab: Vocab, source: Checkpoint) -> Warm
     where = source.path or "checkpoint"
     if model.config.vocab_size != vocab.size:
         raise ValueError(f"the model has {model.config.vocab_size} token ids but the vocabulary {vocab.size}")
-    changed = differences(source.config.model, model.config, "model.", REMAPPED_SETTINGS)
-    if changed:
-        raise CheckpointError(
-            f"{where}: cannot start from its weights: its model differs from the one given ({', '.join(changed)}); "
-            "a warm start needs the same model settings, except vocab_size and dropout"
-        )
+    check_source(source.config.model, model.config, where)
     source_rows = source.model_state["token_embedding.weight"]  # (V_source, C)
     if source_rows.shape[0] != source.vocab.size:
         raise CheckpointError(

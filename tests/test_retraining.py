@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import prose, write_corpus
+from conftest import debug_config, prose, write_corpus
 
 pytestmark = pytest.mark.flow
 
@@ -103,3 +103,98 @@ def test_retraining_keeps_the_best_model_as_the_corpus_grows(prefect_api, mlflow
     tags = mlflow_client.get_model_version("story-char", "3").tags
     assert tags["parent_version"] == champion and tags["init_from"] == "models:/story-char@champion"
     assert _first_eval(warm["run_dir"]) < _first_eval(grown["run_dir"]) - 0.5
+
+
+def test_bad_retraining_input_fails_before_training_and_registers_nothing(prefect_api, mlflow_store, tmp_path):
+    import shutil
+    from urllib.parse import urlparse
+
+    from flows.train_pipeline import train_pipeline
+    from fundamentallm.config import DataConfig
+    from fundamentallm.tracking import client
+    from fundamentallm.train import train
+
+    corpus = write_corpus(tmp_path / "corpus", seed=650, files=3)
+    common = {
+        "preset": "debug",
+        "sources": [str(corpus)],
+        "data": DataConfig.from_dict({"encode": {"shard_tokens": 1 << 16}}),
+        "model_name": "bad-char",
+        "experiment": "bad-retraining",
+        "data_dir": str(tmp_path / "data"),
+        "runs_dir": str(tmp_path / "runs"),
+        "overrides": ["train.max_steps=20"],
+    }
+    mlflow_client = client()
+
+    def failed(**changes) -> str:
+        state = train_pipeline(**{**common, **changes}, return_state=True)
+        assert state.is_failed(), state
+        return state.message
+
+    def versions() -> list[str]:
+        return sorted(str(v.version) for v in mlflow_client.search_model_versions("name = 'bad-char'"))
+
+    first = train_pipeline(**common)
+    assert first["registration"]["version"] == "1"
+    runs_before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+
+    message = failed(init_from="models:/bad-char@nope")
+    assert "models:/bad-char@nope: not in the model registry" in message
+    message = failed(init_from="models:/no-such-char/1")
+    assert "models:/no-such-char/1: not in the model registry" in message
+
+    # A checkpoint of another shape: named, with what differs.
+    debug = debug_config(max_steps=2)
+    wider = debug.replace(model=debug.model.replace(d_model=48))
+    dataset = next((tmp_path / "data" / "datasets").iterdir())
+    other = train(dataset, wider, tmp_path / "wider").best_checkpoint
+    message = failed(init_from=other)
+    assert "cannot start from its weights" in message and "model.d_model 48 -> 32" in message
+
+    # The champion's files are gone: the run cannot compare with it, and says so before training.
+    source = mlflow_client.get_model_version_download_uri("bad-char", "1")
+    shutil.rmtree(urlparse(source).path)
+    message = failed(overrides=["train.max_steps=25"])
+    assert "champion version 1 of bad-char cannot be read" in message
+
+    assert versions() == ["1"]  # nothing half-registered
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs_before  # and nothing trained
+
+
+def test_the_local_run_takes_the_retraining_flags():
+    from fundamentallm.pipeline import run_locally
+
+    seen = {}
+
+    def flow(**parameters):
+        seen.update(parameters)
+        return {"skipped": True, "reason": "the corpus and the training settings are the champion's"}
+
+    argv = ["--retrain", "on-change", "--init-from", "models:/m@champion", "--promotion-margin", "0.25"]
+    assert run_locally([*argv, "--model-name", "m"], flow) == 0
+    assert seen["retrain"] == "on-change" and seen["init_from"] == "models:/m@champion"
+    assert seen["promotion_margin_bpc"] == 0.25 and seen["model_name"] == "m"
+
+
+def test_python_m_flows_train_pipeline_skips_an_unchanged_corpus(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    corpus = write_corpus(tmp_path / "corpus", seed=660, files=2)
+    env = {**os.environ, "FUNDAMENTALLM_MLRUNS": str(tmp_path / "mlruns"), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, "-m", "flows.train_pipeline", "--preset", "debug", "--source", str(corpus)]
+    command += ["--set", "train.max_steps=20", "--retrain", "on-change", "--model-name", "local-char"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*command, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    first = run("--json")
+    assert json.loads(first.stdout[first.stdout.index("{") :])["registration"]["version"] == "1"
+    second = run()
+    assert "=== train-pipeline: nothing to do ===" in second.stdout and "nothing to retrain" in second.stdout
