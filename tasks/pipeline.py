@@ -26,6 +26,7 @@ from fundamentallm.registry import RegistrationRecord
 from fundamentallm.storage import publish_dataset
 from fundamentallm.tracking import MlflowTracker
 from fundamentallm.train import TrainResult
+from tasks.events import emit_champion_changed
 
 
 @task(name="publish-dataset", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=4 * 3600)
@@ -67,7 +68,17 @@ def sample_task(
 
 @task(name="register", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=1800)
 def register_task(checkpoint: str, mlflow_run_id: str, request: RegistrationRequest) -> RegistrationRecord:
-    """Log the pyfunc model to the run and register it; move `champion` only to a better model."""
+    """Log the pyfunc model to the run and register it; move `champion` only to a better model.
+
+    A move of `champion` is announced as the Prefect event `fundamentallm.champion.changed`."""
     record = register_stage(checkpoint, MlflowTracker(mlflow_run_id), request)
     get_run_logger().info(record.reason)
+    if record.champion:
+        emit_champion_changed(
+            record.model_name,
+            old_version=record.previous_champion,
+            new_version=record.version,
+            challenger_bpc=request.val_bpc,
+            champion_bpc=None,
+        )
     return record
