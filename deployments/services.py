@@ -23,6 +23,16 @@ each through its environment only, never its command line; the password is print
 Flow runs started by the worker send a heartbeat every 30 s (PREFECT_FLOWS_HEARTBEAT_FREQUENCY),
 and `deployments/automations.py` installs the automation that marks a run Crashed when its
 heartbeats stop (a killed worker or machine), so no run stays "Running" for ever.
+
+Notifications: FUNDAMENTALLM_NOTIFY_URL (unset: off) names an http(s) webhook URL; `up` then
+has `deployments/automations.py` install automations that POST JSON (`{"subject", "text"}`) to
+it when a model's champion changes and when a train-pipeline run fails, crashes or times out.
+The Prefect server sends them: a URL that refuses is logged in `prefect-server.log` and fails
+no run. `up` prints the URL's scheme and host only (a webhook's path often holds its secret).
+
+Prefect's own settings in the environment reach the server as they are: the scheduler creates
+the first runs of a new or changed deployment's schedule within about 5 s (its "recent
+deployments" loop), and tops up every PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS (60).
 """
 
 from __future__ import annotations
@@ -96,6 +106,33 @@ def _database_urls() -> dict[str, str]:
             "give each server a database of its own (both keep an alembic_version table)"
         )
     return urls
+
+
+NOTIFY_SETTING = "FUNDAMENTALLM_NOTIFY_URL"
+
+
+def _notify_url() -> str | None:
+    """FUNDAMENTALLM_NOTIFY_URL, checked before anything starts (automations.py checks it the same way)."""
+    value = os.environ.get(NOTIFY_SETTING, "").strip()
+    if not value:
+        return None
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise SystemExit(
+            f"{NOTIFY_SETTING}: expected an http(s) URL with a host, such as https://hooks.example.com/..."
+        )
+    return value
+
+
+def _shown_url(url: str) -> str:
+    """`url` without credentials, path or query (a webhook URL's path is often its secret)."""
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        port = f":{parsed.port}" if parsed.port else ""
+    except ValueError:
+        port = ""
+    rest = "/..." if parsed.path.strip("/") or parsed.query else ""
+    return f"{parsed.scheme}://{parsed.hostname}{port}{rest}"
 
 
 def _env() -> dict[str, str]:
@@ -193,6 +230,7 @@ def _run(command: list[str], env: dict[str, str]) -> None:
 
 def up() -> None:
     databases = _database_urls()
+    notify = _notify_url()
     STATE.mkdir(parents=True, exist_ok=True)
     env = _env()
     ports = _ports()
@@ -241,6 +279,10 @@ def up() -> None:
     prefect_db = mask_credentials(databases["prefect"]) if "prefect" in databases else "sqlite (PREFECT_HOME)"
     print(f"Databases:   Prefect {prefect_db}, MLflow {mask_credentials(mlflow_env['MLFLOW_BACKEND_STORE_URI'])}")
     print("Deployments: train-pipeline/default (on demand), train-pipeline/nightly (03:00 UTC)")
+    if notify:
+        print(f"Notifications: champion changes and failed train-pipeline runs, POSTed to {_shown_url(notify)}")
+    else:
+        print(f"Notifications: off (turn them on with {NOTIFY_SETTING}=https://... make up)")
     print(
         f"Use them from this shell with:\n  export PREFECT_API_URL={urls['prefect_api']} "
         f"MLFLOW_TRACKING_URI={env['MLFLOW_TRACKING_URI']}"

@@ -31,6 +31,7 @@ from fundamentallm.storage import publish_dataset
 from fundamentallm.tracking import MlflowTracker
 from fundamentallm.train import TrainResult
 from tasks.data import transient
+from tasks.events import emit_champion_changed
 
 
 @task(
@@ -94,7 +95,18 @@ def register_task(
     checkpoint: str, mlflow_run_id: str, request: RegistrationRequest, retrain: RetrainPlan
 ) -> RegistrationRecord:
     """Log the pyfunc model to the run and register it; move `champion` only to a model that beats it
-    on this run's data."""
+    on this run's data.
+
+    A move of `champion` is announced as the Prefect event `fundamentallm.champion.changed`."""
     record = register_stage(checkpoint, MlflowTracker(mlflow_run_id), request, retrain)
     get_run_logger().info(record.reason)
+    if record.champion:
+        comparison = record.comparison
+        emit_champion_changed(
+            record.model_name,
+            old_version=record.previous_champion,
+            new_version=record.version,
+            challenger_bpc=request.val_bpc,
+            champion_bpc=comparison.champion_val_bpc if comparison is not None else None,
+        )
     return record
