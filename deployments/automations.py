@@ -164,7 +164,8 @@ def ensure_automations() -> None:
     zombie_automation(after_s).create()
     print(f"automation: {NAME} (after {after_s:.0f} s)")
     if url is None:
-        with contextlib.suppress(ObjectNotFound):
+        # Prefect reports a block that is not there as ValueError ("Unable to find block document").
+        with contextlib.suppress(ObjectNotFound, ValueError):
             CustomWebhookNotificationBlock.delete(NOTIFY_BLOCK)
         print(f"notifications: off ({NOTIFY_SETTING} is not set)")
         return

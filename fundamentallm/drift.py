@@ -49,8 +49,8 @@ class DriftReport:
             f"corpus drift since the champion's: {self.old_characters:,} -> {self.new_characters:,} characters, "
             f"{self.old_documents:,} -> {self.new_documents:,} documents (+{self.documents_added:,} "
             f"-{self.documents_removed:,}), {self.new_text_share:.1%} new text, "
-            f"{len(self.chars_added)} character(s) added {_shown(self.chars_added)}, "
-            f"{len(self.chars_removed)} removed {_shown(self.chars_removed)}, "
+            f"{len(self.chars_added)} character(s) added{_shown(self.chars_added)}, "
+            f"{len(self.chars_removed)} removed{_shown(self.chars_removed)}, "
             f"unigram divergence {self.divergence_bits:.4f} bits"
         )
 
@@ -71,8 +71,8 @@ class DriftReport:
             "",
             f"- documents added: {self.documents_added:,}, removed: {self.documents_removed:,}; "
             f"new text: {self.new_text_share:.2%} of this corpus's characters",
-            f"- characters added: {len(self.chars_added)} {_shown(self.chars_added)}",
-            f"- characters removed: {len(self.chars_removed)} {_shown(self.chars_removed)}",
+            f"- characters added: {len(self.chars_added)}{_shown(self.chars_added)}",
+            f"- characters removed: {len(self.chars_removed)}{_shown(self.chars_removed)}",
             f"- unigram (character) distribution: Jensen-Shannon divergence {self.divergence_bits:.4f} bits "
             "(0: the same, 1: nothing in common)",
         ]
@@ -86,7 +86,7 @@ def _shown(chars: tuple[str, ...], limit: int = 12) -> str:
     if not chars:
         return ""
     more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
-    return "(" + " ".join(repr(c) for c in chars[:limit]) + more + ")"
+    return " (" + " ".join(repr(c) for c in chars[:limit]) + more + ")"
 
 
 def js_divergence_bits(p_counts: dict[str, int], q_counts: dict[str, int]) -> float:

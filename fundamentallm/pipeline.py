@@ -476,7 +476,8 @@ def register_stage(
         ),
     )
     comparison = record.comparison
-    tracker.set_tags({"registration": record.reason[:5000], "promoted": str(record.champion).lower()})
+    tags = {"registration": record.reason[:5000], "promoted": str(record.champion).lower()}
+    tracker.set_tags({**tags, **(comparison.tags() if comparison is not None else {})})
     if comparison is not None and comparison.champion_val_bpc is not None:
         figures = {"champion_val_bpc": comparison.champion_val_bpc}
         if comparison.champion_test_bpc is not None:

@@ -8,32 +8,15 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 
 import torch
+from conftest import InterruptAt  # this script runs from tests/, beside conftest
 
 from fundamentallm import model as model_module
 from fundamentallm.config import RunConfig
 from fundamentallm.errors import TrainingInterrupted
 from fundamentallm.train import train
-
-
-class InterruptAt:
-    """Sends this process SIGINT at `step`, as Ctrl-C would (rank 0 only: the others follow)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_step(self, step, metrics):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def on_eval(self, step, metrics):
-        pass
-
-    def on_end(self, result):
-        pass
 
 
 def main() -> int:

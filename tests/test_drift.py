@@ -33,7 +33,7 @@ def test_a_grown_corpus_reports_new_text_new_characters_and_a_small_divergence()
     assert drift.new_text_share == pytest.approx(len("ñ¿é the end\n") / new["characters"])
     assert drift.new_bytes - drift.old_bytes == len("ñ¿é the end\n".encode())
     assert 0 < drift.divergence_bits < 0.1
-    assert "3 character(s) added ('¿' 'é' 'ñ')" in drift.summary()
+    assert "3 character(s) added ('¿' 'é' 'ñ'), 0 removed, unigram" in drift.summary()
     assert "| documents | 2 | 3 |" in drift.markdown()
 
 

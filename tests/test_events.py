@@ -9,7 +9,8 @@ import logging
 import pytest
 
 from fundamentallm.pipeline import RegistrationRequest
-from fundamentallm.registry import RegistrationRecord
+from fundamentallm.registry import Comparison, RegistrationRecord
+from fundamentallm.retrain import RetrainPlan
 from tasks import events
 from tasks import pipeline as pipeline_tasks
 
@@ -48,13 +49,15 @@ def test_an_error_while_emitting_is_logged_and_swallowed(monkeypatch, caplog):
 
 @pytest.mark.parametrize("champion", [True, False])
 def test_the_register_task_announces_a_new_champion_only(monkeypatch, champion):
-    record = RegistrationRecord("char", "4", "models:/char/4", champion, "reason", previous_champion="3")
-    request = RegistrationRequest("char", 1.9, "dataset", {}, "description", "the ")
+    comparison = Comparison(1.9, "dataset", champion_version="3", champion_val_bpc=2.1, champion_dataset="dataset")
+    record = RegistrationRecord("char", "4", "models:/char/4", champion, "reason", "3", comparison)
+    request = RegistrationRequest("char", 1.9, "dataset", "data/datasets/x", {}, 0.0, {}, "description", "the ")
     announced = []
-    monkeypatch.setattr(pipeline_tasks, "register_stage", lambda checkpoint, tracker, request: record)
+    monkeypatch.setattr(pipeline_tasks, "register_stage", lambda checkpoint, tracker, request, retrain: record)
     monkeypatch.setattr(pipeline_tasks, "MlflowTracker", lambda run_id: None)
     monkeypatch.setattr(pipeline_tasks, "get_run_logger", lambda: logging.getLogger("test"))
     monkeypatch.setattr(pipeline_tasks, "emit_champion_changed", lambda *a, **kw: announced.append((a, kw)))
-    assert pipeline_tasks.register_task.fn("best.pt", "run-id", request) is record
-    expected = [(("char",), {"old_version": "3", "new_version": "4", "challenger_bpc": 1.9, "champion_bpc": None})]
+    retrain = RetrainPlan(True, "the corpus changed")
+    assert pipeline_tasks.register_task.fn("best.pt", "run-id", request, retrain) is record
+    expected = [(("char",), {"old_version": "3", "new_version": "4", "challenger_bpc": 1.9, "champion_bpc": 2.1})]
     assert announced == (expected if champion else [])
