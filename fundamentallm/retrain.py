@@ -142,7 +142,7 @@ def look_before_training(
             "version, or move the champion alias, before retraining"
         ) from exc
     champion = _reference(current, model_name, checkpoint=str(checkpoint))
-    drift = _drift(tracker, champion, ingest_report)
+    drift = _drift(champion, ingest_report)
     return RetrainPlan(True, reason, champion, drift, resolve_warm_start(init_from, model))
 
 
@@ -158,7 +158,7 @@ def _reference(version: Any, model_name: str, checkpoint: str) -> ChampionRef:
     )
 
 
-def _drift(tracker: Any, champion: ChampionRef, ingest_report: dict[str, Any]) -> DriftReport | None:
+def _drift(champion: ChampionRef, ingest_report: dict[str, Any]) -> DriftReport | None:
     """The drift since the champion's corpus; None when its run kept no ingestion report (an older run)."""
     from fundamentallm.tracking import download_artifacts
 
