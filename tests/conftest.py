@@ -106,9 +106,9 @@ class InterruptAt:
         pass
 
 
-def poison_training_loss(monkeypatch, poisoned_call) -> None:
-    """Make the training loss NaN on the forward passes for which `poisoned_call(n)` is true
-    (n counts training forward passes from 1)."""
+def _poison_training_forward(monkeypatch, poisoned_call, poison) -> None:
+    """Pass the training loss through `poison` on the forward passes for which `poisoned_call(n)`
+    is true (n counts training forward passes from 1)."""
     from fundamentallm import model as model_module
 
     original = model_module.CharTransformer.forward
@@ -119,18 +119,22 @@ def poison_training_loss(monkeypatch, poisoned_call) -> None:
         if targets is not None and self.training:
             calls["n"] += 1
             if poisoned_call(calls["n"]):
-                loss = loss * float("nan")
+                loss = poison(loss)
         return logits, loss
 
     monkeypatch.setattr(model_module.CharTransformer, "forward", forward)
+
+
+def poison_training_loss(monkeypatch, poisoned_call) -> None:
+    """Make the training loss NaN on the forward passes for which `poisoned_call(n)` is true
+    (n counts training forward passes from 1)."""
+    _poison_training_forward(monkeypatch, poisoned_call, lambda loss: loss * float("nan"))
 
 
 def poison_gradients(monkeypatch, poisoned_call) -> None:
     """Make the gradients infinite, the loss staying finite, on the training forward passes for
     which `poisoned_call(n)` is true (n counts training forward passes from 1)."""
     import torch
-
-    from fundamentallm import model as model_module
 
     class InfiniteGradient(torch.autograd.Function):
         @staticmethod
@@ -141,18 +145,7 @@ def poison_gradients(monkeypatch, poisoned_call) -> None:
         def backward(ctx, grad):
             return grad * float("inf")
 
-    original = model_module.CharTransformer.forward
-    calls = {"n": 0}
-
-    def forward(self, ids, targets=None, caches=None):
-        logits, loss = original(self, ids, targets, caches)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if poisoned_call(calls["n"]):
-                loss = InfiniteGradient.apply(loss)
-        return logits, loss
-
-    monkeypatch.setattr(model_module.CharTransformer, "forward", forward)
+    _poison_training_forward(monkeypatch, poisoned_call, InfiniteGradient.apply)
 
 
 @pytest.fixture(scope="session")
@@ -239,6 +232,20 @@ def client_env(env: dict[str, str], ports: dict[str, int]) -> tuple[dict[str, st
     api = f"http://127.0.0.1:{ports['PREFECT_PORT']}/api"
     mlflow_url = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
     return {**env, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url}, api, mlflow_url
+
+
+def wait_for_flow_run(api: str, flow_run_id: str, states: set[str], timeout: float) -> dict:
+    """Poll the Prefect API at `api` until the flow run's state type is one of `states`; a hang
+    guard, not a timed assertion: it fails only after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        run = get_json(f"{api}/flow_runs/{flow_run_id}")
+        if run["state"] and run["state"]["type"] in states:
+            return run
+        assert time.monotonic() < deadline, f"flow run still {run['state']} after {timeout:.0f} s"
+        time.sleep(2)
 
 
 def deployment_params(root: Path, corpus: Path, model_name: str, experiment: str) -> dict:

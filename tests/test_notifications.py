@@ -23,6 +23,7 @@ from conftest import (
     run_deployment,
     services_command,
     start_services,
+    wait_for_flow_run,
     write_corpus,
 )
 
@@ -111,13 +112,7 @@ class Api:
         return get_json(f"{self.api}/flow_runs/{flow_run_id}")
 
     def wait(self, flow_run_id: str, states: set[str] = FINAL, timeout: float = 600) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            run = self.flow_run(flow_run_id)
-            if run["state"] and run["state"]["type"] in states:
-                return run
-            assert time.monotonic() < deadline, f"flow run still {run['state']} after {timeout:.0f} s"
-            time.sleep(2)
+        return wait_for_flow_run(self.api, flow_run_id, states, timeout)
 
     def automations(self) -> set[str]:
         return {a["name"] for a in get_json(f"{self.api}/automations/filter", {})}

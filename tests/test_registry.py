@@ -29,39 +29,32 @@ def test_the_rule_promotes_only_a_model_that_beats_the_champion_on_the_same_data
     assert [row["model"] for row in better.rows()] == ["challenger", "champion (version 1)"]
 
 
-def _run(mlflow_client, experiment: str) -> str:
-    from fundamentallm.tracking import experiment_id
+def _register(name: str, bpc: float, compare=None) -> registry.RegistrationRecord:
+    """Register a new version of `name` from a fresh run, as a pipeline would (its own client)."""
+    from fundamentallm.tracking import MlflowTracker, client, experiment_id
 
-    return mlflow_client.create_run(experiment_id(mlflow_client, experiment)).info.run_id
+    mlflow_client = client()
+    run_id = mlflow_client.create_run(experiment_id(mlflow_client, "registry")).info.run_id
+    return registry.register(
+        MlflowTracker(run_id), name, val_bpc=bpc, dataset_id="data", tags={}, description="", compare=compare
+    )
 
 
 def test_a_champion_that_moves_during_the_comparison_is_compared_again(mlflow_store):
-    from fundamentallm.tracking import MlflowTracker, client
+    from fundamentallm.tracking import client
 
     mlflow_client = client()
     name = "moving-char"
     seen: list[str | None] = []
-
-    def register(bpc: float, compare=None):
-        return registry.register(
-            MlflowTracker(_run(mlflow_client, "moving")),
-            name,
-            val_bpc=bpc,
-            dataset_id="data",
-            tags={},
-            description="",
-            compare=compare,
-        )
-
-    assert register(2.0).champion  # version 1
+    assert _register(name, 2.0).champion  # version 1
 
     def compare(current):
         seen.append(None if current is None else str(current.version))
         if len(seen) == 1:  # another pipeline promotes its better model meanwhile (version 2)
-            assert register(1.5).champion
+            assert _register(name, 1.5).champion
         return Comparison(1.7, "data", str(current.version), float(current.tags["val_bpc"]), "data")
 
-    record = register(1.7, compare)  # version 3: beats version 1's 2.0, not version 2's 1.5
+    record = _register(name, 1.7, compare)  # version 3: beats version 1's 2.0, not version 2's 1.5
     assert seen == ["1", "2"]
     assert record.version == "3" and not record.champion and record.previous_champion == "2"
     assert "does not beat champion version 2's 1.5000" in record.reason
@@ -73,26 +66,12 @@ def test_a_champion_that_moves_during_the_comparison_is_compared_again(mlflow_st
 
 @pytest.mark.parametrize("margin, promoted", [(0.0, True), (0.5, False)])
 def test_the_margin_is_applied_to_the_recorded_figures(mlflow_store, margin, promoted):
-    from fundamentallm.tracking import MlflowTracker, client
+    from dataclasses import replace
 
-    mlflow_client = client()
     name = f"margin-char-{margin}"
 
-    def register(bpc: float):
-        return registry.register(
-            MlflowTracker(_run(mlflow_client, "margin")),
-            name,
-            val_bpc=bpc,
-            dataset_id="data",
-            tags={},
-            description="",
-            compare=lambda current: registry.Comparison(
-                **{
-                    **registry.compare_by_tags(current, bpc, "data").to_dict(),
-                    "margin_bpc": margin,
-                }
-            ),
-        )
+    def with_margin(bpc: float):
+        return lambda current: replace(registry.compare_by_tags(current, bpc, "data"), margin_bpc=margin)
 
-    register(2.0)
-    assert register(1.8).champion is promoted
+    _register(name, 2.0, with_margin(2.0))
+    assert _register(name, 1.8, with_margin(1.8)).champion is promoted

@@ -11,7 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import client_env, deployment_params, get_json, run_deployment, services_command, write_corpus
+from conftest import (
+    client_env,
+    deployment_params,
+    get_json,
+    run_deployment,
+    services_command,
+    wait_for_flow_run,
+    write_corpus,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -79,13 +87,7 @@ class Stack:
         return get_json(f"{self.api}/flow_runs/{flow_run_id}")
 
     def wait(self, flow_run_id: str, states: set[str], timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            run = self.flow_run(flow_run_id)
-            if run["state"] and run["state"]["type"] in states:
-                return run
-            assert time.monotonic() < deadline, f"flow run still {run['state']} after {timeout:.0f} s"
-            time.sleep(2)
+        return wait_for_flow_run(self.api, flow_run_id, states, timeout)
 
     def wait_training(self, flow_run_id: str, timeout: float = 300) -> Path:
         """The run directory, once training has logged its first metrics."""
