@@ -312,6 +312,9 @@ def down() -> None:
                 time.sleep(0.2)
             if _alive(pid, started):
                 os.killpg(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10  # a killed process still has to exit: stopped means gone
+                while _alive(pid, started) and time.monotonic() < deadline:
+                    time.sleep(0.1)
             stopped.append(f"{name} (pid {pid})")
         (STATE / f"{name}.pid").unlink()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
