@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,69 @@ def check_stride(stride: int, context: int) -> None:
         raise ConfigError(f"stride must be between 1 and the context length {context}; got {stride}")
 
 
+@dataclass(frozen=True)
+class ScoredBatch:
+    """The characters one batch of windows scores, as `score_batches` yields them.
+
+    `index` (B, W) is the position in the token array of each window target, `nats` (B, W) its
+    -ln p in float64 (before any unknown-character charge), `scored` (B, W) whether the window
+    scores it (each character is scored by exactly one window), and `logits` (B, W, V) the
+    model's next-character logits in float32.
+    """
+
+    index: torch.Tensor
+    nats: torch.Tensor
+    scored: torch.Tensor
+    logits: torch.Tensor
+
+
 @torch.no_grad()
+def score_batches(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    context: int,
+    stride: int,
+    *,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    precision: Precision | None = None,
+    progress: Progress = null_progress,
+) -> Iterator[ScoredBatch]:
+    """The sliding-window policy over `tokens`, one batch of windows at a time.
+
+    Each batch is yielded before the next is computed, so a consumer that keeps sums keeps
+    memory bounded by one batch whatever the split's length.
+    """
+    device = device or torch.device("cpu")
+    precision = precision or Precision("fp32", None)
+    if len(tokens) < 2:
+        raise ConfigError("a split needs at least two characters to be scored")
+    check_stride(stride, context)
+    model.eval()
+    data = torch.from_numpy(tokens.astype(np.int64, copy=False))
+    plan = window_plan(len(tokens), context, stride)
+    width = min(context, len(tokens) - 1)
+    offsets = torch.arange(width + 1)
+    for i in range(0, len(plan), batch_size):
+        chunk = plan[i : i + batch_size]
+        starts = torch.tensor([s for s, _ in chunk])
+        firsts = torch.tensor([f for _, f in chunk])
+        window = data[starts[:, None] + offsets].to(device)  # (B, T + 1)
+        with precision.autocast(device):
+            logits, _ = model(window[:, :-1])
+        logits = logits.float()
+        nats = F.cross_entropy(logits.reshape(-1, logits.size(-1)), window[:, 1:].reshape(-1), reduction="none").view(
+            len(chunk), width
+        )
+        yield ScoredBatch(
+            index=starts[:, None] + 1 + offsets[None, :width],
+            nats=nats.double().cpu(),
+            scored=torch.arange(width)[None, :] >= firsts[:, None],
+            logits=logits,
+        )
+        progress("evaluate", min(i + batch_size, len(plan)), len(plan))
+
+
 def score_tokens(
     model: torch.nn.Module,
     tokens: np.ndarray,
@@ -146,32 +209,13 @@ def score_tokens(
     progress: Progress = null_progress,
 ) -> tuple[float, int]:
     """Total nats and number of scored characters over `tokens` with the sliding-window policy."""
-    device = device or torch.device("cpu")
-    precision = precision or Precision("fp32", None)
-    if len(tokens) < 2:
-        raise ConfigError("a split needs at least two characters to be scored")
-    check_stride(stride, context)
-    model.eval()
-    data = torch.from_numpy(tokens.astype(np.int64, copy=False))
-    plan = window_plan(len(tokens), context, stride)
-    width = min(context, len(tokens) - 1)
-    offsets = torch.arange(width + 1)
     total = 0.0
     count = 0
-    for i in range(0, len(plan), batch_size):
-        chunk = plan[i : i + batch_size]
-        starts = torch.tensor([s for s, _ in chunk])
-        firsts = torch.tensor([f for _, f in chunk])
-        window = data[starts[:, None] + offsets].to(device)  # (B, T + 1)
-        with precision.autocast(device):
-            logits, _ = model(window[:, :-1])
-        nats = F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), window[:, 1:].reshape(-1), reduction="none"
-        ).view(len(chunk), width)
-        mask = torch.arange(width)[None, :] >= firsts[:, None]
-        total += float(nats.double().cpu()[mask].sum())
-        count += int(mask.sum())
-        progress("evaluate", min(i + batch_size, len(plan)), len(plan))
+    for batch in score_batches(
+        model, tokens, context, stride, batch_size=batch_size, device=device, precision=precision, progress=progress
+    ):
+        total += float(batch.nats[batch.scored].sum())
+        count += int(batch.scored.sum())
     if count != len(tokens) - 1:  # every character after the first, exactly once
         raise AssertionError(f"scored {count} of {len(tokens) - 1} characters")
     return total, count

@@ -82,6 +82,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         cache: LayerCache | None = None,
+        attention: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
@@ -91,7 +92,15 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:
             cos, sin = rotary  # (T, D/2) for the positions of this call
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is None:
+        if attention is not None:
+            # The weights themselves, for looking at: softmax(QK^T / sqrt(D)) spelled out, which the fused
+            # kernel never materialises; only asked for by `CharTransformer.forward(attention=...)`.
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            weights = scores.float().masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            attention.append(weights)
+            y = weights.to(v.dtype) @ v  # (B, H, T, D)
+        elif cache is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
             )  # (B, H, T, D)
@@ -133,9 +142,13 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, cache: LayerCache | None = None
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: LayerCache | None = None,
+        attention: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rotary, cache)
+        x = x + self.attn(self.norm1(x), rotary, cache, attention)
         return x + self.mlp(self.norm2(x))
 
 
@@ -185,12 +198,20 @@ class CharTransformer(nn.Module):
         return self.rotary_cos[start : start + length], self.rotary_sin[start : start + length]
 
     def forward(
-        self, ids: torch.Tensor, targets: torch.Tensor | None = None, caches: list[LayerCache] | None = None
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        caches: list[LayerCache] | None = None,
+        attention: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position, and the mean cross-entropy when `targets` (B, T) are given.
 
         With `caches`, `ids` continue the sequence the caches hold (positions start after it).
+        With `attention` (an empty list, no caches), each layer appends its attention weights
+        (B, H, T, T), computed explicitly: slower, for inspection only.
         """
+        if attention is not None and caches is not None:
+            raise ValueError("attention weights are computed without a key/value cache")
         _B, T = ids.shape
         start = 0 if caches is None or caches[0].k is None else caches[0].k.shape[2]
         if start + T > self.config.context_length:
@@ -201,7 +222,7 @@ class CharTransformer(nn.Module):
         x = self.dropout(x)
         rotary = self._rotary(start, T)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, None if caches is None else caches[i])
+            x = block(x, rotary, None if caches is None else caches[i], attention)
         x = self.norm(x)
         if targets is None:
             return F.linear(x, self.token_embedding.weight), None  # (B, T, V)
