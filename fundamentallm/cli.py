@@ -27,7 +27,15 @@ from rich.console import Console
 from rich.table import Table
 
 from fundamentallm import __version__
-from fundamentallm.config import DEFAULT_CONTEXT_LENGTH, Config, DataConfig, RunConfig, SampleConfig, flatten
+from fundamentallm.config import (
+    DEFAULT_CONTEXT_LENGTH,
+    Config,
+    DataConfig,
+    InspectConfig,
+    RunConfig,
+    SampleConfig,
+    flatten,
+)
 from fundamentallm.errors import FundamentaLLMError
 
 _command_start = time.monotonic()
@@ -442,6 +450,64 @@ def evaluate(
     _print_eval(result, f"{split} (exact, whole split)")
 
 
+@app.command("inspect")
+def inspect_command(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Checkpoint file (best.pt or latest.pt) or its fsspec URL, or a logged or registered model: "
+            "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/model."
+        ),
+    ],
+    dataset: Annotated[str, typer.Argument(help="Dataset directory the model was trained on, or its fsspec URL.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the pages and figures into.")],
+    split: str = _setting_option(InspectConfig, "split", "--split"),
+    chars: int = _setting_option(InspectConfig, "chars", "--chars"),
+    prompt: str = _setting_option(InspectConfig, "prompt", "--prompt"),
+    device: str = _setting_option(InspectConfig, "device", "--device"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Where the model is sure and where it guesses: surprisal.html, classes.json/png, context.json/png and
+    attention.png in --out."""
+    with _user_errors():
+        from fundamentallm.insight import inspect_model
+
+        config = InspectConfig(split=split, chars=chars, prompt=prompt, device=device)
+        checkpoint = _download_model(model) if model.startswith(_MODEL_URIS) else model
+        with _progress_bars(console.is_terminal) as report:
+            result = inspect_model(checkpoint, dataset, out_dir, config, progress=report)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    from fundamentallm.insight import CLASS_LABELS, FILES
+
+    table = Table(
+        title=f"{split}: {result.characters:,} characters, {result.bits_per_char:.3f} bits/char",
+        title_justify="left",
+        header_style="bold",
+    )
+    table.add_column("kind of character", no_wrap=True)
+    for column in ("count", "share", "bits/char", "of loss", "unigram"):
+        table.add_column(column, justify="right")
+    for c in result.classes:
+        table.add_row(
+            CLASS_LABELS[c.class_],
+            f"{c.count:,}",
+            f"{c.share:.1%}",
+            f"{c.bits_per_char:.3f}",
+            f"{c.loss_share:.1%}",
+            f"{c.unigram_bits_per_char:.3f}",
+        )
+    out.print(table)
+    console.print(
+        f"context: {result.context_bits_per_char:.3f} bits/char unstrided; surprisal.html shows "
+        f"{result.shown_chars:,} characters ({result.shown_bits_per_char:.3f} bits/char)",
+        soft_wrap=True,
+        highlight=False,
+    )
+    console.print(f"wrote {', '.join(FILES)} to {result.out_dir}", soft_wrap=True, highlight=False, markup=False)
+
+
 @app.command()
 def sample(
     checkpoint: Annotated[
@@ -511,20 +577,40 @@ def _sampler(checkpoint: str | Path, device: str) -> Any:
     return Sampler(ckpt.build_model(torch_device), ckpt.vocab, torch_device, resolve_precision("auto", torch_device))
 
 
-def _stream(sampler: Any, prompt: str, config: Any) -> None:
+def _stream(sampler: Any, prompt: str, config: Any) -> str:
+    """Print the samples; return the first one, prompt included (where `:probs` continues from)."""
     if config.num_samples == 1:
         sys.stdout.write(prompt)
+        text = ""
         for pieces in sampler.stream(prompt, config):
             sys.stdout.write(pieces[0])
             sys.stdout.flush()
+            text += pieces[0]
         sys.stdout.write("\n")
-        return
-    for i, text in enumerate(sampler.generate(prompt, config)):
+        return prompt + text
+    texts = sampler.generate(prompt, config)
+    for i, text in enumerate(texts):
         print(f"--- sample {i + 1} ---\n{prompt}{text}")
+    return prompt + texts[0]
+
+
+def _print_probs(sampler: Any, text: str) -> None:
+    """The model's ten most likely next characters after `text`, as a table."""
+    from fundamentallm.insight import shown
+
+    console.print(f"next character after {text[-40:]!r}:", soft_wrap=True, highlight=False, markup=False)
+    table = Table(header_style="bold")
+    table.add_column("char")
+    table.add_column("probability", justify="right")
+    table.add_column("")
+    for char, p in sampler.next_distribution(text, 10):
+        table.add_row(shown(char), f"{p:.1%}", "#" * round(p * 40))
+    out.print(table)
 
 
 _INTERACTIVE_HELP = """settings: ':temperature 0.5', ':top_k 40', ':top_p 0.9', ':max_new_tokens 300', ':seed 7',
-':repetition_penalty 1.2', ':num_samples 2', ':stop END' (':stop' alone clears), ':show', ':help', ':quit'.
+:repetition_penalty 1.2', ':num_samples 2', ':stop END' (':stop' alone clears), ':show', ':help', ':quit'.
+':probs' shows the model's next-character distribution after the last text (':probs TEXT': after TEXT).
 Anything else is a prompt; an empty line continues from a newline."""
 
 
@@ -532,6 +618,7 @@ def _interactive(sampler: Any, config: Any) -> None:
     from fundamentallm.errors import FundamentaLLMError
 
     console.print(_INTERACTIVE_HELP)
+    current = ""  # the last prompt with its first sample: the point `:probs` looks at
     while True:
         try:
             line = input("prompt> ")
@@ -548,6 +635,10 @@ def _interactive(sampler: Any, config: Any) -> None:
             if name == "show":
                 console.print(json.dumps(config.to_dict()))
                 continue
+            if name == "probs":
+                # TEXT is taken as typed after ':probs ', trailing spaces included: they matter to the next character.
+                _print_probs(sampler, line.removeprefix(":probs ") if line.startswith(":probs ") else current)
+                continue
             try:
                 if name == "stop":
                     config = config.replace(stop=(value,) if value else ())
@@ -561,7 +652,7 @@ def _interactive(sampler: Any, config: Any) -> None:
                 console.print(f"error: {exc}")
             continue
         try:
-            _stream(sampler, line, config)
+            current = _stream(sampler, line, config)
         except FundamentaLLMError as exc:
             console.print(f"error: {exc}")
 

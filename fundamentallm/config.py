@@ -572,6 +572,29 @@ class SampleConfig(Config):
             raise ConfigError("SampleConfig.stop strings must not be empty")
 
 
+MAX_INSPECT_CHARS = 20_000
+"""The most characters `fundamentallm inspect` shades in surprisal.html: each is an element with its
+own tooltip, and a page of many more grows past what a browser or the MLflow artifact viewer opens
+comfortably."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InspectConfig(Config):
+    split: str = setting("val", "Split to inspect: train, val or test.")
+    chars: int = setting(3000, f"Characters shaded by surprisal in surprisal.html (at most {MAX_INSPECT_CHARS:,}).")
+    prompt: str = setting("", "Text whose attention weights are drawn (empty: the first line of the split).")
+    batch_size: int = setting(32, "Windows per forward pass.")
+    device: str = setting("auto", "auto, cpu, cuda or mps.")
+
+    def check(self) -> None:
+        if self.split not in SPLITS:
+            self._fail("split", f"must be one of {', '.join(SPLITS)}")
+        if not 1 <= self.chars <= MAX_INSPECT_CHARS:
+            self._fail("chars", f"must be between 1 and {MAX_INSPECT_CHARS:,} (one page element per character)")
+        if self.batch_size < 1:
+            self._fail("batch_size", "must be at least 1")
+
+
 def parse_duration(text: str | float) -> float:
     """Seconds from '90', '90s', '15m', '1h', '1h30m' (a bare number is seconds)."""
     if isinstance(text, (int, float)):

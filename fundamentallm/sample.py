@@ -85,6 +85,19 @@ class Sampler:
         return logits[:, -1, :].float()  # (B, V)
 
     @torch.no_grad()
+    def next_distribution(self, text: str, k: int = 10) -> list[tuple[str, float]]:
+        """The model's `k` most likely next characters after `text` (its last context-length
+        characters), with their probabilities: the raw distribution, before temperature and the
+        other sampling settings reshape it. The unknown id is listed as '(unknown)'."""
+        ids = self.encode_prompt(text, "unk")[-self.context :]
+        logits = self._logits(torch.tensor([ids], dtype=torch.long, device=self.device), None)
+        probs, top = logits.softmax(dim=-1)[0].topk(min(k, logits.size(-1)))
+        return [
+            ("(unknown)" if i == UNK_ID else self.vocab.decode([i]), float(p))
+            for i, p in zip(top.tolist(), probs.tolist(), strict=True)
+        ]
+
+    @torch.no_grad()
     def stream(self, prompt: str, config: SampleConfig) -> Iterator[list[str]]:
         """Yield, at each step, the new text of every sample ('' where there is none).
 
