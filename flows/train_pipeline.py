@@ -37,6 +37,7 @@ from tasks.flow_runs import ended_flow_run, tag_flow_run
 from tasks.pipeline import (
     before_training_task,
     evaluate_task,
+    inspect_task,
     lineage_task,
     publish_dataset_task,
     register_task,
@@ -114,6 +115,8 @@ def train_pipeline(
         create_table_artifact(
             metrics_rows(evaluation.to_dict()), key="metrics", description="Exact figures, whole splits"
         )
+        inspection = inspect_task(trained.best_checkpoint, location, plan.run_dir, run.run_id)
+        create_markdown_artifact(inspection.markdown, key="inspect")
         samples = sample_task(trained.best_checkpoint, config.prompts, config.sample, plan.run_dir, run.run_id)
         create_markdown_artifact(samples.markdown, key="samples")
         request = registration_request(config, plan, outlook, dataset, location, evaluation)

@@ -422,6 +422,75 @@ def evaluate_stage(checkpoint: str, dataset_path: str, tracker: Tracker | None =
     return Evaluation(tuple(results))
 
 
+INSPECT_CHARS = 2000
+"""Characters shaded in a pipeline run's surprisal.html: enough to read, quick on any preset."""
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """Where a run's inspect files are (`path`, in the run directory), its class table in Markdown,
+    and the per-class figures logged as MLflow metrics."""
+
+    path: str
+    markdown: str
+    metrics: dict[str, float]
+
+
+def inspection_markdown(result: Any, link: str | None = None) -> str:
+    """The class table of an `InspectResult`, with where the pages and figures are."""
+    from fundamentallm.insight import CLASS_LABELS
+
+    lines = [
+        f"# Where the model is sure and where it guesses ({result.split})\n",
+        f"{result.characters:,} characters, {result.bits_per_char:.3f} bits per character.\n",
+        "| kind of character | count | share | bits/char | share of loss | unigram bits/char |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in result.classes:
+        lines.append(
+            f"| {CLASS_LABELS[c.class_]} | {c.count:,} | {c.share:.1%} | {c.bits_per_char:.3f} | "
+            f"{c.loss_share:.1%} | {c.unigram_bits_per_char:.3f} |"
+        )
+    where = f"[the MLflow run]({link})" if link else "the MLflow run"
+    lines.append(
+        f"\nPer-character surprisal (`inspect/surprisal.html`), loss by context position and attention maps: "
+        f"artifacts `inspect/` of {where}."
+    )
+    return "\n".join(lines)
+
+
+def inspect_stage(
+    checkpoint: str,
+    dataset_path: str,
+    out_dir: str,
+    tracker: Tracker | None = None,
+    *,
+    chars: int = INSPECT_CHARS,
+    link: str | None = None,
+) -> Inspection:
+    """`fundamentallm inspect` on the validation split, into the run directory's `inspect/`: the files
+    logged as MLflow artifacts under `inspect/`, each class's bits per character and share of the
+    characters as metrics `inspect_bpc_<class>` and `inspect_share_<class>`."""
+    from fundamentallm.config import InspectConfig
+    from fundamentallm.data.dataset import Dataset
+    from fundamentallm.insight import inspect_model
+
+    tracker = tracker or NullTracker()
+    run = RunDir(out_dir)
+    split = next((s for s in EVAL_SPLITS if Dataset(dataset_path).num_tokens(s) >= 2), "train")
+    target = run.path / "inspect"
+    result = inspect_model(checkpoint, dataset_path, target, InspectConfig(split=split, chars=chars, device="cpu"))
+    files = sorted(p for p in target.iterdir() if p.is_file())
+    for path in files:
+        tracker.log_artifact(path, "inspect")
+        if run.remote:
+            storage.push_file(path, run.url(f"inspect/{path.name}"))
+    metrics = {f"inspect_bpc_{c.class_}": c.bits_per_char for c in result.classes if c.count}
+    metrics.update({f"inspect_share_{c.class_}": c.share for c in result.classes})
+    tracker.log_metrics(metrics)
+    return Inspection(path=str(target), markdown=inspection_markdown(result, link), metrics=metrics)
+
+
 def sample_stage(
     checkpoint: str, prompts: tuple[str, ...], config: SampleConfig, out_dir: str, tracker: Tracker | None = None
 ) -> Samples:

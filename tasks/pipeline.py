@@ -15,6 +15,7 @@ from fundamentallm.data.ingest import DocumentsRecord
 from fundamentallm.data.validate import ValidationRecord
 from fundamentallm.pipeline import (
     Evaluation,
+    Inspection,
     PipelineConfig,
     RegistrationRequest,
     RunPlan,
@@ -22,6 +23,7 @@ from fundamentallm.pipeline import (
     before_training_stage,
     evaluate_stage,
     figures_line,
+    inspect_stage,
     log_lineage,
     register_stage,
     sample_stage,
@@ -30,7 +32,7 @@ from fundamentallm.pipeline import (
 from fundamentallm.registry import RegistrationRecord
 from fundamentallm.retrain import RetrainPlan
 from fundamentallm.storage import publish_dataset
-from fundamentallm.tracking import MlflowTracker
+from fundamentallm.tracking import MlflowTracker, ui_url
 from fundamentallm.train import TrainResult
 from tasks.data import transient
 from tasks.events import emit_champion_changed
@@ -112,6 +114,12 @@ def evaluate_task(checkpoint: str, dataset_path: str, mlflow_run_id: str) -> Eva
     for result in evaluation.results:
         get_run_logger().info(figures_line(result.split, result.to_dict()))
     return evaluation
+
+
+@task(name="inspect", timeout_seconds=3600)
+def inspect_task(checkpoint: str, dataset_path: str, out_dir: str, mlflow_run_id: str) -> Inspection:
+    """Surprisal page, loss by kind of character and by context position, attention maps."""
+    return inspect_stage(checkpoint, dataset_path, out_dir, MlflowTracker(mlflow_run_id), link=ui_url(mlflow_run_id))
 
 
 @task(name="sample", timeout_seconds=1800)

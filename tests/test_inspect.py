@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,3 +255,41 @@ def test_probs_shows_the_next_character_distribution(run):
     assert result.output.count("next character after") == 2
     assert "next character after 'the kin'" in result.output
     assert f"{top[0][1]:.1%}" in result.output
+
+
+class RecordingTracker:
+    """A tracker that keeps what it is given."""
+
+    def __init__(self):
+        self.metrics: dict[str, float] = {}
+        self.artifacts: list[tuple[str, str | None]] = []
+
+    def log_params(self, params):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def set_tags(self, tags):
+        pass
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append((Path(path).name, artifact_path))
+
+    def log_dataset(self, dataset):
+        pass
+
+
+def test_the_pipeline_stage_logs_the_files_and_the_class_figures(run, tmp_path):
+    from fundamentallm.pipeline import inspect_stage
+
+    dataset, checkpoint = run
+    tracker = RecordingTracker()
+    inspection = inspect_stage(checkpoint, dataset, str(tmp_path / "run"), tracker, chars=40, link="http://ui/run")
+    assert sorted(tracker.artifacts) == sorted((name, "inspect") for name in FILES)
+    assert inspection.path == str(tmp_path / "run" / "inspect")
+    figures = json.loads((tmp_path / "run" / "inspect" / "classes.json").read_text(encoding="utf-8"))
+    rows = {r["class"]: r for r in figures["classes"]}
+    assert tracker.metrics["inspect_bpc_word_inside"] == rows["word_inside"]["bits_per_char"]
+    assert tracker.metrics["inspect_share_digit"] == 0.0 and "inspect_bpc_digit" not in tracker.metrics  # none
+    assert "| letter inside a word |" in inspection.markdown and "(http://ui/run)" in inspection.markdown

@@ -91,7 +91,8 @@ def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
     assert first["metrics"]["val"]["bits_per_char"] < first["metrics"]["val"]["unigram_bits_per_char"]
     flow_run_id = state.state_details.flow_run_id
     artifacts = _artifacts(flow_run_id)
-    assert {"validation", "metrics", "samples", "mlflow-run", "training-progress"} <= artifacts.keys()
+    assert {"validation", "metrics", "samples", "mlflow-run", "training-progress", "inspect"} <= artifacts.keys()
+    assert "| letter inside a word |" in artifacts["inspect"].data  # the class table on the flow run's page
     assert artifacts["training-progress"].data == 100.0  # the progress artifact ends full
     messages = _log_messages(flow_run_id)
     progress_lines = [m for m in messages if m.startswith("step ") and "| loss" in m]
@@ -128,7 +129,10 @@ def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
         assert tags.get(key), key
     assert run.data.params["pipeline.preset"] == "debug"
     assert run.data.params["pipeline.run.train.max_steps"] == "300"
-    for key in ("val_loss", "val_bpc", "val_perplexity", "test_bpc", "train_loss", "lr", "tokens_per_s", "grad_norm"):
+    for key in (
+        *("val_loss", "val_bpc", "val_perplexity", "test_bpc", "train_loss", "lr", "tokens_per_s", "grad_norm"),
+        *("inspect_bpc_word_start", "inspect_bpc_word_inside", "inspect_share_space"),
+    ):
         assert key in run.data.metrics, key
     # Characters the training split never held are counted, not hidden in the figure.
     assert run.data.metrics["val_unknown_chars"] == first["metrics"]["val"]["unknown_characters"]
@@ -136,7 +140,7 @@ def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
     assert len(mlflow_client.get_metric_history(run.info.run_id, "train_loss")) > 3
     artifacts = {
         a.path
-        for folder in ("data", "samples", "plots", "config", "model")
+        for folder in ("data", "samples", "plots", "config", "model", "inspect")
         for a in mlflow_client.list_artifacts(run.info.run_id, folder)
     }
     for path in (
@@ -147,6 +151,8 @@ def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
         "plots/loss.png",
         "config/config.json",
         "model/MLmodel",
+        "inspect/surprisal.html",
+        "inspect/classes.png",
     ):
         assert path in artifacts, (path, artifacts)
 
