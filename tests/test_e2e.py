@@ -14,7 +14,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import client_env, deployment_params, get_json, run_deployment, start_services, write_corpus
+from conftest import (
+    client_env,
+    deployment_params,
+    get_json,
+    run_deployment,
+    skip_or_fail,
+    start_services,
+    write_corpus,
+)
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +107,7 @@ def test_deployment_run_on_real_servers(services, tmp_path):
     # What a user sees: the MLflow UI lists the run and the registered model.
     browser = _chromium()
     if browser is None:
-        pytest.skip("Chromium is not installed (.ci/run installs Debian's chromium)")
+        skip_or_fail("Chromium is not installed (.ci/run installs Debian's chromium)")
     page = _render(browser, f"{mlflow_url}/#/experiments/{experiment['experiment_id']}/runs", tmp_path / "profile1")
     assert runs[0]["info"]["run_name"] in page
     page = _render(browser, f"{mlflow_url}/#/models/{urllib.parse.quote('e2e-char')}", tmp_path / "profile2")
