@@ -26,6 +26,20 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+# Hang guards per marker (pytest-timeout; pyproject's `timeout = 600` covers the rest): generous,
+# several times what each kind takes on a loaded 2-core machine, so only a hang reaches them.
+TIMEOUT_BY_MARKER = {"flow": 900, "reliability": 1800, "postgres": 1800, "e2e": 1800}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        limits = [s for name, s in TIMEOUT_BY_MARKER.items() if item.get_closest_marker(name) is not None]
+        if limits:
+            item.add_marker(pytest.mark.timeout(max(limits)))
+
+
 _ci_skips: list[tuple[str, str, str]] = []
 
 
