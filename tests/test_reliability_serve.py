@@ -11,7 +11,6 @@ optional ``params`` object; the answer is ``{"predictions": [...]}``.
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -33,7 +32,6 @@ pytestmark = pytest.mark.reliability
 
 MODEL_NAME = "serve-test"
 NEW_TOKENS = 16
-REFUSAL_S = 20.0  # a refusal comes before any sampling: far quicker than this even on a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -141,20 +139,19 @@ BAD_REQUESTS = [
 ]
 
 
-def _refused(port: int, body: bytes) -> tuple[int, str, float]:
-    started = time.perf_counter()
-    status, text = request(port, "POST", "/invocations", body)
-    return status, text, time.perf_counter() - started
+def _refused(port: int, body: bytes) -> tuple[int, str]:
+    # The request's own 120 s timeout is the hang guard: a server that started sampling a
+    # trillion characters before refusing would not answer within it.
+    return request(port, "POST", "/invocations", body)
 
 
 @pytest.mark.parametrize(("case", "body", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
 def test_a_bad_request_gets_a_4xx_that_says_what_is_wrong(served, case, body, message):
     server, _, alphabet = served
-    status, text, seconds = _refused(server.port, body)
+    status, text = _refused(server.port, body)
     assert 400 <= status < 500, (case, status, text[-2000:])
     error = json.loads(text)
     assert message in error["message"], (case, error["message"][-2000:])
-    assert seconds < REFUSAL_S, f"{case}: refused after {seconds:.1f} s"
     # The server carries on: the next good request is answered in full.
     status, text = invoke(server.port, ["the "], {"max_new_tokens": NEW_TOKENS, "seed": 1})
     assert check_answer(status, text, ["the "], NEW_TOKENS, alphabet)[0] == []
