@@ -29,6 +29,30 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str, poll
         time.sleep(poll)
 
 
+# `python -c PAUSE_AT MARKER STEP <fundamentallm arguments>`: the CLI, with a training callback
+# that writes MARKER at step STEP and then waits (for the test's SIGKILL).
+PAUSE_AT = """
+import sys, time
+from pathlib import Path
+import fundamentallm.launch as launch
+from fundamentallm.cli import run
+marker, at = Path(sys.argv[1]), int(sys.argv[2])
+class PauseAt:
+    def on_train_step(self, step, metrics):
+        if step == at:
+            marker.write_text(str(step))
+            time.sleep(3600)
+    def on_eval(self, step, metrics):
+        pass
+    def on_end(self, result):
+        pass
+original = launch.train
+launch.train = lambda *a, callbacks=(), **k: original(*a, callbacks=[*callbacks, PauseAt()], **k)
+sys.argv = ["fundamentallm", *sys.argv[3:]]
+run()
+"""
+
+
 def _train_command(dataset: Path, run: Path, *extra: str) -> list[str]:
     return [*CLI, "train", str(dataset), "--out", str(run), "--preset", "debug", "--no-eval", "--json", *extra]
 
@@ -45,24 +69,27 @@ def test_sigkill_mid_training_and_a_rerun_ends_where_an_uninterrupted_run_ends(t
     assert straight.returncode == 0, straight.stderr
     expected = json.loads(straight.stdout)["train"]
 
-    run = tmp_path / "killed"
+    # The same command, made to stop at step 65 (after the checkpoint of step 60 and the metrics of
+    # steps 61-65 were written) and wait there to be killed: a kill point that does not depend on
+    # how fast the machine is.
+    run, marker = tmp_path / "killed", tmp_path / "paused"
     proc = subprocess.Popen(
-        _train_command(tiny_dataset, run, *settings),
+        [sys.executable, "-c", PAUSE_AT, str(marker), "65", *_train_command(tiny_dataset, run, *settings)[3:]],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        latest = run / "latest.pt"
-        _wait_for(lambda: latest.exists() and load_checkpoint(latest).step >= 60, 120, proc, "second checkpoint")
+        _wait_for(marker.exists, 300, proc, "step 65")
         proc.send_signal(signal.SIGKILL)  # no handler runs: whatever was in flight is simply lost
         proc.wait(timeout=30)
     finally:
         proc.kill()
         proc.communicate()
-    killed_at = load_checkpoint(run / "latest.pt").step
-    assert 60 <= killed_at < 160
+    assert load_checkpoint(run / "latest.pt").step == 60
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == 65  # steps past the checkpoint were logged before the kill
 
     resumed = subprocess.run(
         _train_command(tiny_dataset, run, *settings, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300
