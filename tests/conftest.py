@@ -207,6 +207,35 @@ def poison_gradients(monkeypatch, poisoned_call) -> None:
     _poison_training_forward(monkeypatch, poisoned_call, InfiniteGradient.apply)
 
 
+def sample_checkpoint(
+    checkpoint: str | Path, prompts: list[str], precision: str = "fp32", **params: object
+) -> list[str]:
+    """What sampling the checkpoint file directly on the CPU gives for `prompts`, one text each,
+    with the registered model's default settings where `params` gives none: a registered, loaded
+    or served model of that checkpoint must answer exactly this (in fp32; `fundamentallm sample`
+    uses precision "auto")."""
+    import torch
+
+    from fundamentallm.checkpoint import load_checkpoint
+    from fundamentallm.mlflow_model import DEFAULT_PARAMS
+    from fundamentallm.runtime import resolve_precision
+    from fundamentallm.sample import SampleConfig, Sampler
+
+    cpu = torch.device("cpu")
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    sampler = Sampler(ckpt.build_model(cpu), ckpt.vocab, cpu, resolve_precision(precision, cpu))
+    settings = {**DEFAULT_PARAMS, **params}
+    config = SampleConfig(
+        max_new_tokens=int(settings["max_new_tokens"]),
+        temperature=float(settings["temperature"]),
+        top_k=int(settings["top_k"]),
+        top_p=float(settings["top_p"]),
+        seed=int(settings["seed"]),
+        unknown="unk",
+    )
+    return [sampler.generate(prompt, config)[0] for prompt in prompts]
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One temporary Prefect API for every flow test, with its own PREFECT_HOME."""
