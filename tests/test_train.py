@@ -29,7 +29,8 @@ def test_debug_run_learns_well_below_the_unigram_baseline(tiny_dataset, tmp_path
     result = train(tiny_dataset, debug_config(max_steps=300), tmp_path / "run")
     assert result.stop_reason == "max_steps" and result.steps == 300
     metrics = evaluate(result.best_checkpoint, tiny_dataset, "val")
-    assert metrics.bits_per_char < metrics.unigram_bits_per_char - 0.8, metrics
+    # 300 debug steps reach about 1.6 bits/char against a unigram 4.6 (AMD EPYC): a margin of 1 bit.
+    assert metrics.bits_per_char < metrics.unigram_bits_per_char - 2.0, metrics
     assert metrics.unigram_bits_per_char < metrics.uniform_bits_per_char
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {line["kind"] for line in lines} == {"train", "eval"}
