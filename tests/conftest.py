@@ -272,11 +272,40 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
+    """A loopback TCP port that is free now, for a server started later to bind.
+
+    Chosen at random below the kernel's ephemeral range: a port from ``bind(0)`` lies in that
+    range, where any outgoing connection (or another test's ``bind(0)``) may take it between this
+    call and the server's bind; below it only a server told that very port can, and with about
+    20,000 to choose from two tests rarely pick the same one."""
+    import random
+    import socket
+
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    rng = random.SystemRandom()
+    for _ in range(100 if low > 12000 else 0):
+        port = rng.randrange(10000, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def refusing_port():
+    """A loopback port that refuses connections for the whole test: bound by this process and
+    never listened on, so nothing else can take it (unlike a port closed again, or port 9)."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]
 
 
 def get_json(url: str, payload: dict | None = None) -> dict:
@@ -518,9 +547,10 @@ def shared_stack(request, tmp_path_factory):
     """One set of services (`make up`) shared by the end-to-end tests that need no fresh one:
     on the session's PostgreSQL cluster where it can run (so the pipeline is exercised on the
     shared-services set-up), else on sqlite, saying so; under CI=true never on sqlite (the cluster
-    fixture fails instead of skipping). A 60 s heartbeat window (30 s
-    heartbeats) keeps the killed-worker case of the reliability tests short."""
-    extra = {"FUNDAMENTALLM_ZOMBIE_AFTER_S": "60"}
+    fixture fails instead of skipping). The heartbeat window is the shipped 90 s (three of the
+    30 s heartbeats, Prefect's shortest): a heartbeat late by up to a minute on a loaded machine
+    does not mark a healthy run Crashed."""
+    extra = {"FUNDAMENTALLM_ZOMBIE_AFTER_S": "90"}
     try:
         cluster = request.getfixturevalue("postgres_cluster")
     except pytest.skip.Exception as exc:

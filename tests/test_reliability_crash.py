@@ -181,12 +181,12 @@ def test_a_nan_loss_in_the_flow_fails_the_run_keeps_the_checkpoint_and_registers
     assert [m for m in mlflow_client.search_registered_models() if m.name == "nan-char"] == []
 
 
-def test_an_unreachable_tracking_server_fails_the_flow_at_once_with_the_reason(prefect_api, tmp_path, monkeypatch):
-    from conftest import free_port
-
+def test_an_unreachable_tracking_server_fails_the_flow_at_once_with_the_reason(
+    prefect_api, tmp_path, monkeypatch, refusing_port
+):
     from flows.train_pipeline import train_pipeline
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{refusing_port}")
     state = train_pipeline(preset="debug", sources=[str(tmp_path)], data_dir=str(tmp_path / "data"), return_state=True)
     assert state.is_failed()
     assert "MLflow tracking server http://127.0.0.1:" in state.message and "is unreachable" in state.message
