@@ -235,3 +235,21 @@ def test_a_split_of_exactly_context_plus_one_characters_passes_every_stage(tmp_p
     with pytest.raises(ConfigError, match=f"too few for context_length {context + 1} .it needs {need + 1}"):
         longer = debug_config(max_steps=3)
         train(dataset, longer.replace(model=longer.model.replace(context_length=context + 1)), tmp_path / "run2")
+
+
+def test_best_pt_holds_the_checkpoint_with_the_lowest_validation_loss(tiny_dataset, tmp_path, monkeypatch):
+    from fundamentallm import train as train_module
+
+    # Scripted validation losses at steps 10, 20, ..., 50: the best is at step 20, and later
+    # evaluations improve on the one before them without beating it.
+    losses = iter([3.0, 2.0, 2.5, 2.2, 2.1])
+    monkeypatch.setattr(train_module.SubsetEvaluator, "__call__", lambda self, model: next(losses))
+    config = debug_config(max_steps=50, eval_interval=10, checkpoint_interval=10)
+    result = train(tiny_dataset, config, tmp_path / "run")
+    best, latest = load_checkpoint(tmp_path / "run" / "best.pt"), load_checkpoint(tmp_path / "run" / "latest.pt")
+    assert best.step == 20 and latest.step == 50
+    assert result.best_val_loss == 2.0
+    assert any((best.model_state[k] != latest.model_state[k]).any() for k in best.model_state)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["val_loss"], r["improved"]) for r in records if r["kind"] == "eval"]
+    assert evals == [(10, 3.0, 1.0), (20, 2.0, 1.0), (30, 2.5, 0.0), (40, 2.2, 0.0), (50, 2.1, 0.0)]
