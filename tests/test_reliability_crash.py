@@ -182,14 +182,26 @@ def test_a_nan_loss_in_the_flow_fails_the_run_keeps_the_checkpoint_and_registers
 
 
 def test_an_unreachable_tracking_server_fails_the_flow_at_once_with_the_reason(
-    prefect_api, tmp_path, monkeypatch, refusing_port
+    prefect_api, tmp_path, monkeypatch, refusing_port, caplog
 ):
+    import logging
+
     from flows.train_pipeline import train_pipeline
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{refusing_port}")
-    state = train_pipeline(preset="debug", sources=[str(tmp_path)], data_dir=str(tmp_path / "data"), return_state=True)
+    # Credentials in the URI are masked in the message and in every log line.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ops:s3cret-Pw@127.0.0.1:{refusing_port}")
+    prefect_logger = logging.getLogger("prefect")
+    prefect_logger.addHandler(caplog.handler)  # the run loggers are its children
+    try:
+        state = train_pipeline(
+            preset="debug", sources=[str(tmp_path)], data_dir=str(tmp_path / "data"), return_state=True
+        )
+    finally:
+        prefect_logger.removeHandler(caplog.handler)
     assert state.is_failed()
-    assert "MLflow tracking server http://127.0.0.1:" in state.message and "is unreachable" in state.message
+    assert f"MLflow tracking server http://***@127.0.0.1:{refusing_port} is unreachable" in state.message
+    assert "s3cret-Pw" not in state.message and "s3cret-Pw" not in str(state.result(raise_on_failure=False))
+    assert caplog.records and not [r for r in caplog.records if "s3cret-Pw" in r.getMessage()]
     assert not (tmp_path / "data").exists()  # failed before any work
 
 
