@@ -269,3 +269,34 @@ def test_a_full_disk_gives_a_clear_error_and_corrupts_nothing(small_disk, tmp_pa
     assert load_checkpoint(run / "latest.pt").step == 10
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
     os.unlink(filler)
+
+
+def test_a_retried_train_task_resumes_and_logs_each_step_once(prefect_api, mlflow_store, tmp_path, monkeypatch):
+    from flows.train_pipeline import train_pipeline
+    from fundamentallm.tracking import client, experiment_id
+
+    corpus = write_corpus(tmp_path / "corpus", seed=510, files=3)
+    # One NaN loss, at step 75 of the first attempt (after the checkpoint at step 50 and the
+    # progress line of step 60): the task fails and its retry resumes from step 50.
+    poison_training_loss(monkeypatch, lambda n: n == 75)
+    state = train_pipeline(
+        preset="debug",
+        sources=[str(corpus)],
+        model_name="retried-char",
+        experiment="retried",
+        data_dir=str(tmp_path / "data"),
+        runs_dir=str(tmp_path / "runs"),
+        overrides=["train.max_steps=100"],
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    mlflow_client = client()
+    (run,) = mlflow_client.search_runs([experiment_id(mlflow_client, "retried")])
+    assert run.info.status == "FINISHED"
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert load_checkpoint(run_dir / "latest.pt").step == 100
+    for key in ("train_loss", "val_loss"):
+        steps = [m.step for m in mlflow_client.get_metric_history(run.info.run_id, key) if m.step]
+        assert len(steps) == len(set(steps)), f"{key} logged twice for a step: {sorted(steps)}"
+    steps = sorted(m.step for m in mlflow_client.get_metric_history(run.info.run_id, "train_loss"))
+    assert steps == [1, 20, 40, 60, 80, 100]

@@ -253,3 +253,29 @@ def test_best_pt_holds_the_checkpoint_with_the_lowest_validation_loss(tiny_datas
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["val_loss"], r["improved"]) for r in records if r["kind"] == "eval"]
     assert evals == [(10, 3.0, 1.0), (20, 2.0, 1.0), (30, 2.5, 0.0), (40, 2.2, 0.0), (50, 2.1, 0.0)]
+
+
+def test_the_tracker_callback_sends_no_step_twice_to_a_run_an_earlier_attempt_logged_to():
+    from fundamentallm.callbacks import TrackerCallback
+
+    class Run:
+        """A tracked run that an earlier attempt logged to up to step 60 (val_loss to step 50)."""
+
+        def __init__(self):
+            self.points = [("train_loss", s) for s in (1, 20, 40, 60)] + [("val_loss", 50)]
+
+        def last_step(self, key):
+            return max((s for k, s in self.points if k == key), default=0)
+
+        def log_metrics(self, metrics, step=None):
+            self.points += [(k, step) for k in metrics]
+
+    run = Run()
+    callback = TrackerCallback(run)  # the retry, resumed from the checkpoint of step 50
+    for step in (60, 80):
+        callback.on_train_step(step, {"train_loss": 1.0, "lr": 0.1, "tokens_per_s": 1.0, "grad_norm": 1.0})
+    callback.on_eval(50, {"val_loss": 2.0})
+    callback.on_eval(100, {"val_loss": 2.0})
+    assert sorted(s for k, s in run.points if k == "train_loss") == [1, 20, 40, 60, 80]
+    assert sorted(s for k, s in run.points if k == "lr") == [80]
+    assert sorted(s for k, s in run.points if k == "val_loss") == [50, 100]
