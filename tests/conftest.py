@@ -28,7 +28,7 @@ def skip_or_fail(reason: str) -> None:
 
 # Hang guards per marker (pytest-timeout; pyproject's `timeout = 600` covers the rest): generous,
 # several times what each kind takes on a loaded 2-core machine, so only a hang reaches them.
-TIMEOUT_BY_MARKER = {"flow": 900, "reliability": 1800, "postgres": 1800, "e2e": 1800}
+TIMEOUT_BY_MARKER = {"heavy": 900, "flow": 900, "reliability": 1800, "postgres": 1800, "e2e": 1800}
 
 
 def pytest_collection_modifyitems(items):

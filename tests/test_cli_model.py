@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from fundamentallm.cli import app
 
 runner = CliRunner()
+pytestmark = pytest.mark.heavy  # trains models or runs several processes: not in the quick subset
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from fundamentallm.checkpoint import load_checkpoint
 from fundamentallm.errors import ConfigError
 
 CLI = [sys.executable, "-m", "fundamentallm.cli"]
+pytestmark = pytest.mark.heavy  # trains models or runs several processes: not in the quick subset
 
 
 def _train(dataset: Path, run: Path, *extra: str, timeout: float = 300) -> dict:

@@ -23,6 +23,7 @@ from fundamentallm.evaluate import evaluate
 from fundamentallm.train import learning_rate, train
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.heavy  # trains models or runs several processes: not in the quick subset
 
 
 def test_debug_run_learns_well_below_the_unigram_baseline(tiny_dataset, tmp_path):
