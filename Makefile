@@ -7,12 +7,17 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# One stamp per torch requirement: `make test TORCH='torch==X.Y.Z'` installs that one into an
+# existing .venv instead of doing nothing.
+STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | tr -c 'A-Za-z0-9._-' '_')
+# Tiny Shakespeare for `make bench`: SHAKESPEARE=PATH, else ../shared/data, else downloaded once.
+SHAKESPEARE ?=
 
 .PHONY: install run test lint bench up down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	rm -f $(VENV)/.installed*
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet '$(TORCH)'
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -36,7 +41,7 @@ test: lint
 	$(BIN)/pytest
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_prepare.py
+	$(BIN)/python benchmarks/bench_prepare.py $(if $(SHAKESPEARE),--shakespeare '$(SHAKESPEARE)')
 
 clean:
 	rm -rf data runs .pytest_cache .ruff_cache

@@ -39,7 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_prepare import DEFAULT_SHAKESPEARE, make_synthetic  # noqa: E402 (same directory)
+from bench_prepare import make_synthetic  # noqa: E402 (same directory)
+from corpus import shakespeare  # noqa: E402 (same directory)
 
 from fundamentallm.config import EncodeConfig, IngestConfig  # noqa: E402
 from fundamentallm.data.encode import encode, encode_shard, finish_encode, plan_encode  # noqa: E402
@@ -120,15 +121,16 @@ def prefect_runs(documents, corpus_bytes: int, workers: list[int], repeats: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shakespeare", type=Path, default=DEFAULT_SHAKESPEARE, help="path to tinyshakespeare.txt")
+    parser.add_argument(
+        "--shakespeare", type=Path, help="path to tinyshakespeare.txt (default: the shared copy, else downloaded)"
+    )
     parser.add_argument("--synthetic-mb", type=int, default=200, help="size of the synthetic corpus in MB")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (the median is reported)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time")
     parser.add_argument("--no-prefect", action="store_true", help="time the library only")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
-    if not args.shakespeare.is_file():
-        sys.exit(f"{args.shakespeare}: not found (give --shakespeare PATH)")
+    args.shakespeare = shakespeare(args.shakespeare)
 
     load = os.getloadavg()[0]
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, load average at start {load:.1f}")

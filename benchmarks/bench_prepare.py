@@ -27,8 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from corpus import shakespeare  # same directory
+
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 WORKER = r"""
 import json, resource, sys, time
@@ -112,13 +113,14 @@ def report(name: str, corpus_bytes: int, runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shakespeare", type=Path, default=DEFAULT_SHAKESPEARE, help="path to tinyshakespeare.txt")
+    parser.add_argument(
+        "--shakespeare", type=Path, help="path to tinyshakespeare.txt (default: the shared copy, else downloaded)"
+    )
     parser.add_argument("--synthetic-mb", type=int, default=200, help="size of the synthetic corpus in MB")
     parser.add_argument("--repeats", type=int, default=3, help="runs per corpus (the median is reported)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
-    if not args.shakespeare.is_file():
-        sys.exit(f"{args.shakespeare}: not found (give --shakespeare PATH)")
+    args.shakespeare = shakespeare(args.shakespeare)
 
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
     results = []

@@ -40,8 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from corpus import shakespeare  # same directory
+
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def shakespeare_dataset(text: Path, out: Path) -> Path:
@@ -253,7 +254,9 @@ def main() -> None:
     q.add_argument("--preset", default="cpu-small")
     q.add_argument("--set", action="append", help="setting override, as for 'fundamentallm train --set'")
     q.add_argument("--repeats", type=int, default=1)
-    q.add_argument("--shakespeare", type=Path, default=DEFAULT_SHAKESPEARE)
+    q.add_argument(
+        "--shakespeare", type=Path, help="path to tinyshakespeare.txt (default: the shared copy, else downloaded)"
+    )
     q.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fundamentallm-bench-data")
     q.add_argument("--json", type=Path)
     t = sub.add_parser("throughput", help="training tokens/s and model FLOP utilisation")
@@ -273,11 +276,13 @@ def main() -> None:
     p.add_argument("--preset", default="cpu-small")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--shakespeare", type=Path, default=DEFAULT_SHAKESPEARE)
+    p.add_argument(
+        "--shakespeare", type=Path, help="path to tinyshakespeare.txt (default: the shared copy, else downloaded)"
+    )
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fundamentallm-bench-data")
     args = parser.parse_args()
-    if args.command in ("quality", "processes") and not args.shakespeare.is_file():
-        sys.exit(f"{args.shakespeare}: not found (give --shakespeare PATH)")
+    if args.command in ("quality", "processes"):
+        args.shakespeare = shakespeare(args.shakespeare)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     commands = {"quality": quality, "throughput": throughput, "generation": generation, "processes": processes}
     commands[args.command](args)

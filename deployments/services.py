@@ -147,6 +147,7 @@ def _env() -> dict[str, str]:
             "PREFECT_SERVER_API_HOST": BIND,
             "PREFECT_SERVER_API_PORT": str(ports["prefect"]),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
             "PREFECT_WORKER_WEBSERVER_HOST": HOST,
             "PREFECT_WORKER_WEBSERVER_PORT": str(ports["worker"]),
             "MLFLOW_TRACKING_URI": f"http://{HOST}:{ports['mlflow']}",
@@ -229,6 +230,8 @@ def _run(command: list[str], env: dict[str, str]) -> None:
 
 
 def up() -> None:
+    from fundamentallm.tracking import TRAINING_VIEW
+
     databases = _database_urls()
     notify = _notify_url()
     STATE.mkdir(parents=True, exist_ok=True)
@@ -250,8 +253,12 @@ def up() -> None:
             BIND,
             "--port",
             str(ports["mlflow"]),
-            "--artifacts-destination",
-            str(store / "artifacts"),
+            # Artifacts stay files the clients write and read themselves (no mlflow-artifacts:
+            # URIs, which only a running server resolves): a model registered with the server up
+            # loads with it down, from the same store, like one registered by `make run`.
+            "--no-serve-artifacts",
+            "--default-artifact-root",
+            (store / "artifacts").as_uri(),
             "--workers",
             "1",
         ],
@@ -275,7 +282,7 @@ def up() -> None:
         "prefect_api": env["PREFECT_API_URL"],
     }
     (STATE / "urls.json").write_text(json.dumps(urls, indent=2))
-    print(f"Prefect UI:  {urls['prefect']}\nMLflow UI:   {urls['mlflow']}")
+    print(f"Prefect UI:  {urls['prefect']}\nMLflow UI:   {urls['mlflow']}/{TRAINING_VIEW}")
     prefect_db = mask_credentials(databases["prefect"]) if "prefect" in databases else "sqlite (PREFECT_HOME)"
     print(f"Databases:   Prefect {prefect_db}, MLflow {mask_credentials(mlflow_env['MLFLOW_BACKEND_STORE_URI'])}")
     print("Deployments: train-pipeline/default (on demand), train-pipeline/nightly (03:00 UTC)")
@@ -305,6 +312,9 @@ def down() -> None:
                 time.sleep(0.2)
             if _alive(pid, started):
                 os.killpg(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10  # a killed process still has to exit: stopped means gone
+                while _alive(pid, started) and time.monotonic() < deadline:
+                    time.sleep(0.1)
             stopped.append(f"{name} (pid {pid})")
         (STATE / f"{name}.pid").unlink()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))

@@ -9,26 +9,31 @@ locally (Prefect's temporary API, the embedded MLflow store) with ``python -m fl
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Literal
 
-from prefect import flow, runtime
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from fundamentallm.config import DataConfig, SampleConfig
 from fundamentallm.pipeline import (
+    LOCAL_RUN_SETTINGS,
     PIPELINE_SAMPLE,
     PipelineConfig,
     PipelineSummary,
     PresetName,
+    model_shape,
+    outcome_line,
     plan_run,
     registration_request,
     run_locally,
+    run_title,
 )
 from fundamentallm.report import metrics_rows, validation_markdown
 from fundamentallm.tracking import RunLink, tracked_run
 from tasks.data import cached, encode_task, ingest_task, validate_task
-from tasks.flow_runs import ended_flow_run
+from tasks.flow_runs import ended_flow_run, tag_flow_run
 from tasks.pipeline import (
     before_training_task,
     evaluate_task,
@@ -40,7 +45,7 @@ from tasks.pipeline import (
 )
 
 
-@flow(name="train-pipeline")
+@flow(name="train-pipeline", flow_run_name=lambda: run_title(runtime.flow_run.parameters))
 def train_pipeline(
     preset: PresetName = "cpu-quick",
     overrides: list[str] | None = None,
@@ -85,10 +90,15 @@ def train_pipeline(
         create_link_artifact(link.url, link_text=link.text, key="mlflow-run", description=link.hint)
 
         documents = cached(ingest_task, config.data.ingest, plan.work_dir)
+        tag_flow_run(
+            plan.tags["prefect.flow_run_id"], [f"preset:{config.preset}", f"corpus:{documents.corpus_hash[:12]}"]
+        )
         outlook = before_training_task(run.run_id, config, plan, documents)
         create_markdown_artifact(outlook.markdown(), key="retraining")
         if not outlook.retrain:
-            return PipelineSummary.nothing_to_do(run.run_id, outlook).to_dict()
+            summary = PipelineSummary.nothing_to_do(run.run_id, outlook)
+            get_run_logger().info(outcome_line(summary.to_dict()))
+            return summary.to_dict()
         validation = validate_task(
             documents, config.data.validation, config.data.encode, plan.work_dir, plan.min_split_tokens
         )
@@ -97,9 +107,9 @@ def train_pipeline(
         location = publish_dataset_task(dataset.path, plan.work_dir, config.data_dir)
         lineage_task(run.run_id, documents, validation, dataset)
 
-        trained = train_task.with_options(timeout_seconds=plan.train_timeout_s)(
-            location, outlook.training_config(plan.run_config), plan.run_dir, run.run_id
-        )
+        trained = train_task.with_options(
+            timeout_seconds=plan.train_timeout_s, task_run_name=f"train-{model_shape(plan.run_config)}"
+        )(location, outlook.training_config(plan.run_config), plan.run_dir, run.run_id)
         evaluation = evaluate_task(trained.best_checkpoint, location, run.run_id)
         create_table_artifact(
             metrics_rows(evaluation.to_dict()), key="metrics", description="Exact figures, whole splits"
@@ -111,8 +121,14 @@ def train_pipeline(
         create_table_artifact(
             registration.comparison.rows(), key="challenger-vs-champion", description=registration.reason
         )
-    return PipelineSummary.of(run.run_id, outlook, dataset.path, trained, evaluation, samples, registration).to_dict()
+    summary = PipelineSummary.of(run.run_id, outlook, dataset.path, trained, evaluation, samples, registration)
+    get_run_logger().info(outcome_line(summary.to_dict()))
+    return summary.to_dict()
 
 
 if __name__ == "__main__":
-    sys.exit(run_locally(sys.argv[1:], train_pipeline))
+    import prefect.settings
+
+    unset = {k: v for k, v in LOCAL_RUN_SETTINGS.items() if k.startswith("PREFECT_") and k not in os.environ}
+    with prefect.settings.temporary_settings(updates={getattr(prefect.settings, k): v for k, v in unset.items()}):
+        sys.exit(run_locally(sys.argv[1:], train_pipeline))

@@ -3,8 +3,10 @@
 The loop calls its callbacks on rank 0 only: `on_train_step` once per log interval (mean
 training loss over the interval, learning rate, tokens/s, gradient norm, elapsed time and ETA),
 `on_eval` after each evaluation on the validation subset, `on_end` with the run's `TrainResult`.
-`ProgressPrinter` writes one line per call for a terminal or a log, `JsonlLogger` the run's
-``metrics.jsonl``, `TrackerCallback` sends the figures to a tracker (the pipeline's MLflow run).
+`ProgressPrinter` writes one line per call for a terminal or a log, `ProgressReporter` hands on
+the share of training done (a progress bar, Prefect's progress artifact), `JsonlLogger` writes
+the run's ``metrics.jsonl``, `TrackerCallback` sends the figures to a tracker (the pipeline's
+MLflow run).
 """
 
 from __future__ import annotations
@@ -112,6 +114,17 @@ class ProgressPrinter(NullCallback):
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         best = " (best)" if metrics.get("improved") else ""
         self.write(f"step {step} | val loss {metrics['val_loss']:.4f}{best}")
+
+
+class ProgressReporter(NullCallback):
+    """Hands the share of training done (0 to 100: of the step limit, or of the time budget) to
+    `report` once per log interval; a run that stops early (patience) ends below 100."""
+
+    def __init__(self, report: Callable[[float], None]):
+        self.report = report
+
+    def on_train_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.report(round(100.0 * metrics["progress"], 1))
 
 
 class TrackerCallback(NullCallback):

@@ -575,6 +575,21 @@ def corpora() -> None:
         out.print(f"[bold]{name}[/]  {description}", highlight=False)
 
 
+@app.command("env")
+def show_env() -> None:
+    """Print the shell lines that point plain MLflow at this project's store.
+
+    Run as  eval "$(fundamentallm env)" : then mlflow.pyfunc.load_model('models:/NAME@champion'),
+    `mlflow models serve` and `mlflow ui` find the pipeline's runs and registered models from any
+    directory (without it MLflow uses a new mlflow.db in the current directory, which holds
+    nothing). The store is the embedded one under mlruns/ (the one `make up`'s server serves too)
+    unless MLFLOW_TRACKING_URI already names another.
+    """
+    from fundamentallm.tracking import shell_env
+
+    print(shell_env())
+
+
 @app.command("config")
 def show_config(
     preset_name: Annotated[

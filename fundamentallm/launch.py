@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fundamentallm.callbacks import ProgressPrinter, TrackerCallback, TrainCallback
+from fundamentallm.callbacks import ProgressPrinter, ProgressReporter, TrackerCallback, TrainCallback
 from fundamentallm.config import RunConfig
 from fundamentallm.errors import FundamentaLLMError
 from fundamentallm.rundir import RunDir
@@ -35,6 +35,8 @@ from fundamentallm.tracking import MlflowTracker, Tracker
 from fundamentallm.train import TrainResult, train
 
 RESULT_MARKER = "fundamentallm-train-result "
+PROGRESS_MARKER = "fundamentallm-train-progress "
+"""Rank 0 of torchrun's processes prints these lines; the launcher reads them instead of passing them on."""
 
 
 class TrainingProcessFailed(FundamentaLLMError):
@@ -53,20 +55,26 @@ def run_training(
     resume: bool = False,
     tracker: Tracker | None = None,
     on_output: Callable[[str], None] = _print_to_stderr,
+    on_progress: Callable[[float], None] | None = None,
     clock_start: float | None = None,
 ) -> TrainResult:
-    """Train in `config.train.processes` processes; progress lines go to `on_output`, metrics to `tracker`.
+    """Train in `config.train.processes` processes; progress lines go to `on_output`, the share of
+    training done (0 to 100) to `on_progress`, metrics to `tracker`.
 
     `clock_start` (a `time.monotonic()` value) is when a time budget starts counting (one
     process only; torchrun's processes count from their own start).
     """
     if config.train.processes == 1:
         callbacks: list[TrainCallback] = [ProgressPrinter(on_output)]
+        if on_progress is not None:
+            callbacks.append(ProgressReporter(on_progress))
         if tracker is not None:
             callbacks.append(TrackerCallback(tracker))
         return train(dataset, config, run_dir, resume=resume, callbacks=callbacks, clock_start=clock_start)
     run_id = getattr(tracker, "run_id", None)
-    record = run_processes(dataset, config, run_dir, resume=resume, mlflow_run_id=run_id, on_output=on_output)
+    record = run_processes(
+        dataset, config, run_dir, resume=resume, mlflow_run_id=run_id, on_output=on_output, on_progress=on_progress
+    )
     return TrainResult.from_dict(record)
 
 
@@ -130,6 +138,7 @@ def run_processes(
     resume: bool = False,
     mlflow_run_id: str | None = None,
     on_output: Callable[[str], None] = print,
+    on_progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """Train in `config.train.processes` processes under torchrun; returns the result record (`TrainResult` dict).
 
@@ -159,6 +168,10 @@ def run_processes(
                     line = line.rstrip("\n")
                     if line.startswith(RESULT_MARKER):
                         result = json.loads(line[len(RESULT_MARKER) :])
+                        continue
+                    if line.startswith(PROGRESS_MARKER):
+                        if on_progress is not None:
+                            on_progress(float(line[len(PROGRESS_MARKER) :]))
                         continue
                     report.feed(line)
                     on_output(line)
@@ -194,6 +207,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         callbacks: list[TrainCallback] = []
         if rank == 0:
             callbacks.append(ProgressPrinter(lambda line: print(line, flush=True)))
+            callbacks.append(ProgressReporter(lambda done: print(f"{PROGRESS_MARKER}{done}", flush=True)))
             if args.mlflow_run_id:
                 callbacks.append(TrackerCallback(MlflowTracker(args.mlflow_run_id)))
         result = train(args.dataset, config, args.run_dir, resume=args.resume, callbacks=callbacks)

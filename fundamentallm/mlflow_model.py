@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from fundamentallm.config import MIN_TEMPERATURE as MIN_TEMPERATURE  # the bound SampleConfig enforces
@@ -72,7 +73,11 @@ class CharLanguageModel(PythonModel):
         checkpoint = load_checkpoint(context.artifacts["checkpoint"], map_location="cpu")
         self.sampler = Sampler(checkpoint.build_model("cpu"), checkpoint.vocab)
 
-    def predict(self, context, model_input, params=None):  # no annotations: MLflow would read them as a schema
+    # MLflow converts every input (a list, a string, a DataFrame, a served request) to a
+    # DataFrame under the logged signature before calling predict: the hint says so, and a
+    # DataFrame hint is one MLflow infers no schema from, so the logged signature stays the one
+    # that describes the model (a list of prompts, the sampling parameters).
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         from fundamentallm.errors import FundamentaLLMError
         from fundamentallm.sample import SampleConfig
 
@@ -131,4 +136,3 @@ def write_model_code(directory: str | Path) -> Path:
     path = Path(directory) / MODEL_CODE_FILE
     atomic_write_text(path, _MODEL_CODE)
     return path
-

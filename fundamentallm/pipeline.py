@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -40,10 +41,19 @@ from fundamentallm.config import (
 from fundamentallm.drift import DriftReport
 from fundamentallm.errors import ConfigError
 from fundamentallm.presets import PRESETS, preset
+from fundamentallm.redact import mask_credentials
 from fundamentallm.registry import RegistrationRecord
 from fundamentallm.retrain import RetrainPlan, compare_with_champion, look_before_training
 from fundamentallm.rundir import CONFIG, RunDir
-from fundamentallm.tracking import NullTracker, Tracker, browse_lines, git_commit, store_description
+from fundamentallm.tracking import (
+    DatasetInfo,
+    NullTracker,
+    Tracker,
+    browse_lines,
+    environment_defaults,
+    git_commit,
+    store_description,
+)
 
 if TYPE_CHECKING:  # torch comes with them: the flow module stays quick to import
     from fundamentallm.evaluate import EvalResult
@@ -146,6 +156,44 @@ class RunPlan:
     params: dict[str, Any]
     training_digest: str
     """What, besides the corpus, decides the model trained (`fundamentallm.retrain.training_digest`)."""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def source_name(source: str) -> str:
+    """A source's name for people: a built-in corpus's name (``tinyshakespeare=PATH`` too), else
+    the file or folder name without path, query, fragment or credentials."""
+    builtin = re.match(r"^([A-Za-z0-9_-]+)=", source)
+    if builtin:
+        return builtin.group(1)
+    path = re.split(r"[?#]", mask_credentials(source), maxsplit=1)[0].rstrip("/")
+    return Path(path).name or path or source
+
+
+def corpus_label(sources: Sequence[str] | None) -> str:
+    """A short slug for a corpus: its first source's name and how many more there are."""
+    sources = list(sources or DataConfig().ingest.sources)
+    name = _slug(Path(source_name(sources[0])).stem)[:40] or "corpus"
+    return f"{name}-and-{len(sources) - 1}-more" if len(sources) > 1 else name
+
+
+def run_title(parameters: dict[str, Any]) -> str:
+    """The name of a pipeline run (Prefect flow run and MLflow run) from the flow's parameters: its
+    preset and its corpus, e.g. ``cpu-quick-tinyshakespeare``; the run directory adds the flow
+    run's id. `data` may be a `DataConfig` (a call in Python) or its dict (a deployment run)."""
+    data = parameters.get("data")
+    if isinstance(data, DataConfig):
+        data = data.to_dict()
+    sources = parameters.get("sources") or ((data or {}).get("ingest") or {}).get("sources")
+    return f"{_slug(str(parameters.get('preset') or 'cpu-quick'))}-{corpus_label(sources)}"
+
+
+def model_shape(config: RunConfig) -> str:
+    """The model's shape in a few characters: layers x width, context (``4x192-ctx128``)."""
+    model = config.model
+    return f"{model.n_layer}x{model.d_model}-ctx{model.context_length}"
 
 
 def plan_run(config: PipelineConfig, flow_run_id: str, flow_run_name: str) -> RunPlan:
@@ -271,12 +319,35 @@ class PipelineSummary:
 # Stages ---------------------------------------------------------------------------------------
 
 
+def corpus_dataset(documents: Any, dataset: Any) -> DatasetInfo:
+    """The corpus as MLflow's dataset lineage shows it: named by its sources, digest = corpus hash,
+    the encoded splits as its schema and the ingestion figures as its profile."""
+    names = [source_name(source) for source in documents.sources]
+    name = ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+    return DatasetInfo(
+        name=name or "corpus",
+        digest=documents.corpus_hash,
+        source=", ".join(documents.sources),
+        schema={"splits": dataset.tokens, "token": "character id (vocab.json)", "vocab_size": dataset.vocab_size},
+        profile={
+            "corpus_hash": documents.corpus_hash,
+            "dataset_id": dataset.dataset_id,
+            "documents": documents.documents,
+            "characters": documents.characters,
+            "bytes": documents.bytes,
+            "skipped_files": documents.skipped,
+            "duplicates": documents.duplicates,
+        },
+    )
+
+
 def log_lineage(tracker: Tracker, documents: Any, validation: Any, dataset: Any) -> None:
     """Tag the run with the corpus, vocabulary and dataset it trains on, and keep the validation
     report, the manifest and the vocabulary beside it."""
     tracker.set_tags(
         {"corpus_hash": documents.corpus_hash, "vocab_hash": dataset.vocab_hash, "dataset_id": dataset.dataset_id}
     )
+    tracker.log_dataset(corpus_dataset(documents, dataset))
     tracker.log_artifact(documents.report_path, "data")  # the corpus profile a later run's drift report reads
     tracker.log_artifact(validation.report_path, "data")
     tracker.log_artifact(dataset.manifest_path, "data")
@@ -289,6 +360,7 @@ def train_stage(
     run_dir: str,
     tracker: Tracker | None = None,
     on_output: Callable[[str], None] = print,
+    on_progress: Callable[[float], None] | None = None,
 ) -> TrainResult:
     """Train, or resume when the run directory has a checkpoint (a retried task); log the outcome,
     the loss curve and the resolved config.
@@ -302,7 +374,13 @@ def train_stage(
     tracker = tracker or NullTracker()
     run = RunDir(run_dir)
     result = run_training(
-        dataset_path, config, run_dir, resume=run.has_checkpoint(), tracker=tracker, on_output=on_output
+        dataset_path,
+        config,
+        run_dir,
+        resume=run.has_checkpoint(),
+        tracker=tracker,
+        on_output=on_output,
+        on_progress=on_progress,
     )
     tracker.set_tags({"device": result.device, "precision": result.precision, "vocab_hash": result.vocab_hash})
     tracker.log_metrics(
@@ -507,18 +585,33 @@ def version_description(evaluation: Evaluation, corpus_hash: str, config: RunCon
 # The local one-shot run -------------------------------------------------------------------------
 
 
+def figures_line(split: str, figures: dict[str, Any]) -> str:
+    """One split's exact figures on one line (`EvalResult.to_dict` keys)."""
+    return (
+        f"{split:5s} loss {figures['loss']:.4f} nats/char | perplexity {figures['perplexity']:.3f} | "
+        f"{figures['bits_per_char']:.4f} bits/char (unigram {figures['unigram_bits_per_char']:.3f}, "
+        f"uniform {figures['uniform_bits_per_char']:.3f})"
+    )
+
+
+def outcome_line(summary: dict[str, Any]) -> str:
+    """The run's outcome in one line, for the flow run's log."""
+    if summary["skipped"]:
+        return f"nothing to do: {summary['reason']}"
+    registration = summary["registration"]
+    return (
+        f"val {summary['metrics']['val']['bits_per_char']:.4f} bits/char; registered {registration['model_uri']} "
+        f"({registration['reason']}); run directory {summary['run_dir']}"
+    )
+
+
 def summary_text(summary: dict[str, Any]) -> str:
     """What `make run` prints at the end: the figures, a sample, the registration, where to look next
     (or why nothing was trained)."""
     if summary["skipped"]:
         return f"\n=== train-pipeline: nothing to do ===\nskipped: {summary['reason']}\n"
     lines = ["", "=== train-pipeline finished ==="]
-    for split, figures in summary["metrics"].items():
-        lines.append(
-            f"{split:5s} loss {figures['loss']:.4f} nats/char | perplexity {figures['perplexity']:.3f} | "
-            f"{figures['bits_per_char']:.4f} bits/char (unigram {figures['unigram_bits_per_char']:.3f}, "
-            f"uniform {figures['uniform_bits_per_char']:.3f})"
-        )
+    lines += [figures_line(split, figures) for split, figures in summary["metrics"].items()]
     lines += ["", f"sample:\n{summary['sample']}", ""]
     registration = summary["registration"]
     val = summary["metrics"]["val"]
@@ -527,6 +620,7 @@ def summary_text(summary: dict[str, Any]) -> str:
     lines.append(f"registered {registration['model_uri']} ({registration['reason']})")
     lines.append(f"val bits/char {val['bits_per_char']:.4f}; run directory {summary['run_dir']}")
     lines += ["", "Browse the runs:", *(f"  {line}" for line in browse_lines())]
+    lines.append('  Plain MLflow: eval "$(.venv/bin/fundamentallm env)"   (then `mlflow` finds this store anywhere)')
     lines.append("  Prefect UI:  make up   (then http://127.0.0.1:4200; `make down` stops it)")
     lines.append(
         f"  Sample:      .venv/bin/fundamentallm sample --model models:/{registration['model_name']}@champion "
@@ -538,6 +632,18 @@ def summary_text(summary: dict[str, Any]) -> str:
 
 def _tuples(drift: dict[str, Any]) -> dict[str, Any]:
     return {key: tuple(drift[key]) for key in ("chars_added", "chars_removed")}
+
+
+LOCAL_RUN_SETTINGS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": False,
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": 120,
+    "MLFLOW_DISABLE_TELEMETRY": True,
+}
+"""What a local run sets unless the user did (the flow's entry point applies the Prefect ones as
+Prefect's temporary settings: Prefect reads the environment once, when imported). It sends nothing
+home: offline, Prefect's temporary server would log a failed telemetry heartbeat (and, on sqlite,
+"database is locked" tracebacks). Its temporary server may take 2 minutes to start: the first one
+creates its database, and on a busy 2-core machine that outlasts Prefect's 20 s default."""
 
 
 def run_locally(argv: Sequence[str] | None, run_flow: Callable[..., dict[str, Any]]) -> int:
@@ -566,15 +672,17 @@ def run_locally(argv: Sequence[str] | None, run_flow: Callable[..., dict[str, An
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     data = DataConfig().with_overrides({"encode.workers": args.encode_workers})
-    summary = run_flow(
-        preset=args.preset,
-        sources=args.source,
-        overrides=args.overrides,
-        data=data,
-        retrain=args.retrain,
-        init_from=args.init_from,
-        promotion_margin_bpc=args.promotion_margin,
-        model_name=args.model_name,
-    )
+    mlflow_settings = {k: str(v).lower() for k, v in LOCAL_RUN_SETTINGS.items() if k.startswith("MLFLOW_")}
+    with environment_defaults(mlflow_settings):
+        summary = run_flow(
+            preset=args.preset,
+            sources=args.source,
+            overrides=args.overrides,
+            data=data,
+            retrain=args.retrain,
+            init_from=args.init_from,
+            promotion_margin_bpc=args.promotion_margin,
+            model_name=args.model_name,
+        )
     print(json.dumps(summary, indent=2) if args.json else summary_text(summary))
     return 0

@@ -26,7 +26,6 @@ import logging
 import random
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,13 +73,12 @@ def log_model(tracker: Any, checkpoint: str | Path, example_prompt: str) -> str:
 
     from fundamentallm import mlflow_model
     from fundamentallm.storage import fetch
+    from fundamentallm.tracking import quiet_downloads
 
     package = Path(mlflow_model.__file__).resolve().parent
     example = [example_prompt]  # a list of prompts: predict(["The ", "Once "]) works as it reads
     signature = infer_signature(example, ["generated text"], params=mlflow_model.DEFAULT_PARAMS)
-    with tempfile.TemporaryDirectory(prefix="fundamentallm-model-") as tmp, warnings.catch_warnings():
-        # MLflow suggests type hints on predict; the signature below already describes it.
-        warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
+    with tempfile.TemporaryDirectory(prefix="fundamentallm-model-") as tmp, quiet_downloads():
         path = Path(tmp) / MODEL_ARTIFACT
         mlflow.pyfunc.save_model(
             path,

@@ -55,6 +55,32 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def log_dataset(self, dataset: DatasetInfo) -> None: ...
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a run trained on, as MLflow's dataset lineage records it (the run's Datasets column,
+    the model version's lineage): a name, a digest, where it came from and what it holds."""
+
+    name: str
+    digest: str
+    """The corpus hash: the same corpus gives the same digest, whichever run or machine encoded it."""
+    source: str
+    """Where the corpus came from: the ingestion sources, as the run's parameters name them."""
+    schema: dict[str, Any]
+    profile: dict[str, Any]
+    context: str = "training"
+
+
+DIGEST_LENGTH = 36
+"""MLflow keeps at most 36 characters of a dataset's digest; the full hash goes into the profile."""
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT = "custom_model_development"
+"""The kind of a model-training experiment: a UI that reads the tag opens it on the runs table and
+charts, not on the GenAI pages (see `TRAINING_VIEW` for MLflow 3.17's own switch)."""
+
 
 class NullTracker:
     """A tracker that records nothing."""
@@ -69,6 +95,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dataset(self, dataset: DatasetInfo) -> None:
         pass
 
 
@@ -121,25 +150,36 @@ def client() -> Any:
 
 
 @contextlib.contextmanager
-def bounded_http_retries() -> Iterator[None]:
-    """Cap MLflow's HTTP retries while the block runs (unless the user set the variables).
+def environment_defaults(defaults: Mapping[str, str]) -> Iterator[None]:
+    """Set the variables of `defaults` the user has not set, for the block only.
 
-    MLflow's own defaults retry for about four minutes, and it reads them from the environment
-    at each request, so they are set there, for the block only; processes started inside it
-    (torchrun's training processes) inherit them.
+    MLflow reads its settings from the environment at each use, so that is where they go;
+    processes started inside the block (torchrun's training processes) inherit them.
     """
-    limits = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(HTTP_RETRIES),
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(HTTP_BACKOFF_FACTOR),
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(HTTP_TIMEOUT_S),
-    }
-    added = [name for name in limits if name not in os.environ]
-    os.environ.update({name: limits[name] for name in added})
+    added = [name for name in defaults if name not in os.environ]
+    os.environ.update({name: defaults[name] for name in added})
     try:
         yield
     finally:
         for name in added:
             os.environ.pop(name, None)
+
+
+def bounded_http_retries() -> contextlib.AbstractContextManager[None]:
+    """Cap MLflow's HTTP retries while the block runs (unless the user set the variables): its
+    own defaults retry for about four minutes."""
+    return environment_defaults(
+        {
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(HTTP_RETRIES),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(HTTP_BACKOFF_FACTOR),
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(HTTP_TIMEOUT_S),
+        }
+    )
+
+
+def quiet_downloads() -> contextlib.AbstractContextManager[None]:
+    """No progress bars while MLflow copies artifacts: in a log they are lines of carriage returns."""
+    return environment_defaults({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
 
 
 def model_version(uri: str) -> tuple[str, str, str]:
@@ -189,8 +229,13 @@ def download_artifacts(uri: str) -> Path:
         with reporting_unreachable():
             source = client().get_model_version_download_uri(name, version)
         source = f"{source.rstrip('/')}/{path}" if path else source
+    if source.startswith("mlflow-artifacts:") and not is_remote(store):
+        raise RegistryError(
+            f"{uri}: its files are kept by an MLflow tracking server ({source.split('/', 1)[0]}/...), "
+            "which must be running to hand them out: `make up`, then MLFLOW_TRACKING_URI=http://127.0.0.1:5000"
+        )
     try:
-        with reporting_unreachable():
+        with reporting_unreachable(), quiet_downloads():
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=store, registry_uri=store)
     except (MlflowException, OSError) as exc:
         raise RegistryError(f"{uri}: its files cannot be downloaded ({exc})") from exc
@@ -238,16 +283,20 @@ def check_reachable(timeout_s: float = 10.0) -> None:
 
 
 def experiment_id(mlflow_client: Any, name: str) -> str:
+    """The id of experiment `name`, created when missing, marked as a model-training experiment."""
     experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return mlflow_client.create_experiment(name, artifact_location=artifact_root())
-    except Exception:  # another process created it first
-        experiment = mlflow_client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return mlflow_client.create_experiment(
+                name, artifact_location=artifact_root(), tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT}
+            )
+        except Exception:  # another process created it first
+            experiment = mlflow_client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag was set; a kind a person chose stays
+        mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT)
+    return experiment.experiment_id
 
 
 def git_commit() -> str:
@@ -304,6 +353,24 @@ class MlflowTracker:
         """Log the files of `directory` (and its subdirectories) under `artifact_path`."""
         with reporting_unreachable():
             self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def log_dataset(self, dataset: DatasetInfo) -> None:
+        """Record `dataset` as an input of the run (MLflow's dataset lineage)."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entity = Dataset(
+            name=dataset.name,
+            digest=dataset.digest[:DIGEST_LENGTH],
+            source_type="local",
+            source=json.dumps({"uri": mask_credentials(dataset.source)}),
+            schema=json.dumps(dataset.schema),
+            profile=json.dumps(dataset.profile),
+        )
+        tags = [InputTag(key="mlflow.data.context", value=dataset.context)]
+        with reporting_unreachable():
+            self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
 
     def last_step(self, key: str) -> int:
         """The highest step at which metric `key` was logged to this run (0 when it never was)."""
@@ -400,12 +467,18 @@ def close_abandoned_runs(experiment: str, why_abandoned: Callable[[Any], str | N
 LOCAL_UI = "http://127.0.0.1:5000"
 """Where `mlflow ui` (or `make up`) serves the embedded store by default."""
 
+TRAINING_VIEW = "?workflowType=machine_learning"
+"""MLflow 3.17's UI shows either its GenAI pages or its model-training pages (runs table, charts,
+datasets), by a switch kept in the browser that starts on GenAI; a link with this query opens
+the model-training pages. (The experiment's `EXPERIMENT_KIND_TAG` says the same to UIs that
+read it.)"""
+
 
 def ui_url(run_id: str) -> str:
     """Browser URL of a run: on the tracking server, or on a local `mlflow ui` of the embedded store."""
     base = mask_credentials(tracking_uri().rstrip("/")) if is_remote() else LOCAL_UI
     run = client().get_run(run_id)
-    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}{TRAINING_VIEW}"
 
 
 @dataclass(frozen=True)
@@ -426,8 +499,19 @@ def browse_lines() -> list[str]:
     """How to open the MLflow UI on the runs: the server's address, or the command for the embedded store."""
     uri = tracking_uri()
     if is_remote(uri):
-        return [f"MLflow UI:   {mask_credentials(uri)}"]
-    return [f"MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   (then {LOCAL_UI})"]
+        return [f"MLflow UI:   {mask_credentials(uri).rstrip('/')}/{TRAINING_VIEW}"]
+    return [
+        f"MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   (then {LOCAL_UI}/{TRAINING_VIEW})"
+    ]
+
+
+def shell_env() -> str:
+    """``export`` lines for a POSIX shell that point MLflow's own tools at `tracking_uri()`."""
+    import shlex
+
+    uri = tracking_uri()
+    where = mask_credentials(uri) if is_remote(uri) else f"the embedded store in {store_dir()}"
+    return f"# MLflow: {where}\nexport MLFLOW_TRACKING_URI={shlex.quote(uri)}"
 
 
 def store_description() -> str:

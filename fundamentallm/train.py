@@ -623,6 +623,7 @@ class Trainer:
             "eta_s": max(eta, 0.0),
             "tokens": float(self.state.progress.tokens),
             "max_steps": float(tc.max_steps if not tc.time_budget_s else 0),
+            "progress": min(1.0, schedule_progress(tc, step, self.elapsed())),
         }
         for sink in self.sinks:
             sink.on_train_step(step, metrics)

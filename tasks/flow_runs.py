@@ -27,3 +27,11 @@ def ended_flow_run(mlflow_run: Any) -> str | None:
         return None
     message = f": {flow_run.state.message}" if flow_run.state.message else ""
     return f"Prefect flow run {flow_run.name} ({flow_run_id}) ended {flow_run.state.name}{message}"
+
+
+def tag_flow_run(flow_run_id: str, tags: list[str]) -> None:
+    """Add `tags` to a flow run (those it has stay): what a run trains on is known only once it has
+    read its corpus, after Prefect created the run with its deployment's tags."""
+    with get_client(sync_client=True) as prefect_client:
+        flow_run = prefect_client.read_flow_run(UUID(flow_run_id))
+        prefect_client.update_flow_run(UUID(flow_run_id), tags=sorted({*flow_run.tags, *tags}))

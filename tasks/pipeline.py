@@ -7,6 +7,7 @@ run, built here from the run's id (Prefect hashes and persists task inputs: an i
 from __future__ import annotations
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from fundamentallm.config import RunConfig, SampleConfig
 from fundamentallm.data.encode import DatasetRecord
@@ -20,6 +21,7 @@ from fundamentallm.pipeline import (
     Samples,
     before_training_stage,
     evaluate_stage,
+    figures_line,
     log_lineage,
     register_stage,
     sample_stage,
@@ -67,19 +69,49 @@ def lineage_task(
     log_lineage(MlflowTracker(mlflow_run_id), documents, validation, dataset)
 
 
+class _ProgressArtifact:
+    """The flow run's ``training-progress`` artifact: 0 to 100 as training goes, updated when it
+    moves by a whole percent (one API call per log interval at most)."""
+
+    def __init__(self) -> None:
+        self.id = create_progress_artifact(
+            0.0, key="training-progress", description="Share of the step limit or time budget done"
+        )
+        self.shown = 0.0
+
+    def __call__(self, done: float) -> None:
+        if done >= self.shown + 1.0 or (done >= 100.0 > self.shown):
+            update_progress_artifact(self.id, min(done, 100.0))
+            self.shown = done
+
+
 @task(name="train", retries=1, retry_delay_seconds=5)
 def train_task(dataset_path: str, config: RunConfig, run_dir: str, mlflow_run_id: str) -> TrainResult:
     """Train the model; a retry resumes from the run directory's latest checkpoint.
 
-    Progress lines go to this task's log, from one process or from torchrun's several.
+    Progress lines go to this task's log, from one process or from torchrun's several, and the
+    share done to the ``training-progress`` artifact, which ends at 100.
     """
-    return train_stage(dataset_path, config, run_dir, MlflowTracker(mlflow_run_id), on_output=get_run_logger().info)
+    progress = _ProgressArtifact()
+    result = train_stage(
+        dataset_path,
+        config,
+        run_dir,
+        MlflowTracker(mlflow_run_id),
+        on_output=get_run_logger().info,
+        on_progress=progress,
+    )
+    progress(100.0)  # also a run stopped early, by patience, or one resumed complete
+    return result
 
 
 @task(name="evaluate", timeout_seconds=4 * 3600)
 def evaluate_task(checkpoint: str, dataset_path: str, mlflow_run_id: str) -> Evaluation:
     """Exact loss, perplexity and bits per character on val and test."""
-    return evaluate_stage(checkpoint, dataset_path, MlflowTracker(mlflow_run_id))
+    evaluation = evaluate_stage(checkpoint, dataset_path, MlflowTracker(mlflow_run_id))
+    for result in evaluation.results:
+        get_run_logger().info(figures_line(result.split, result.to_dict()))
+    return evaluation
 
 
 @task(name="sample", timeout_seconds=1800)
@@ -90,7 +122,13 @@ def sample_task(
     return sample_stage(checkpoint, prompts, config, out_dir, MlflowTracker(mlflow_run_id))
 
 
-@task(name="register", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=1800)
+@task(
+    name="register",
+    task_run_name="register-{request.model_name}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    timeout_seconds=1800,
+)
 def register_task(
     checkpoint: str, mlflow_run_id: str, request: RegistrationRequest, retrain: RetrainPlan
 ) -> RegistrationRecord:

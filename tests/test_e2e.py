@@ -38,7 +38,8 @@ def _chromium() -> str | None:
 
 
 def _render(browser: str, url: str, profile: Path) -> str:
-    """The DOM of `url` after its scripts ran, from headless Chromium."""
+    """The DOM of `url` after its scripts ran, from headless Chromium (a tall window: the
+    Prefect UI lists a run's logs only once its list has room on the screen)."""
     proc = subprocess.run(
         [
             browser,
@@ -51,6 +52,7 @@ def _render(browser: str, url: str, profile: Path) -> str:
             "--disable-component-update",
             "--disable-sync",
             f"--user-data-dir={profile}",
+            "--window-size=1400,3000",
             "--virtual-time-budget=20000",
             "--dump-dom",
             url,
@@ -75,8 +77,26 @@ def test_deployment_run_on_real_servers(services, tmp_path):
     )
     client, _, mlflow_url = client_env(env, ports)
     corpus = write_corpus(tmp_path / "corpus", seed=300)
-    run, _ = run_deployment(client, deployment_params(tmp_path, corpus, "e2e-char", "e2e"))
+    run, flow_run_id = run_deployment(client, deployment_params(tmp_path, corpus, "e2e-char", "e2e"))
     assert "Completed" in run.stdout + run.stderr
+    api = client["PREFECT_API_URL"]
+
+    # Training in the flow run, through Prefect's API: one progress line per log interval (the
+    # debug preset: 200 steps, logged every 20, and step 1), each split's figures, the
+    # registration outcome and the result; the progress artifact ends at 100.
+    logs = get_json(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
+    messages = [log["message"] for log in logs]
+    steps = [m.split(" ", 2)[1] for m in messages if m.startswith("step ") and "| loss" in m]
+    assert steps == ["1/200", *(f"{step}/200" for step in range(20, 201, 20))], messages
+    assert any(m.startswith("val   loss ") for m in messages) and any(m.startswith("test  loss ") for m in messages)
+    assert "first model registered as e2e-char: version 1 is champion" in messages
+    assert any(m.startswith("val ") and "registered models:/e2e-char/1" in m for m in messages)
+    artifacts = get_json(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+    progress = [a for a in artifacts if a["key"] == "training-progress"]
+    assert len(progress) == 1 and progress[0]["type"] == "progress" and float(progress[0]["data"]) == 100.0
+    flow_run = get_json(f"{api}/flow_runs/{flow_run_id}")
+    assert flow_run["name"] == "debug-corpus"
+    assert "preset:debug" in flow_run["tags"] and any(t.startswith("corpus:") for t in flow_run["tags"])
 
     # The run and the registered model, through MLflow's REST API.
     experiment = get_json(f"{mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=e2e")["experiment"]
@@ -115,11 +135,28 @@ def test_deployment_run_on_real_servers(services, tmp_path):
     # The champion is that best checkpoint: the same text as sampling best.pt directly.
     assert answer == sample_checkpoint(best, ["the "], max_new_tokens=16, seed=5) and len(answer[0]) == 16
 
-    # What a user sees: the MLflow UI lists the run and the registered model.
+    # What a user sees, in headless Chromium. The Prefect UI: the flow run's page with its name,
+    # tags, training log and task names; the flow run's artifacts.
     browser = _chromium()
     if browser is None:
         skip_or_fail("Chromium is not installed (.ci/run installs Debian's chromium)")
-    page = _render(browser, f"{mlflow_url}/#/experiments/{experiment['experiment_id']}/runs", tmp_path / "profile1")
-    assert runs[0]["info"]["run_name"] in page
+    prefect_url = api.removesuffix("/api")
+    page = _render(browser, f"{prefect_url}/runs/flow-run/{flow_run_id}", tmp_path / "profile0")
+    for text in ("debug-corpus", "preset:debug", "step 200/200 | loss", "train-2x32-ctx32", "register-e2e-char"):
+        assert text in page, text
+    page = _render(browser, f"{prefect_url}/artifacts", tmp_path / "profile3")
+    for key in ("training-progress", "metrics", "samples", "challenger-vs-champion", "mlflow-run"):
+        assert key in page, key
+
+    # The MLflow UI, in its model-training view: the runs table with the corpus as the run's
+    # dataset, the run's charts (validation loss among them), the registered model.
+    run = runs[0]["info"]
+    (dataset,) = runs[0]["inputs"]["dataset_inputs"]
+    view = "?workflowType=machine_learning"
+    page = _render(browser, f"{mlflow_url}/#/experiments/{experiment['experiment_id']}/runs{view}", tmp_path / "p1")
+    assert run["run_name"] in page and f"{dataset['dataset']['name']} ({dataset['dataset']['digest']})" in page
+    charts = f"{mlflow_url}/#/experiments/{experiment['experiment_id']}/runs/{run['run_id']}/model-metrics{view}"
+    page = _render(browser, charts, tmp_path / "profile4")
+    assert "Model metrics" in page and f"{run['run_name']} (val_loss)" in page
     page = _render(browser, f"{mlflow_url}/#/models/{urllib.parse.quote('e2e-char')}", tmp_path / "profile2")
     assert "e2e-char" in page and "champion" in page

@@ -142,3 +142,22 @@ def test_many_tiny_files(tmp_path):
     record = ingest(IngestConfig(sources=(str(root),)), tmp_path / "out")
     assert record.documents == 2000
     assert pq.ParquetFile(record.path).metadata.num_rows == 2000
+
+
+def test_skipped_files_are_summarised_one_line_per_reason(tmp_path, caplog):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "notes.txt").write_text(prose(1, 300), encoding="utf-8")
+    for i in range(40):
+        (corpus / f"blob{i:02d}.bin").write_bytes(b"\x00\x01" * 50)
+    (corpus / "empty.txt").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="fundamentallm"):
+        record = ingest(IngestConfig(sources=(str(corpus),)), tmp_path / "out")
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 2, lines
+    binary = next(line for line in lines if "binary file" in line)
+    assert binary.startswith(f"skipped 40 files, binary file: {corpus}/blob00.bin, {corpus}/blob01.bin, ")
+    assert "and 37 more (all of them in " in binary and record.report_path in binary
+    assert any(line.startswith(f"skipped 1 file, empty file: {corpus}/empty.txt (") for line in lines)
+    report = json.loads(Path(record.report_path).read_text())
+    assert len(report["skipped"]) == 41 and record.skipped == 41

@@ -46,6 +46,26 @@ def _task_states(flow_run_id) -> dict[str, list[str]]:
     return states
 
 
+def _artifacts(flow_run_id) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in artifacts}
+
+
+def _flow_run_and_task_names(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return client.read_flow_run(flow_run_id), {run.name for run in runs}
+
+
 def _log_messages(flow_run_id) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -55,17 +75,6 @@ def _log_messages(flow_run_id) -> list[str]:
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     return [log.message for log in logs]
-
-
-def _artifact_keys(flow_run_id) -> set[str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    return {a.key for a in artifacts}
 
 
 def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
@@ -83,14 +92,40 @@ def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
     # Learned, not merely trained: the debug preset reaches about 1.6 bits/char here against a unigram
     # 4.6 (AMD EPYC, 300 steps); a barely trained model stays near the unigram figure.
     assert first["metrics"]["val"]["bits_per_char"] < first["metrics"]["val"]["unigram_bits_per_char"] - 2.0
-    assert {"validation", "metrics", "samples", "mlflow-run"} <= _artifact_keys(state.state_details.flow_run_id)
-    messages = _log_messages(state.state_details.flow_run_id)
-    assert any(m.startswith("step 300/300 | loss") for m in messages)  # training progress in the flow run's log
-    assert first["registration"]["reason"] in messages  # and the registration outcome
+    flow_run_id = state.state_details.flow_run_id
+    artifacts = _artifacts(flow_run_id)
+    assert {"validation", "metrics", "samples", "mlflow-run", "training-progress"} <= artifacts.keys()
+    assert artifacts["training-progress"].data == 100.0  # the progress artifact ends full
+    messages = _log_messages(flow_run_id)
+    progress_lines = [m for m in messages if m.startswith("step ") and "| loss" in m]
+    # One progress line per log interval (the debug preset logs every 20 steps), plus step 1.
+    assert [m.split(" ", 2)[1] for m in progress_lines] == ["1/300", *(f"{s}/300" for s in range(20, 301, 20))]
+    assert first["registration"]["reason"] in messages  # the registration outcome,
+    val = first["metrics"]["val"]
+    assert any(m.startswith("val   loss ") and f"{val['bits_per_char']:.4f} bits/char" in m for m in messages)
+    assert any(m.startswith(f"val {val['bits_per_char']:.4f} bits/char; registered ") for m in messages)  # the end
 
     mlflow_client = client()
     run = mlflow_client.get_run(first["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+
+    # Names that say what: the flow run (and the MLflow run) by preset and corpus, the train task by
+    # the model's shape; tags for the preset and the corpus.
+    corpus_name, corpus_hash = Path(common["sources"][0]).name, run.data.tags["corpus_hash"]
+    flow_run, task_names = _flow_run_and_task_names(flow_run_id)
+    assert flow_run.name == run.info.run_name == f"debug-{corpus_name}"
+    assert {"preset:debug", f"corpus:{corpus_hash[:12]}"} <= set(flow_run.tags)
+    shape = "{}x{}-ctx{}".format(
+        *(run.data.params[f"pipeline.run.model.{k}"] for k in ("n_layer", "d_model", "context_length"))
+    )
+    assert f"train-{shape}" in task_names and "register-test-char" in task_names, task_names
+    # MLflow's UI opens the experiment on runs and charts, and shows the corpus as the run's input.
+    experiment = mlflow_client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == corpus_hash[:36] and dataset_input.dataset.name == corpus_name
+    assert json.loads(dataset_input.dataset.profile)["corpus_hash"] == corpus_hash
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
     tags = run.data.tags
     for key in ("prefect.flow_run_id", "prefect.flow_run_name", "corpus_hash", "vocab_hash", "device"):
         assert tags.get(key), key

@@ -19,6 +19,7 @@ nowhere: not in output, files, MLflow params, tags or artifacts, Prefect artifac
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import http.server
 import json
@@ -510,8 +511,13 @@ def check_kept_and_skipped(built: Input, documents_path: str | Path, report_path
     assert reported.keys() == built.skipped.keys(), reported
     for source, pattern in built.skipped.items():
         assert re.fullmatch(pattern, reported[source]), (source, reported[source])
-        if output is not None:  # one plain line per skipped file, never wrapped
-            assert f"WARNING  skipped {source}: {reported[source]}" in output.splitlines(), output[-3000:]
+    if output is not None:  # one plain line per kind of reason with its count, never wrapped
+        lines = output.splitlines()
+        kinds = collections.Counter(reason.split(" (", 1)[0] for reason in reported.values())
+        for kind, count in kinds.items():
+            start = f"WARNING  skipped {count} {'file' if count == 1 else 'files'}, {kind}: "
+            assert sum(line.startswith(start) for line in lines) == 1, (start, output[-3000:])
+        assert sum("WARNING  skipped" in line for line in lines) == len(kinds), output[-3000:]
 
 
 # Through the command line -----------------------------------------------------------------

@@ -67,3 +67,32 @@ def test_registered_model_files_download_from_this_store_whatever_the_global_uri
     finally:
         mlflow.set_registry_uri(previous)
     assert not (tmp_path / "elsewhere.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_model_kept_by_a_stopped_server_says_so_in_one_line(mlflow_store):
+    """Versions registered through a server that proxies artifacts (mlflow-artifacts: URIs) need
+    that server; without one the download names it rather than failing in MLflow's traceback."""
+    mlflow_client = tracking.client()
+    mlflow_client.create_registered_model("proxied-char")
+    mlflow_client.create_model_version("proxied-char", "mlflow-artifacts:/1/abc/artifacts/model")
+    with pytest.raises(RegistryError, match=r"kept by an MLflow tracking server .*`make up`"):
+        tracking.download_artifacts("models:/proxied-char/1")
+
+
+def test_experiments_are_marked_as_model_training_and_runs_record_their_dataset(mlflow_store):
+    mlflow_client = tracking.client()
+    chosen = mlflow_client.create_experiment("chosen-kind", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
+    old = mlflow_client.create_experiment("made-before-the-tag")
+    with tracking.tracked_run("made-before-the-tag", "r", {}) as tracker:
+        digest = "ab" * 32
+        tracker.log_dataset(tracking.DatasetInfo("notes", digest, "notes/", {"splits": {"train": 9}}, {"documents": 2}))
+    for name in ("made-before-the-tag", "fresh"):
+        experiment = mlflow_client.get_experiment(tracking.experiment_id(mlflow_client, name))
+        assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.TRAINING_EXPERIMENT, name
+    assert tracking.experiment_id(mlflow_client, "made-before-the-tag") == old
+    # A kind someone chose stays.
+    assert tracking.experiment_id(mlflow_client, "chosen-kind") == chosen
+    assert mlflow_client.get_experiment(chosen).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+    (dataset_input,) = mlflow_client.get_run(tracker.run_id).inputs.dataset_inputs
+    assert dataset_input.dataset.name == "notes" and dataset_input.dataset.digest == digest[:36]
+    assert {t.key: t.value for t in dataset_input.tags} == {"mlflow.data.context": "training"}

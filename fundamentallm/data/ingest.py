@@ -279,6 +279,21 @@ class _DocumentsWriter:
             self._writer.close()
 
 
+def skipped_summary(skipped: list[dict[str, str]], report: Path, examples: int = 3) -> list[str]:
+    """One line per kind of reason (the reason without its parenthesised detail), with the count and
+    a few of the files; the report holds them all. A folder of 40 binary files is one line, not 40."""
+    kinds: dict[str, list[str]] = {}
+    for item in skipped:
+        kinds.setdefault(item["reason"].split(" (", 1)[0], []).append(item["source"])
+    lines = []
+    for kind, sources in kinds.items():
+        shown = ", ".join(sources[:examples])
+        more = f" and {len(sources) - examples} more" if len(sources) > examples else ""
+        noun = "file" if len(sources) == 1 else "files"
+        lines.append(f"skipped {len(sources)} {noun}, {kind}: {shown}{more} (all of them in {report})")
+    return lines
+
+
 def _nothing_usable(config: IngestConfig, skipped: list[dict[str, str]]) -> CorpusError:
     shown = "; ".join(f"{s['source']}: {s['reason']}" for s in skipped[:5])
     more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
@@ -317,7 +332,7 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
                     if isinstance(item, RawDocument):
                         item = normalise(item, config.encoding_policy, config.max_binary_control_share)
                     if isinstance(item, SkippedSource):
-                        log.warning("skipped %s: %s", item.source, item.reason)
+                        log.debug("skipped %s: %s", item.source, item.reason)
                         skipped.append({"source": item.source, "reason": item.reason})
                         continue
                     doc_id = item.doc_id
@@ -356,6 +371,8 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
             log.info("documents unchanged; reusing %s", final)
     # The report describes this ingestion (which files were skipped can differ for the same text).
     atomic_write_json(final / "ingest-report.json", report)
+    for line in skipped_summary(skipped, final / "ingest-report.json"):
+        log.warning(line)
     return DocumentsRecord(
         path=str(final / "documents.parquet"),
         report_path=str(final / "ingest-report.json"),
