@@ -165,7 +165,7 @@ def test_bad_and_good_requests_mixed_under_load(served):
 
     def send_bad(item):
         body, message = item
-        status, text, _ = _refused(server.port, body)
+        status, text = _refused(server.port, body)
         return 400 <= status < 500 and message in json.loads(text)["message"]
 
     def send_good(item):
