@@ -128,14 +128,29 @@ class ProgressReporter(NullCallback):
 
 
 class TrackerCallback(NullCallback):
-    """Sends training metrics to a tracker (the pipeline's MLflow run)."""
+    """Sends training metrics to a tracker (the pipeline's MLflow run).
+
+    A run resumed into the same tracked run (the train task's retry) does not send again the
+    steps an earlier attempt already sent after its last checkpoint: a tracker cannot take a
+    point back, and on the same trajectory the figures are the same. A tracker with a
+    ``last_step(key)`` method says which steps it holds; any other is sent every step.
+    """
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
+        self._held: dict[str, int] | None = None
+
+    def _new(self, key: str, step: int) -> bool:
+        if self._held is None:
+            last_step = getattr(self.tracker, "last_step", None)
+            self._held = {k: last_step(k) if last_step else 0 for k in ("train_loss", "val_loss")}
+        return step > self._held[key]
 
     def on_train_step(self, step: int, metrics: dict[str, float]) -> None:
-        keys = ("train_loss", "lr", "tokens_per_s", "grad_norm")
-        self.tracker.log_metrics({k: metrics[k] for k in keys if k in metrics}, step=step)
+        if self._new("train_loss", step):
+            keys = ("train_loss", "lr", "tokens_per_s", "grad_norm")
+            self.tracker.log_metrics({k: metrics[k] for k in keys if k in metrics}, step=step)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.tracker.log_metrics({"val_loss": metrics["val_loss"]}, step=step)
+        if self._new("val_loss", step):
+            self.tracker.log_metrics({"val_loss": metrics["val_loss"]}, step=step)

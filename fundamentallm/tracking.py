@@ -372,6 +372,12 @@ class MlflowTracker:
         with reporting_unreachable():
             self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
 
+    def last_step(self, key: str) -> int:
+        """The highest step at which metric `key` was logged to this run (0 when it never was)."""
+        with reporting_unreachable():
+            history = self.client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=0)
+
 
 def start_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
     """Open a run in `experiment` (created when missing); returns its id.

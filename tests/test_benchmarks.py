@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import prose
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.heavy  # trains models or runs several processes: not in the quick subset
 
 
 def test_bench_prepare_smoke(tmp_path):

@@ -134,6 +134,7 @@ def test_bad_input_exits_nonzero_with_one_clear_message_and_leaves_nothing(case,
     assert leftovers(out) == []
 
 
+@pytest.mark.heavy
 def test_console_script_runs_as_installed(corpus_dir, tmp_path):
     """The `fundamentallm` entry point in a real process, as a user runs it."""
     script = Path(sys.executable).with_name("fundamentallm")

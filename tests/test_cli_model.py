@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import sample_checkpoint
 from typer.testing import CliRunner
 
 from fundamentallm.cli import app
 
 runner = CliRunner()
+pytestmark = pytest.mark.heavy  # trains models or runs several processes: not in the quick subset
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +41,9 @@ def trained(tiny_dataset, tmp_path_factory):
 def test_train_reports_and_evaluates(trained):
     run, payload = trained
     assert payload["train"]["steps"] == 120 and payload["train"]["stop_reason"] == "max_steps"
-    assert (
-        payload["eval"]["split"] == "val"
-        and payload["eval"]["bits_per_char"] < payload["eval"]["unigram_bits_per_char"]
-    )
+    # Learned: 120 debug steps reach about 2.7 bits/char here against a unigram 4.6 (AMD EPYC).
+    assert payload["eval"]["split"] == "val"
+    assert payload["eval"]["bits_per_char"] < payload["eval"]["unigram_bits_per_char"] - 1.2
     assert (run / "best.pt").is_file() and (run / "latest.pt").is_file()
 
 
@@ -60,7 +61,8 @@ def test_sample_command(trained):
     run, _ = trained
     result = runner.invoke(app, ["sample", str(run / "best.pt"), "--prompt", "The king", "-n", "40", "--seed", "1"])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("The king") and len(result.output.rstrip("\n")) >= 40
+    (expected,) = sample_checkpoint(run / "best.pt", ["The king"], "auto", max_new_tokens=40, seed=1)
+    assert result.output == f"The king{expected}\n" and len(expected) == 40
     again = runner.invoke(app, ["sample", str(run / "best.pt"), "--prompt", "The king", "-n", "40", "--seed", "1"])
     assert again.output == result.output
     several = runner.invoke(app, ["sample", str(run / "best.pt"), "-n", "20", "--num-samples", "2"])
@@ -95,10 +97,11 @@ def test_interactive_sampling(trained):
     session = ":temperature 0\n:max_new_tokens 15\nthe \n:top_k x\n:nonsense 1\n:quit\n"
     result = runner.invoke(app, ["sample", str(run / "best.pt"), "--interactive"], input=session)
     assert result.exit_code == 0, result.output
-    assert "prompt> " in result.output
-    assert "the " in result.output
+    # Both settings took effect: 15 greedy characters, then the next prompt.
+    (greedy,) = sample_checkpoint(run / "best.pt", ["the "], "auto", max_new_tokens=15, temperature=0.0)
+    assert f"prompt> the {greedy}\nprompt> " in result.output, result.output
     assert "unknown setting 'nonsense'" in result.output
-    assert "error:" in result.output  # ':top_k x' is not a number
+    assert "error: invalid literal for int() with base 10: 'x'" in result.output  # ':top_k x' is not a number
 
 
 def test_time_budget_option(tiny_dataset, tmp_path):

@@ -202,7 +202,9 @@ def test_dask_workers_write_the_same_bytes_and_share_the_cache(prefect_api, tmp_
     [summary] = found.values()
     assert summary.getMessage().startswith(f"wrote {ours.shards} shards")
     pids = {writer.rsplit(":", 1)[1] for writer in summary.args[-1]}
-    assert len(pids) == 2 and str(os.getpid()) not in pids
+    # Dask schedules as it likes: one worker may have written every shard, so at least one worker
+    # and at most the two, never this process.
+    assert 1 <= len(pids) <= 2 and str(os.getpid()) not in pids
 
     # workers does not enter the cache key: the sequential run's record serves a Dask run.
     assert encode_only(documents, config.replace(workers=2), str(tmp_path / "seq")) == ("Cached", theirs)

@@ -197,6 +197,7 @@ def import_reports(tmp_path_factory) -> tuple[dict[str, dict], dict[str, dict]]:
     return reports, baselines
 
 
+@pytest.mark.heavy
 def test_every_module_is_checked(import_reports):
     reports, baselines = import_reports
     assert set(reports) == {*LIBRARY, *ENTRY_POINTS, *SCRIPTS}
@@ -206,6 +207,7 @@ def test_every_module_is_checked(import_reports):
     assert {"deployments/services.py", "deployments/automations.py"} <= set(SCRIPTS)
 
 
+@pytest.mark.heavy
 def test_importing_any_module_starts_nothing_writes_nothing_and_registers_nothing(import_reports):
     """Checked after each import: no file or directory in the working directory, HOME or TMPDIR,
     the same os.environ, no handler or level on the root logger, no new thread, no model set
@@ -242,18 +244,21 @@ def test_the_side_effect_check_sees_each_kind_of_effect(tmp_path):
     assert effects["printed"] == ["hello"]
 
 
+@pytest.mark.heavy
 def test_no_library_module_loads_prefect(import_reports):
     reports, _ = import_reports
     loading = [m for m in LIBRARY if "prefect" in reports[m].get("loaded", ["prefect"])]
     assert loading == [], f"importing these library modules loads prefect: {loading}"
 
 
+@pytest.mark.heavy
 def test_the_cli_and_config_import_no_heavy_dependency(import_reports):
     reports, _ = import_reports
     heavy = {m: [n for n in reports[m].get("loaded", HEAVY) if n in HEAVY] for m in LIGHT}
     assert heavy == {m: [] for m in LIGHT}, f"imported eagerly: {heavy}"
 
 
+@pytest.mark.heavy
 def test_flows_and_tasks_import_from_the_checkout():
     proc = subprocess.run(
         [sys.executable, "-c", "import flows.train_pipeline, tasks.data, tasks.pipeline"],

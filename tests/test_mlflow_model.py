@@ -23,6 +23,7 @@ def checkpoint(tiny_dataset, tmp_path_factory) -> Path:
     return run / "best.pt"
 
 
+@pytest.mark.heavy
 def test_a_model_saved_from_its_code_file_loads_and_samples_in_a_fresh_process(checkpoint, tmp_path):
     import mlflow
     from mlflow.models import infer_signature

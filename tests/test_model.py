@@ -94,4 +94,11 @@ def test_every_preset_builds(name):
     config = preset(name)
     assert config.model.vocab_size == 0  # taken from the data
     m = CharTransformer(config.model.replace(vocab_size=65))
-    assert m.num_parameters() > 0
+    c = config.model
+    d, hidden, bias = c.d_model, c.mlp_ratio * c.d_model, int(c.bias)
+    norm = d * (1 + bias) if c.norm == "layernorm" else d
+    block = 2 * norm + (4 * d * d + 4 * d * bias) + (2 * d * hidden + (hidden + d) * bias)
+    positions = c.context_length * d if c.positions == "learned" else 0
+    # Counted from the architecture: tied embedding (once), positions, blocks, the final norm.
+    assert m.num_parameters() == 65 * d + positions + c.n_layer * block + norm
+    assert m.num_parameters(non_embedding=True) == c.n_layer * block + norm

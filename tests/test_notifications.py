@@ -18,7 +18,6 @@ import pytest
 from conftest import (
     client_env,
     deployment_params,
-    free_port,
     get_json,
     run_deployment,
     services_command,
@@ -166,8 +165,8 @@ def test_failed_run_is_posted(api, recorder):
     assert f"/runs/flow-run/{flow_run_id}" in text  # a link to the run in the Prefect UI
 
 
-def test_a_refusing_url_fails_nothing(api, recorder):
-    refusing = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+def test_a_refusing_url_fails_nothing(api, recorder, refusing_port):
+    refusing = f"http://127.0.0.1:{refusing_port}/hook"  # nothing listens there
     try:
         printed = services_command("up", {**api.env, "FUNDAMENTALLM_NOTIFY_URL": refusing})
         assert f"POSTed to {refusing.removesuffix('/hook')}/..." in printed

@@ -38,6 +38,7 @@ def test_muon_covers_block_matrices_and_adamw_the_rest():
     assert muon.param_groups[0]["lr"] == 0.01 and adam.param_groups[0]["lr"] == 0.0005
 
 
+@pytest.mark.heavy
 def test_muon_training_learns_and_resumes_exactly(tiny_dataset, tmp_path):
     config = debug_config(
         max_steps=40, optimizer="muon", muon_lr=0.03, eval_interval=20, checkpoint_interval=20, log_interval=1

@@ -86,3 +86,35 @@ def test_the_tracker_the_sources_and_make_up_mask_a_password_holding_at_and_colo
     assert str(refused.value).startswith(
         "FUNDAMENTALLM_PREFECT_DATABASE_URL=postgresql://***@db:5432: name the database"
     )
+
+
+def test_credentials_in_the_tracking_uri_are_masked_wherever_it_is_shown(monkeypatch, refusing_port):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from fundamentallm import tracking
+
+    uri = f"http://ops:s3cret-Pw@127.0.0.1:{refusing_port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once: no back-off to wait out
+    masked = f"http://***@127.0.0.1:{refusing_port}"
+    assert tracking.browse_lines() == [f"MLflow UI:   {masked}"]
+    assert tracking.store_description() == masked
+    with pytest.raises(tracking.TrackingUnavailable) as caught, tracking.reporting_unreachable():
+        tracking.client().get_experiment_by_name("x")
+    assert str(caught.value).startswith(f"MLflow tracking server {masked} is unreachable")
+    assert "s3cret-Pw" not in str(caught.value)
+    # What a user of the CLI sees when the registry cannot be reached.
+    env = {"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "fundamentallm.cli", "sample", "--model", "models:/x@champion", "-n", "3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert masked in done.stdout + done.stderr and "s3cret-Pw" not in done.stdout + done.stderr

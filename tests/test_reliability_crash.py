@@ -29,6 +29,30 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str, poll
         time.sleep(poll)
 
 
+# `python -c PAUSE_AT MARKER STEP <fundamentallm arguments>`: the CLI, with a training callback
+# that writes MARKER at step STEP and then waits (for the test's SIGKILL).
+PAUSE_AT = """
+import sys, time
+from pathlib import Path
+import fundamentallm.launch as launch
+from fundamentallm.cli import run
+marker, at = Path(sys.argv[1]), int(sys.argv[2])
+class PauseAt:
+    def on_train_step(self, step, metrics):
+        if step == at:
+            marker.write_text(str(step))
+            time.sleep(3600)
+    def on_eval(self, step, metrics):
+        pass
+    def on_end(self, result):
+        pass
+original = launch.train
+launch.train = lambda *a, callbacks=(), **k: original(*a, callbacks=[*callbacks, PauseAt()], **k)
+sys.argv = ["fundamentallm", *sys.argv[3:]]
+run()
+"""
+
+
 def _train_command(dataset: Path, run: Path, *extra: str) -> list[str]:
     return [*CLI, "train", str(dataset), "--out", str(run), "--preset", "debug", "--no-eval", "--json", *extra]
 
@@ -45,24 +69,27 @@ def test_sigkill_mid_training_and_a_rerun_ends_where_an_uninterrupted_run_ends(t
     assert straight.returncode == 0, straight.stderr
     expected = json.loads(straight.stdout)["train"]
 
-    run = tmp_path / "killed"
+    # The same command, made to stop at step 65 (after the checkpoint of step 60 and the metrics of
+    # steps 61-65 were written) and wait there to be killed: a kill point that does not depend on
+    # how fast the machine is.
+    run, marker = tmp_path / "killed", tmp_path / "paused"
     proc = subprocess.Popen(
-        _train_command(tiny_dataset, run, *settings),
+        [sys.executable, "-c", PAUSE_AT, str(marker), "65", *_train_command(tiny_dataset, run, *settings)[3:]],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        latest = run / "latest.pt"
-        _wait_for(lambda: latest.exists() and load_checkpoint(latest).step >= 60, 120, proc, "second checkpoint")
+        _wait_for(marker.exists, 300, proc, "step 65")
         proc.send_signal(signal.SIGKILL)  # no handler runs: whatever was in flight is simply lost
         proc.wait(timeout=30)
     finally:
         proc.kill()
         proc.communicate()
-    killed_at = load_checkpoint(run / "latest.pt").step
-    assert 60 <= killed_at < 160
+    assert load_checkpoint(run / "latest.pt").step == 60
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == 65  # steps past the checkpoint were logged before the kill
 
     resumed = subprocess.run(
         _train_command(tiny_dataset, run, *settings, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300
@@ -154,17 +181,27 @@ def test_a_nan_loss_in_the_flow_fails_the_run_keeps_the_checkpoint_and_registers
     assert [m for m in mlflow_client.search_registered_models() if m.name == "nan-char"] == []
 
 
-def test_an_unreachable_tracking_server_fails_the_flow_at_once_with_the_reason(prefect_api, tmp_path, monkeypatch):
-    from conftest import free_port
+def test_an_unreachable_tracking_server_fails_the_flow_at_once_with_the_reason(
+    prefect_api, tmp_path, monkeypatch, refusing_port, caplog
+):
+    import logging
 
     from flows.train_pipeline import train_pipeline
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    started = time.monotonic()
-    state = train_pipeline(preset="debug", sources=[str(tmp_path)], data_dir=str(tmp_path / "data"), return_state=True)
+    # Credentials in the URI are masked in the message and in every log line.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ops:s3cret-Pw@127.0.0.1:{refusing_port}")
+    prefect_logger = logging.getLogger("prefect")
+    prefect_logger.addHandler(caplog.handler)  # the run loggers are its children
+    try:
+        state = train_pipeline(
+            preset="debug", sources=[str(tmp_path)], data_dir=str(tmp_path / "data"), return_state=True
+        )
+    finally:
+        prefect_logger.removeHandler(caplog.handler)
     assert state.is_failed()
-    assert "MLflow tracking server http://127.0.0.1:" in state.message and "is unreachable" in state.message
-    assert time.monotonic() - started < 30
+    assert f"MLflow tracking server http://***@127.0.0.1:{refusing_port} is unreachable" in state.message
+    assert "s3cret-Pw" not in state.message and "s3cret-Pw" not in str(state.result(raise_on_failure=False))
+    assert caplog.records and not [r for r in caplog.records if "s3cret-Pw" in r.getMessage()]
     assert not (tmp_path / "data").exists()  # failed before any work
 
 
@@ -232,3 +269,34 @@ def test_a_full_disk_gives_a_clear_error_and_corrupts_nothing(small_disk, tmp_pa
     assert load_checkpoint(run / "latest.pt").step == 10
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
     os.unlink(filler)
+
+
+def test_a_retried_train_task_resumes_and_logs_each_step_once(prefect_api, mlflow_store, tmp_path, monkeypatch):
+    from flows.train_pipeline import train_pipeline
+    from fundamentallm.tracking import client, experiment_id
+
+    corpus = write_corpus(tmp_path / "corpus", seed=510, files=3)
+    # One NaN loss, at step 75 of the first attempt (after the checkpoint at step 50 and the
+    # progress line of step 60): the task fails and its retry resumes from step 50.
+    poison_training_loss(monkeypatch, lambda n: n == 75)
+    state = train_pipeline(
+        preset="debug",
+        sources=[str(corpus)],
+        model_name="retried-char",
+        experiment="retried",
+        data_dir=str(tmp_path / "data"),
+        runs_dir=str(tmp_path / "runs"),
+        overrides=["train.max_steps=100"],
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    mlflow_client = client()
+    (run,) = mlflow_client.search_runs([experiment_id(mlflow_client, "retried")])
+    assert run.info.status == "FINISHED"
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert load_checkpoint(run_dir / "latest.pt").step == 100
+    for key in ("train_loss", "val_loss"):
+        steps = [m.step for m in mlflow_client.get_metric_history(run.info.run_id, key) if m.step]
+        assert len(steps) == len(set(steps)), f"{key} logged twice for a step: {sorted(steps)}"
+    steps = sorted(m.step for m in mlflow_client.get_metric_history(run.info.run_id, "train_loss"))
+    assert steps == [1, 20, 40, 60, 80, 100]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import collections
-import contextlib
 import hashlib
 import http.server
 import json
@@ -395,19 +394,34 @@ def expand(pattern: str, tmp: Path, server: Server) -> str:
 # Helpers ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def unprivileged(tmp: Path) -> Iterator[None]:
-    """Run the body as an ordinary user, so that mode 000 really denies access.
+@dataclass(frozen=True)
+class Invoked:
+    """What a CliRunner result the tests read holds, carried back from a child process."""
 
-    As root (where file modes do not apply) the effective uid and gid become 65534 with no
-    supplementary groups, `tmp` is opened to that user and its parents made traversable;
-    everything is restored afterwards. As any other user, nothing changes.
+    exit_code: int
+    output: str
+    stdout: str
+    stderr: str
+    exception: str | None
+    """The exception the command raised (other than SystemExit), as text; None when there was none."""
+
+
+def invoke_unprivileged(tmp: Path, args: list[str]) -> Invoked:
+    """`fundamentallm ARGS` (in-process, CliRunner) as an ordinary user, so that mode 000 really
+    denies access.
+
+    As root (where file modes do not apply) it runs in a forked child that drops to uid and gid
+    65534 with no supplementary groups, so the credentials of this process (every thread of it)
+    never change; `tmp` is opened to that user and its parents made traversable while it runs,
+    then restored. As any other user it runs here. The child inherits the modules already
+    imported (`imports_done`): user 65534 may be unable to read the Python installation.
     """
     if os.geteuid() != 0:
-        yield
-        return
+        return _invoked(args)
+    import select
+    import signal
+
     modes: dict[Path, int] = {}
-    groups, egid = os.getgroups(), os.getegid()
     try:
         for path in (tmp, *tmp.parents):
             mode = path.stat().st_mode & 0o7777
@@ -415,16 +429,50 @@ def unprivileged(tmp: Path) -> Iterator[None]:
             if wanted != mode:
                 modes[path] = mode
                 path.chmod(wanted)
-        os.setgroups([])
-        os.setegid(NOBODY)
-        os.seteuid(NOBODY)
-        yield
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: drop privileges for good, run, report, exit without cleanup
+            code = 1
+            try:
+                os.close(read)
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                data = json.dumps(_invoked(args).__dict__).encode()
+                code = 0
+            except BaseException as exc:
+                data = json.dumps({"child failed": repr(exc)}).encode()
+            finally:
+                with os.fdopen(write, "wb") as pipe:
+                    pipe.write(data)
+                os._exit(code)
+        os.close(write)
+        chunks = []
+        with os.fdopen(read, "rb") as pipe:
+            while True:
+                ready, _, _ = select.select([pipe], [], [], 300)  # a hang guard
+                if not ready:
+                    os.kill(pid, signal.SIGKILL)
+                    raise AssertionError("the unprivileged command did not finish within 300 s")
+                chunk = os.read(pipe.fileno(), 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        os.waitpid(pid, 0)
     finally:
-        os.seteuid(0)
-        os.setegid(egid)
-        os.setgroups(groups)
         for path, mode in modes.items():
             path.chmod(mode)
+    report = json.loads(b"".join(chunks))
+    assert "child failed" not in report, report
+    return Invoked(**report)
+
+
+def _invoked(args: list[str]) -> Invoked:
+    result = runner.invoke(app, args)
+    exception = None if result.exception is None or isinstance(result.exception, SystemExit) else result.exception
+    return Invoked(
+        result.exit_code, result.output, result.stdout, result.stderr, repr(exception) if exception else None
+    )
 
 
 def files_under(*roots: Path) -> list[Path]:
@@ -507,15 +555,14 @@ def test_prepare(name: str, tmp_path: Path, server: Server, request: pytest.Fixt
     args = prepare_args(built.sources, out, {**SETTINGS, "ingest.cache_dir": str(cache), **case.settings})
     if case.unprivileged:
         request.getfixturevalue("imports_done")
-        with unprivileged(tmp_path):
-            result = runner.invoke(app, args)
+        result = invoke_unprivileged(tmp_path, args)
     else:
-        result = runner.invoke(app, args)
+        result = _invoked(args)
 
     output = result.output
     assert result.exit_code == case.exit_code, output[-3000:]
     assert "Traceback" not in output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exception is None, result.exception
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     for pattern in case.warnings:
         assert re.search(expand(pattern, tmp_path, server), output, re.MULTILINE), output[-3000:]

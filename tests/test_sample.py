@@ -44,6 +44,29 @@ def test_generation_beyond_the_context_slides(sampler):
     assert len(text) == 100 and set(text) <= set(VOCAB.chars) | {"\ufffd"}
 
 
+def test_kv_cache_after_the_window_slides_equals_a_reference_recomputation(sampler):
+    """Generation well past the context (several slides): the logits behind each character equal
+    those of a full forward pass, without a cache, over the window the cache stands for: the text
+    since the window last slid, which restarts from the last context // 2 characters when full."""
+    context, keep = sampler.context, sampler.context // 2
+    seen: list[torch.Tensor] = []
+    logits_of = sampler._logits
+    sampler._logits = lambda ids, caches: seen.append(logits_of(ids, caches)) or seen[-1]
+    prompt = "the cat"
+    # Sampled, not greedy: varied text, so that a wrong window shows in the logits.
+    text = sampler.generate(prompt, SampleConfig(max_new_tokens=5 * context, temperature=1.0, seed=3))[0]
+    assert len(text) == len(seen) == 5 * context
+    ids = VOCAB.encode(prompt + text, unknown="unk").tolist()  # a sampled unknown id decodes to U+FFFD
+    start, slides = 0, 0
+    for step, position in enumerate(range(len(prompt), len(ids))):  # predicting ids[position]
+        if position - start > context:
+            start, slides = position - keep, slides + 1
+        with torch.no_grad():
+            reference, _ = sampler.model(torch.tensor([ids[start:position]]))
+        torch.testing.assert_close(seen[step][0], reference[0, -1], rtol=1e-4, atol=1e-5, msg=f"step {step}")
+    assert slides >= 4 and len(set(text)) > 5
+
+
 def test_seed_and_batch(sampler):
     config = SampleConfig(max_new_tokens=30, temperature=1.0, seed=5, num_samples=3)
     first = sampler.generate("a", config)

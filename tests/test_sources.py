@@ -177,9 +177,9 @@ def test_http_errors_truncation_and_size_limit(server, tmp_path):
     assert list((tmp_path / "downloads").iterdir()) == []
 
 
-def test_unreachable_host_and_bad_schemes(tmp_path):
+def test_unreachable_host_and_bad_schemes(tmp_path, refusing_port):
     with pytest.raises(CorpusError, match="cannot download"):
-        download("http://127.0.0.1:9/x.txt", tmp_path, timeout_s=2)
+        download(f"http://127.0.0.1:{refusing_port}/x.txt", tmp_path, timeout_s=2)
     with pytest.raises(CorpusError, match="only http:// and https://"):
         download("ftp://example.com/x.txt", tmp_path)
     with pytest.raises(CorpusError, match="#sha256=<64 hex digits>"):

@@ -25,6 +25,8 @@ from fundamentallm.model import CharTransformer
 from fundamentallm.train import train
 from fundamentallm.warmstart import WarmStart, warm_start
 
+pytestmark = pytest.mark.heavy  # trains several models: not in the quick subset
+
 NEW_CHARS = ("à", "é", "ï")
 """Characters of the grown corpus that the tiny corpus lacks (code point order)."""
 

@@ -1,0 +1,51 @@
+"""precision="auto" on each kind of CPU, whatever this machine is: the check for fast bf16 is
+forced each way (the project's machines differ: some have AMX, some AVX2 only)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import debug_config
+
+from fundamentallm import runtime
+from fundamentallm.train import train
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("fast", "name", "dtype"), [(True, "bf16", torch.bfloat16), (False, "fp32", None)])
+def test_auto_picks_bf16_exactly_where_the_cpu_multiplies_it_in_hardware(monkeypatch, fast, name, dtype):
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast)
+    assert runtime.resolve_precision("auto", CPU) == runtime.Precision(name, dtype)
+    # Asked for by name, a precision is used whatever the CPU.
+    assert runtime.resolve_precision("fp32", CPU) == runtime.Precision("fp32", None)
+    assert runtime.resolve_precision("bf16", CPU) == runtime.Precision("bf16", torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "cpuinfo", "fast"),
+    [
+        (True, False, "fpu sse2 avx2", True),
+        (False, True, "fpu sse2 avx2", True),
+        (False, False, "fpu sse2 avx2 amx_bf16 amx_tile", True),
+        (False, False, "fpu sse2 avx2 avx512f", False),
+    ],
+)
+def test_fast_bf16_is_read_from_torch_or_cpuinfo(monkeypatch, tmp_path, amx, avx512_bf16, cpuinfo, fast):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {cpuinfo}\n")
+    real_path = runtime.Path
+    monkeypatch.setattr(runtime, "Path", lambda p: real_path(info) if p == "/proc/cpuinfo" else real_path(p))
+    assert runtime.cpu_has_fast_bf16() is fast
+
+
+@pytest.mark.parametrize(("fast", "name"), [(True, "bf16"), (False, "fp32")])
+def test_training_with_auto_runs_in_the_precision_auto_picks(tiny_dataset, tmp_path, monkeypatch, fast, name):
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast)
+    config = debug_config(max_steps=4, eval_interval=4, checkpoint_interval=4, precision="auto")
+    result = train(tiny_dataset, config, tmp_path / "run")
+    assert result.precision == name and math.isfinite(result.final_train_loss)
