@@ -169,6 +169,7 @@ def test_attention_weights_are_causal_distributions_and_change_nothing(positions
         model(ids, caches=model.new_caches(), attention=[])
 
 
+@pytest.mark.heavy  # a browser / MLflow's model logging: tens of seconds
 def test_the_page_is_self_contained_and_renders(inspected, tmp_path):
     _, out = inspected
     page = (out / "surprisal.html").read_text(encoding="utf-8")
@@ -220,6 +221,7 @@ def test_inspect_command(run, tmp_path):
     assert "error: InspectConfig.chars must be between 1 and 20,000" in result.output
 
 
+@pytest.mark.heavy  # a browser / MLflow's model logging: tens of seconds
 def test_inspect_takes_a_registered_model(run, mlflow_store, tmp_path):
     from fundamentallm import registry
     from fundamentallm.tracking import MlflowTracker, client, experiment_id
