@@ -173,8 +173,8 @@ def _poison_training_forward(monkeypatch, poisoned_call, poison) -> None:
     original = model_module.CharTransformer.forward
     calls = {"n": 0}
 
-    def forward(self, ids, targets=None, caches=None):
-        logits, loss = original(self, ids, targets, caches)
+    def forward(self, ids, targets=None, caches=None, **kwargs):
+        logits, loss = original(self, ids, targets, caches, **kwargs)
         if targets is not None and self.training:
             calls["n"] += 1
             if poisoned_call(calls["n"]):

@@ -6,6 +6,7 @@ rendered in headless Chromium."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def _chromium() -> str | None:
     return None
 
 
-def _render(browser: str, url: str, profile: Path) -> str:
+def _render(browser: str, url: str, profile: Path, height: int = 3000) -> str:
     """The DOM of `url` after its scripts ran, from headless Chromium (a tall window: the
     Prefect UI lists a run's logs only once its list has room on the screen)."""
     proc = subprocess.run(
@@ -52,7 +53,7 @@ def _render(browser: str, url: str, profile: Path) -> str:
             "--disable-component-update",
             "--disable-sync",
             f"--user-data-dir={profile}",
-            "--window-size=1400,3000",
+            f"--window-size=1400,{height}",
             "--virtual-time-budget=20000",
             "--dump-dom",
             url,
@@ -63,6 +64,12 @@ def _render(browser: str, url: str, profile: Path) -> str:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
+
+
+def _text(page: str) -> str:
+    """The words of a DOM dump, for a failure message."""
+    page = re.sub(r"<(script|style)\b.*?</\1>", " ", page, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
 
 
 @pytest.fixture
@@ -156,7 +163,7 @@ def test_deployment_run_on_real_servers(services, tmp_path):
     page = _render(browser, f"{mlflow_url}/#/experiments/{experiment['experiment_id']}/runs{view}", tmp_path / "p1")
     assert run["run_name"] in page and f"{dataset['dataset']['name']} ({dataset['dataset']['digest']})" in page
     charts = f"{mlflow_url}/#/experiments/{experiment['experiment_id']}/runs/{run['run_id']}/model-metrics{view}"
-    page = _render(browser, charts, tmp_path / "profile4")
-    assert "Model metrics" in page and f"{run['run_name']} (val_loss)" in page
+    page = _render(browser, charts, tmp_path / "profile4", height=8000)  # charts render once on screen
+    assert "Model metrics" in page and f"{run['run_name']} (val_loss)" in page, _text(page)[-3000:]
     page = _render(browser, f"{mlflow_url}/#/models/{urllib.parse.quote('e2e-char')}", tmp_path / "profile2")
     assert "e2e-char" in page and "champion" in page

@@ -100,7 +100,7 @@ def test_credentials_in_the_tracking_uri_are_masked_wherever_it_is_shown(monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once: no back-off to wait out
     masked = f"http://***@127.0.0.1:{refusing_port}"
-    assert tracking.browse_lines() == [f"MLflow UI:   {masked}"]
+    assert tracking.browse_lines() == [f"MLflow UI:   {masked}/{tracking.TRAINING_VIEW}"]
     assert tracking.store_description() == masked
     with pytest.raises(tracking.TrackingUnavailable) as caught, tracking.reporting_unreachable():
         tracking.client().get_experiment_by_name("x")

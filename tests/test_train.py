@@ -280,3 +280,33 @@ def test_the_tracker_callback_sends_no_step_twice_to_a_run_an_earlier_attempt_lo
     assert sorted(s for k, s in run.points if k == "train_loss") == [1, 20, 40, 60, 80]
     assert sorted(s for k, s in run.points if k == "lr") == [80]
     assert sorted(s for k, s in run.points if k == "val_loss") == [50, 100]
+
+
+@pytest.mark.heavy
+def test_the_cpu_small_preset_compiled_trains_as_it_does_eager(tiny_dataset, tmp_path):
+    """cpu-small's own path (torch.compile, Muon, its precision on this CPU) for a few steps: the
+    compiled model starts where the eager one does and follows it to float rounding."""
+    from fundamentallm.presets import preset
+
+    base = preset("cpu-small")
+    assert base.train.compile  # the preset's path is the compiled one
+    train_settings = {
+        "time_budget_s": 0.0,
+        "max_steps": 4,
+        "batch_size": 4,
+        "warmup_steps": 1,
+        "eval_interval": 4,
+        "eval_batches": 1,
+        "log_interval": 1,
+        "checkpoint_interval": 4,
+    }
+    results = {}
+    for compiled in (True, False):
+        config = base.replace(train=base.train.replace(**train_settings, compile=compiled))
+        results[compiled] = train(tiny_dataset, config, tmp_path / f"compile-{compiled}")
+    compiled, eager = results[True], results[False]
+    assert compiled.steps == eager.steps == 4 and compiled.precision == eager.precision
+    tolerance = 5e-2 if compiled.precision == "bf16" else 1e-3
+    assert math.isfinite(compiled.final_train_loss)
+    assert abs(compiled.final_train_loss - eager.final_train_loss) < tolerance
+    assert abs(compiled.best_val_loss - eager.best_val_loss) < tolerance
