@@ -96,7 +96,8 @@ def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list[str]:
     ]
 
 
-_RANK_ERROR = re.compile(r"^rank \d+: error: (.*)")
+_RANK_ERROR = re.compile(r"^(?:rank \d+|trial): error: (.*)")
+"""How a training process says why it failed: torchrun's ranks, or a sweep's trial."""
 _FIELD = re.compile(r"^\s*(rank|exitcode|traceback)\s*:\s*(.+?)\s*$")
 
 
@@ -155,38 +156,53 @@ def run_processes(
     if mlflow_run_id:
         args += ["--mlflow-run-id", mlflow_run_id]
     command = torchrun_command(config.train.processes, "fundamentallm.launch", args)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    report = _FailureReport()
-    result: dict[str, Any] | None = None
     try:
-        with subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
-        ) as proc:
-            assert proc.stdout is not None
-            try:
-                for line in proc.stdout:
-                    line = line.rstrip("\n")
-                    if line.startswith(RESULT_MARKER):
-                        result = json.loads(line[len(RESULT_MARKER) :])
-                        continue
-                    if line.startswith(PROGRESS_MARKER):
-                        if on_progress is not None:
-                            on_progress(float(line[len(PROGRESS_MARKER) :]))
-                        continue
-                    report.feed(line)
-                    on_output(line)
-            except BaseException:
-                proc.terminate()  # interrupted here: torchrun passes it on to the ranks
-                raise
-            code = proc.wait()
+        code, result, why = run_child(command, on_output=on_output, on_progress=on_progress)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(config_path)
     if code != 0 or result is None:
         raise TrainingProcessFailed(
-            f"training in {config.train.processes} processes failed (torchrun exit code {code}): {report.summary()}"
+            f"training in {config.train.processes} processes failed (torchrun exit code {code}): {why}"
         )
     return result
+
+
+def run_child(
+    command: Sequence[str],
+    *,
+    on_output: Callable[[str], None] = print,
+    on_progress: Callable[[float], None] | None = None,
+) -> tuple[int, dict[str, Any] | None, str]:
+    """Run `command` (a process that prints `RESULT_MARKER` and `PROGRESS_MARKER` lines: torchrun's
+    rank 0, a sweep's trial) and stream its other output lines to `on_output`.
+
+    Returns (exit code, the result record or None, what its output says about a failure).
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    report = _FailureReport()
+    result: dict[str, Any] | None = None
+    with subprocess.Popen(
+        list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+    ) as proc:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if line.startswith(RESULT_MARKER):
+                    result = json.loads(line[len(RESULT_MARKER) :])
+                    continue
+                if line.startswith(PROGRESS_MARKER):
+                    if on_progress is not None:
+                        on_progress(float(line[len(PROGRESS_MARKER) :]))
+                    continue
+                report.feed(line)
+                on_output(line)
+        except BaseException:
+            proc.terminate()  # interrupted here: torchrun passes it on to the ranks
+            raise
+        code = proc.wait()
+    return code, result, report.summary()
 
 
 # The program each rank runs ----------------------------------------------------------------

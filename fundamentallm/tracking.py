@@ -379,6 +379,52 @@ class MlflowTracker:
         return max((m.step for m in history), default=0)
 
 
+def _quoted(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def find_runs(
+    experiment: str | None, tags: Mapping[str, str], *, status: str | None = None, max_results: int = 1000
+) -> list[Any]:
+    """Runs whose tags have the given values (and `status`, e.g. FINISHED), newest first: in
+    `experiment`, or in every experiment when it is None. An experiment that does not exist has none."""
+    mlflow_client = client()
+    with reporting_unreachable():
+        if experiment is None:
+            ids = [e.experiment_id for e in mlflow_client.search_experiments()]
+        else:
+            existing = mlflow_client.get_experiment_by_name(experiment)
+            ids = [existing.experiment_id] if existing is not None else []
+        if not ids:
+            return []
+        clauses = [f"tags.`{key}` = {_quoted(value)}" for key, value in tags.items()]
+        if status is not None:
+            clauses.append(f"attributes.status = {_quoted(status)}")
+        return list(
+            mlflow_client.search_runs(
+                ids,
+                filter_string=" and ".join(clauses),
+                order_by=["attributes.start_time DESC"],
+                max_results=max_results,
+            )
+        )
+
+
+def download_run_file(run_id: str, path: str) -> Path | None:
+    """A file logged to a run, downloaded to a temporary directory (None when the run has no such file)."""
+    import tempfile
+
+    mlflow_client = client()
+    target = tempfile.mkdtemp(prefix="fundamentallm-artifact-")
+    try:
+        with reporting_unreachable(), quiet_downloads():
+            return Path(mlflow_client.download_artifacts(run_id, path, target))
+    except TrackingUnavailable:
+        raise
+    except Exception:
+        return None
+
+
 def start_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
     """Open a run in `experiment` (created when missing); returns its id.
 
@@ -479,6 +525,14 @@ def ui_url(run_id: str) -> str:
     base = mask_credentials(tracking_uri().rstrip("/")) if is_remote() else LOCAL_UI
     run = client().get_run(run_id)
     return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}{TRAINING_VIEW}"
+
+
+def artifact_url(run_id: str, path: str) -> str:
+    """Browser URL of one file logged to a run, as the MLflow UI fetches it (an image shows inline)."""
+    from urllib.parse import urlencode
+
+    base = mask_credentials(tracking_uri().rstrip("/")) if is_remote() else LOCAL_UI
+    return f"{base}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}"
 
 
 @dataclass(frozen=True)
