@@ -285,7 +285,10 @@ def up() -> None:
     print(f"Prefect UI:  {urls['prefect']}\nMLflow UI:   {urls['mlflow']}/{TRAINING_VIEW}")
     prefect_db = mask_credentials(databases["prefect"]) if "prefect" in databases else "sqlite (PREFECT_HOME)"
     print(f"Databases:   Prefect {prefect_db}, MLflow {mask_credentials(mlflow_env['MLFLOW_BACKEND_STORE_URI'])}")
-    print("Deployments: train-pipeline/default (on demand), train-pipeline/nightly (03:00 UTC)")
+    print(
+        "Deployments: train-pipeline/default (on demand), train-pipeline/nightly (03:00 UTC), "
+        "train-sweep/default (on demand)"
+    )
     if notify:
         print(f"Notifications: champion changes and failed train-pipeline runs, POSTed to {_shown_url(notify)}")
     else:

@@ -666,6 +666,29 @@ def corpora() -> None:
         out.print(f"[bold]{name}[/]  {description}", highlight=False)
 
 
+@app.command()
+def leaderboard(
+    dataset: Annotated[
+        str, typer.Argument(help="Dataset id (as runs are tagged, e.g. from `prepare` or a sweep), or its directory.")
+    ],
+    top: Annotated[int, typer.Option("--top", min=1, help="Runs shown per budget.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
+) -> None:
+    """The best runs recorded in MLflow for one dataset, at each training budget.
+
+    Pipeline runs and sweep trials alike, ranked by their exact validation bits per character
+    (whole split); runs of different budgets are listed apart, since they do not compare.
+    """
+    from fundamentallm.leaderboard import best_runs, dataset_id_of, table_text
+
+    with _user_errors():
+        entries = best_runs(dataset, per_budget=top)
+        if as_json:
+            print(json.dumps([e.to_dict() for e in entries], indent=2))
+        else:
+            print(table_text(entries, dataset_id_of(dataset)), end="")
+
+
 @app.command("env")
 def show_env() -> None:
     """Print the shell lines that point plain MLflow at this project's store.

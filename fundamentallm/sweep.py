@@ -39,7 +39,6 @@ from fundamentallm.config import (
     Config,
     DataConfig,
     RunConfig,
-    TrainConfig,
     flatten,
     min_split_tokens,
     parse_override,
@@ -47,6 +46,7 @@ from fundamentallm.config import (
 )
 from fundamentallm.errors import ConfigError, FundamentaLLMError
 from fundamentallm.fsutil import sha256_json
+from fundamentallm.leaderboard import budget_label
 from fundamentallm.presets import PRESETS, preset
 
 SPREAD_RULE = (
@@ -211,15 +211,6 @@ class SweepConfig(Config):
         rng = random.Random(self.sample_seed)
         draws = [{r.key: r.draw(rng) for r in ranges} for _ in range(self.samples)]
         return [{**combo, **draw} for draw in draws for combo in combos]
-
-
-def budget_label(train: TrainConfig) -> str:
-    """A training budget for people and for grouping results: '120 s', '500 steps', or both."""
-    if train.time_budget_s and train.max_steps:
-        return f"{train.time_budget_s:g} s or {train.max_steps} steps"
-    if train.time_budget_s:
-        return f"{train.time_budget_s:g} s"
-    return f"{train.max_steps} steps"
 
 
 def settings_text(settings: dict[str, Any]) -> str:
@@ -868,6 +859,8 @@ def run_locally(argv: Sequence[str] | None, run_flow: Callable[..., dict[str, An
     parser.add_argument("--max-steps", type=int, help=helped("max_steps"))
     parser.add_argument("--concurrency", type=int, default=1, help=helped("concurrency"))
     parser.add_argument("--experiment", default=fields["experiment"].default, help=helped("experiment"))
+    parser.add_argument("--data-dir", default=fields["data_dir"].default, help=helped("data_dir"))
+    parser.add_argument("--runs-dir", default=fields["runs_dir"].default, help=helped("runs_dir"))
     parser.add_argument("--register-best", action="store_true", help=helped("register_best"))
     parser.add_argument("--model-name", default=fields["model_name"].default, help=helped("model_name"))
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -903,6 +896,8 @@ def run_locally(argv: Sequence[str] | None, run_flow: Callable[..., dict[str, An
             max_steps=args.max_steps,
             concurrency=args.concurrency,
             experiment=args.experiment,
+            data_dir=args.data_dir,
+            runs_dir=args.runs_dir,
             register_best=args.register_best,
             model_name=args.model_name,
         )

@@ -87,6 +87,10 @@ def test_deployment_run_on_real_servers(services, tmp_path):
     run, flow_run_id = run_deployment(client, deployment_params(tmp_path, corpus, "e2e-char", "e2e"))
     assert "Completed" in run.stdout + run.stderr
     api = client["PREFECT_API_URL"]
+    # `make up` deployed the sweep too, with parameters its flow accepts (a grid over the preset).
+    sweep = get_json(f"{api}/deployments/name/train-sweep/default")
+    assert sweep["parameters"]["grid"] == ["train.muon_lr=0.01,0.02,0.04"]
+    assert {"grid", "seeds", "budget_s", "max_steps"} <= sweep["parameter_openapi_schema"]["properties"].keys()
 
     # Training in the flow run, through Prefect's API: one progress line per log interval (the
     # debug preset: 200 steps, logged every 20, and step 1), each split's figures, the

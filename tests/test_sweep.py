@@ -249,9 +249,24 @@ def test_a_grid_sweep_trains_every_trial_as_a_child_run_and_ranks_the_points(swe
     assert len(table) == 4 and table[0]["val loss (mean)"] == round(first["val_loss"], 4)
     assert "val-loss-over-time.png" in by_key["sweep"].data and "Rule:" in by_key["sweep"].data
 
+    # `fundamentallm leaderboard DATASET`: the best recorded runs of this dataset at this budget, as MLflow has them.
+    from typer.testing import CliRunner
+
+    from fundamentallm.cli import app
+
+    shown = CliRunner().invoke(app, ["leaderboard", result["dataset_id"], "--top", "3", "--json"])
+    assert shown.exit_code == 0, shown.output
+    entries = json.loads(shown.stdout)
+    by_bpc = sorted(children, key=lambda c: c.data.metrics["val_bpc"])
+    assert [e["run_id"] for e in entries] == [c.info.run_id for c in by_bpc[:3]]
+    assert {e["budget"] for e in entries} == {"40 steps"} and {e["kind"] for e in entries} == {"sweep trial"}
+    assert entries[0]["swept"] == json.loads(by_bpc[0].data.tags["sweep.settings"])
+    text = CliRunner().invoke(app, ["leaderboard", result["dataset_id"]]).stdout
+    assert "budget 40 steps:" in text and by_bpc[0].info.run_name in text
+
 
 @pytest.mark.flow
-def test_a_failed_trial_is_recorded_and_a_rerun_trains_only_what_did_not_finish(sweep_env):
+def test_a_failed_trial_is_recorded_and_a_rerun_trains_only_what_did_not_finish(sweep_env, capsys):
     from flows.train_sweep import train_sweep
     from fundamentallm.tracking import client
 
@@ -261,6 +276,7 @@ def test_a_failed_trial_is_recorded_and_a_rerun_trains_only_what_did_not_finish(
     missing = root / "warm" / "start.pt"
     params = {
         **common,
+        "data": DataConfig(),  # as the command line below has it: the same dataset id
         "grid": ["train.init_from=," + str(missing)],
         "seeds": 1,
         "experiment": "test-sweep-rerun",
@@ -287,10 +303,39 @@ def test_a_failed_trial_is_recorded_and_a_rerun_trains_only_what_did_not_finish(
     best = json.loads(Path(saved).read_text())["best_checkpoint"]
     missing.parent.mkdir(parents=True)
     shutil.copy(best, missing)
-    again = train_sweep(**params)
+    # This time through the local entry point (`python -m flows.train_sweep`), as a person would.
+    argv = ["--preset", "debug", "--source", common["sources"][0], "--grid", params["grid"][0], "--seeds", "1"]
+    argv += ["--max-steps", "40", "--experiment", "test-sweep-rerun", "--json"]
+    argv += ["--data-dir", common["data_dir"], "--runs-dir", common["runs_dir"]]
+    capsys.readouterr()
+    assert run_locally(argv, train_sweep) == 0
+    again = json.loads(capsys.readouterr().out)
     reused = {t["point"]: t["reused"] for t in again["trials"]}
     assert reused == {0: True, 1: False}
     assert again["trials"][0]["mlflow_run_id"] == children["0"].info.run_id
     assert len(again["leaderboard"]["rows"]) == 2 and again["leaderboard"]["failed"] == []
     new_children = _child_runs(again["mlflow_run_id"])
     assert len(new_children) == 1 and new_children[0].info.status == "FINISHED"
+
+
+def test_the_readme_sweep_command_parses_into_the_sweep_it_describes():
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Compare settings fairly\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    sweep_line = next(line for line in block.splitlines() if "flows.train_sweep" in line)
+    words = shlex.split(sweep_line.split("#", 1)[0])
+    assert words[:3] == [".venv/bin/python", "-m", "flows.train_sweep"]
+    seen = {}
+    assert run_locally(words[3:], lambda **kwargs: seen.update(kwargs) or _fake_result()) == 0
+    assert seen["preset"] == "cpu-quick" and seen["grid"] == ["train.muon_lr=0.01,0.02,0.04"]
+    assert seen["seeds"] == 2 and seen["budget_s"] == 60.0
+    assert SweepConfig(preset=seen["preset"], grid=tuple(seen["grid"]), seeds=2, budget_s=60.0).points()
+    assert "fundamentallm leaderboard DATASET_ID" in block
+
+
+def _fake_result() -> dict:
+    board = leaderboard([_result(0, 1, 1.5, 0.01)], ["train.lr"], "60 s")
+    return {"leaderboard": board.to_dict(), "trials": [], "mlflow_run_id": "r", "dataset_id": "d"}
