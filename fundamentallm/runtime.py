@@ -99,3 +99,29 @@ def preserved_rng() -> Iterator[None]:
         torch.set_rng_state(state)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compile_cache_dir() -> Path | None:
+    """Where `torch.compile` keeps compiled code between runs, made the default for this process and
+    the processes it starts (trials, torchrun's ranks) unless `TORCHINDUCTOR_CACHE_DIR` says otherwise
+    (None: no such directory could be made, PyTorch's default stays).
+
+    PyTorch's own default is a directory in /tmp, which a reboot or a tmp cleaner empties; then
+    every run compiles again (cpu-small's first steps: about 2 minutes on a busy 2-core CPU instead of
+    40 s with the cache warm; benchmarks/RESULTS.md). The user's cache directory keeps it.
+    """
+    import os
+
+    if os.environ.get(COMPILE_CACHE_ENV):
+        return Path(os.environ[COMPILE_CACHE_ENV])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = base / "fundamentallm" / "torch-compile"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: PyTorch's default stays (None)
+        return None
+    os.environ[COMPILE_CACHE_ENV] = str(path)
+    return path

@@ -61,7 +61,13 @@ from fundamentallm.fsutil import atomic_write_json, read_json
 from fundamentallm.model import CharTransformer
 from fundamentallm.optim import Optimizers, build_optimizer
 from fundamentallm.rundir import CONFIG, RESULT, RunDir
-from fundamentallm.runtime import Precision, configure_backends, resolve_device, resolve_precision
+from fundamentallm.runtime import (
+    Precision,
+    compile_cache_dir,
+    configure_backends,
+    resolve_device,
+    resolve_precision,
+)
 from fundamentallm.warmstart import WarmStart, warm_start_from
 
 log = logging.getLogger(__name__)
@@ -525,6 +531,10 @@ class Trainer:
             self.wrapped: torch.nn.Module = DistributedDataParallel(model, device_ids=ids)
         else:
             self.wrapped = model
+        if tc.compile:
+            cache = compile_cache_dir()
+            if dist.is_main and cache is not None:
+                log.info("torch.compile: compiled code is cached in %s (a later run of this shape reuses it)", cache)
         self.forward = torch.compile(self.wrapped) if tc.compile else self.wrapped
         self.eval_model = model if dist.enabled else self.forward  # every process evaluates: no gradient sync
         self.evaluate_subset = SubsetEvaluator(val_tokens, config, self.device, self.precision, dist)

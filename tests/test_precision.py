@@ -49,3 +49,17 @@ def test_training_with_auto_runs_in_the_precision_auto_picks(tiny_dataset, tmp_p
     config = debug_config(max_steps=4, eval_interval=4, checkpoint_interval=4, precision="auto")
     result = train(tiny_dataset, config, tmp_path / "run")
     assert result.precision == name and math.isfinite(result.final_train_loss)
+
+
+def test_compiled_code_is_cached_in_the_users_cache_directory_for_every_later_run(tmp_path, monkeypatch):
+    import os
+
+    from fundamentallm.runtime import COMPILE_CACHE_ENV, compile_cache_dir
+
+    monkeypatch.delenv(COMPILE_CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = compile_cache_dir()
+    assert path == tmp_path / "cache" / "fundamentallm" / "torch-compile" and path.is_dir()
+    assert os.environ[COMPILE_CACHE_ENV] == str(path)  # inherited by trials and torchrun's ranks
+    monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"  # a directory the user chose stays
