@@ -26,10 +26,13 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    grouped: bool = False
+    """In a process group even when alone: one process started by torchrun trains under
+    DistributedDataParallel too (how a one-GPU machine checks the NCCL path)."""
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.grouped
 
     @property
     def is_main(self) -> bool:
@@ -76,7 +79,7 @@ def env_world() -> int:
 def process_group(device_type: str, timeout_s: float) -> Iterator[Dist]:
     """Join the process group torchrun set up (NCCL on CUDA, gloo otherwise); a no-op when alone."""
     world = env_world()
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # alone, and not started by torchrun
         yield Dist()
         return
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -87,7 +90,7 @@ def process_group(device_type: str, timeout_s: float) -> Iterator[Dist]:
         backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
     )
     try:
-        yield Dist(rank=rank, world=world, local_rank=local_rank)
+        yield Dist(rank=rank, world=world, local_rank=local_rank, grouped=True)
         # Tear down together: a rank that leaves while another still uses the group (rank 0
         # writing its last checkpoint) can make gloo abort ("terminate called without an active
         # exception"). Not after an error: the others may never arrive, and torchrun stops them.

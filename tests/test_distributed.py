@@ -53,6 +53,21 @@ def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tiny_d
     assert load_checkpoint(tmp_path / "two" / "latest.pt").step == 80
 
 
+def test_one_process_under_torchrun_trains_in_a_process_group_as_one_process_does(tiny_dataset, tmp_path):
+    # What benchmarks/gpu_check.sh runs on a one-GPU machine to exercise NCCL and DistributedDataParallel:
+    # torchrun with one process joins a process group (gloo here) and wraps the model in DDP.
+    from fundamentallm.launch import run_processes
+
+    settings = ["--max-steps", "40", "--set", "train.log_interval=5"]
+    one = _train(tiny_dataset, tmp_path / "one", *settings)
+    config = debug_config(max_steps=40, log_interval=5, processes=1)
+    lines: list[str] = []
+    grouped = run_processes(tiny_dataset, config, tmp_path / "grouped", on_output=lines.append)
+    assert grouped["steps"] == one["steps"] == 40
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "grouped")
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-4
+
+
 def _rank_weights(dataset: Path, run: Path, config, *extra: str) -> list[dict]:
     """Train in 2 gloo processes with tests/rank_train.py; each rank's own final weights."""
     weights = run.parent / f"{run.name}-weights"
