@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py throughput                     # tokens/s and model FLOP utilisation
     python benchmarks/bench_train.py generation                     # characters/s with and without KV cache
     python benchmarks/bench_train.py processes                      # tokens/s training in 1 and 2 processes
+    python benchmarks/bench_train.py target --dataset DIR --preset shakespeare-gpu --target 1.47
 
 quality: prepares Tiny Shakespeare with the classic contiguous split (first 90% of
 characters train, last 10% validation), runs ``fundamentallm train --time-budget B`` as a
@@ -24,6 +25,12 @@ prompt at context 256, with and without the KV cache.
 processes: training tokens/s of ``fundamentallm train --processes N`` (torchrun, DDP, gloo
 on CPU; NCCL on GPUs) for each N given, the same preset and global batch, median of the
 repeats, and the ratio against one process. Each process gets cores / N threads.
+
+target: trains a preset on an already prepared dataset (no data stage: what the GPU check runs on
+a machine without the data stage's dependencies), and reports the wall-clock seconds at which the
+validation-subset loss first reached the target (an estimate during training), the exact loss of
+``best.pt`` on the whole validation split with the sliding window and with non-overlapping windows
+(nanoGPT's way), and tokens/s.
 
 Run with the machine otherwise idle; figures go to benchmarks/RESULTS.md by hand.
 """
@@ -246,6 +253,57 @@ def processes(args: argparse.Namespace) -> None:
         )
 
 
+def target(args: argparse.Namespace) -> None:
+    from fundamentallm.checkpoint import load_checkpoint
+    from fundamentallm.evaluate import evaluate
+
+    run = args.out
+    command = [sys.executable, "-m", "fundamentallm.cli", "train", str(args.dataset), "--out", str(run)]
+    command += ["--preset", args.preset, "--no-eval", "--json"]
+    for item in args.set or []:
+        command += ["--set", item]
+    started = time.monotonic()
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        sys.exit(f"training failed:\n{proc.stderr[-4000:]}")
+    trained = json.loads(proc.stdout)["train"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    reached = next((r for r in evals if r["val_loss"] <= args.target), None)
+    context = load_checkpoint(run / "best.pt").config.model.context_length
+    sliding = evaluate(run / "best.pt", args.dataset, "val", device=args.device)
+    windows = evaluate(run / "best.pt", args.dataset, "val", stride=context, device=args.device)
+    result = {
+        "preset": args.preset,
+        "wall_s": wall,
+        "steps": trained["steps"],
+        "tokens_per_s": trained["tokens_per_s"],
+        "device": trained["device"],
+        "precision": trained["precision"],
+        "target": args.target,
+        "target_reached_s": None if reached is None else reached["elapsed_s"],
+        "target_reached_step": None if reached is None else reached["step"],
+        "val_loss_sliding": sliding.loss,
+        "val_loss_windows": windows.loss,
+        "val_bpc_sliding": sliding.bits_per_char,
+    }
+    print(
+        f"{args.preset} on {trained['device']} ({trained['precision']}): {trained['steps']} steps in {wall:.1f} s wall, "
+        f"{trained['tokens_per_s']:,.0f} tokens/s; validation subset reached {args.target} "
+        + (
+            f"at {reached['elapsed_s']:.1f} s (step {reached['step']})"
+            if reached
+            else f"never (best subset {min((r['val_loss'] for r in evals), default=float('nan')):.4f})"
+        )
+        + f"; exact val loss of best.pt {sliding.loss:.4f} (sliding window), {windows.loss:.4f} (non-overlapping "
+        f"windows of {context})",
+        flush=True,
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,11 +338,25 @@ def main() -> None:
         "--shakespeare", type=Path, help="path to tinyshakespeare.txt (default: the shared copy, else downloaded)"
     )
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fundamentallm-bench-data")
+    r = sub.add_parser("target", help="train a preset on a prepared dataset; time to a target loss")
+    r.add_argument("--dataset", type=Path, required=True, help="a prepared dataset directory")
+    r.add_argument("--preset", default="shakespeare-gpu")
+    r.add_argument("--target", type=float, default=1.47, help="validation loss to reach, nats/char")
+    r.add_argument("--set", action="append", help="setting override, as for 'fundamentallm train --set'")
+    r.add_argument("--device", default="auto", help="device of the exact evaluation")
+    r.add_argument("--out", type=Path, required=True, help="run directory (must not hold a checkpoint)")
+    r.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.command in ("quality", "processes"):
         args.shakespeare = shakespeare(args.shakespeare)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    commands = {"quality": quality, "throughput": throughput, "generation": generation, "processes": processes}
+    commands = {
+        "quality": quality,
+        "throughput": throughput,
+        "generation": generation,
+        "processes": processes,
+        "target": target,
+    }
     commands[args.command](args)
 
 
