@@ -606,7 +606,8 @@ class EvalConfig(Config):
         "sliding",
         "'sliding': overlapping windows, each character scored with at least context - stride characters of "
         "context (the model as used); 'nanogpt': non-overlapping windows tiled from the start, each character "
-        "scored with only the context inside its window, as nanoGPT reports its loss (a higher figure).",
+        "scored with only the context inside its window, as nanoGPT reports its loss (for a trained model, a "
+        "higher figure).",
     )
     stride: int | None = setting(
         None,

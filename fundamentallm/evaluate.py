@@ -16,7 +16,8 @@ after the first, each exactly once; they differ in the context each character is
   deterministically, and the last window, shorter than T when T does not divide the
   characters, is scored too (its targets see only the context inside it, as in any window):
   dropping it would score other characters than `sliding` does, and nothing at all on a split
-  shorter than a window. Its figure is higher than `sliding`'s: less context on average.
+  shorter than a window. For a model that uses its context the figure is higher than
+  `sliding`'s (less context on average); a barely trained one may score the same or lower.
 
 The figures are sums over all scored characters: loss = total nats / characters, perplexity =
 exp(loss), bits per character = loss / ln 2, and bits per byte = total nats / (UTF-8 bytes of
