@@ -330,3 +330,22 @@ def test_bits_per_byte_is_the_total_over_the_utf8_bytes_of_the_scored_characters
     assert re.search(rf"bits/byte\W+{figures['bits_per_byte']:.4f} over {expected_bytes:,} UTF-8 bytes", table), table
     (row,) = metrics_rows({"val": figures})
     assert row["bits/byte"] == round(figures["bits_per_byte"], 4) and row["protocol"] == "sliding"
+
+
+def test_bytes_come_from_the_datasets_vocabulary_when_the_model_lacks_a_character(multibyte_run, tmp_path):
+    # The model never saw the euro sign, but this dataset's vocabulary holds it: it is unknown to
+    # the model (charged as such) and still counted as its 3 UTF-8 bytes, not as an unknown id's 1.
+    _, checkpoint = multibyte_run
+    assert "€" not in load_checkpoint(checkpoint).vocab.chars
+    (tmp_path / "corpus").mkdir()
+    train_text = (prose(9, 400) + " héllo wörld ✓ 😀 € " * 4)[-900:]
+    (tmp_path / "corpus" / "a.txt").write_text(train_text + MULTIBYTE_VAL, encoding="utf-8")
+    docs = ingest(IngestConfig(sources=(str(tmp_path / "corpus"),)), tmp_path / "out")
+    split = EncodeConfig(train_fraction=0.9, val_fraction=0.1, test_fraction=0.0)
+    other = Dataset(encode(docs.path, split, tmp_path / "out").path)
+    assert "€" in other.vocab.chars and other.text("val") == MULTIBYTE_VAL
+    result = evaluate(checkpoint, other.path, "val", other_vocabulary=True)
+    scored = MULTIBYTE_VAL[1:]
+    assert result.unknown_characters == scored.count("€") > 0
+    assert result.utf8_bytes == len(scored.encode("utf-8"))
+    assert result.bits_per_byte == result.total_nats / len(scored.encode("utf-8")) / math.log(2)
