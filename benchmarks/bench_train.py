@@ -11,8 +11,9 @@ quality: prepares Tiny Shakespeare with the classic contiguous split (first 90% 
 characters train, last 10% validation), runs ``fundamentallm train --time-budget B`` as a
 fresh process (the budget counts from the command's start, so loading data and building
 the model are inside it), and evaluates the final checkpoint exactly over the whole
-validation split (sliding window, stride half the context). It prints the process wall
-time, steps, tokens/s and the exact loss, perplexity and bits per character.
+validation split (sliding window, stride half the context; and under nanoGPT's protocol,
+non-overlapping windows, the figure to set beside nanoGPT's). It prints the process wall
+time, steps, tokens/s and the exact loss, perplexity, bits per character and per byte.
 
 throughput: training tokens/s at the ``shakespeare-gpu`` and ``cpu-small`` shapes, and model
 FLOP utilisation: model FLOPs per second (6 x non-embedding parameters + 6 x layers x
@@ -97,19 +98,24 @@ def quality(args: argparse.Namespace) -> None:
                 sys.exit(f"training failed:\n{proc.stderr[-4000:]}")
             trained = json.loads(proc.stdout)["train"]
             figures = evaluate(run / "latest.pt", dataset, "val")
-            record = {"wall_s": wall, **trained, "exact": figures.to_dict()}
+            # nanoGPT's measure too (non-overlapping windows), the only one to set beside its 1.4697.
+            nanogpt = evaluate(run / "latest.pt", dataset, "val", protocol="nanogpt")
+            record = {"wall_s": wall, **trained, "exact": figures.to_dict(), "exact_nanogpt": nanogpt.to_dict()}
             results.append(record)
             print(
                 f"run {repeat + 1}: wall {wall:.1f}s, {trained['steps']} steps, {trained['tokens']:,} tokens, "
                 f"{trained['tokens_per_s']:,.0f} tok/s ({trained['precision']}), "
-                f"val loss {figures.loss:.4f} nats/char, ppl {figures.perplexity:.3f}, {figures.bits_per_char:.4f} bpc"
-                f" (unigram {figures.unigram_bits_per_char:.3f}, uniform {figures.uniform_bits_per_char:.3f} bits)",
+                f"val loss {figures.loss:.4f} nats/char, ppl {figures.perplexity:.3f}, "
+                f"{figures.bits_per_char:.4f} bpc, {figures.bits_per_byte:.4f} bpb "
+                f"(sliding; unigram {figures.unigram_bits_per_char:.3f}, uniform {figures.uniform_bits_per_char:.3f} "
+                f"bits); nanogpt protocol {nanogpt.loss:.4f} nats/char",
                 flush=True,
             )
     losses = [r["exact"]["loss"] for r in results]
     print(
         f"preset {args.preset}, budget {args.budget}, overrides {args.set or []}: "
-        f"median exact val loss {statistics.median(losses):.4f} over {len(losses)} run(s)"
+        f"median exact val loss {statistics.median(losses):.4f} over {len(losses)} run(s) (sliding protocol; "
+        f"nanogpt protocol {statistics.median(r['exact_nanogpt']['loss'] for r in results):.4f})"
     )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -31,6 +31,7 @@ from fundamentallm.config import (
     DEFAULT_CONTEXT_LENGTH,
     Config,
     DataConfig,
+    EvalConfig,
     InspectConfig,
     RunConfig,
     SampleConfig,
@@ -321,11 +322,15 @@ def _print_eval(result: Any, title: str) -> None:
     )
     table.add_row("perplexity", f"{result.perplexity:.3f}")
     table.add_row("bits/char", f"{result.bits_per_char:.4f}")
+    table.add_row("bits/byte", f"{result.bits_per_byte:.4f} over {result.utf8_bytes:,} UTF-8 bytes")
     table.add_row(
         "baselines",
         f"uniform {result.uniform_bits_per_char:.3f} bits/char, unigram {result.unigram_bits_per_char:.3f} bits/char",
     )
-    table.add_row("context", f"{result.context_length} (stride {result.stride}), {result.seconds:.1f}s")
+    table.add_row(
+        "context",
+        f"{result.context_length}, protocol {result.protocol} (stride {result.stride}), {result.seconds:.1f}s",
+    )
     out.print(table)
 
 
@@ -430,20 +435,28 @@ def train(
 def evaluate(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file (best.pt or latest.pt), or its fsspec URL.")],
     dataset: Annotated[str, typer.Argument(help="Dataset directory the model was trained on, or its fsspec URL.")],
-    split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "val",
-    stride: Annotated[
-        int | None,
-        typer.Option("--stride", help="Sliding-window stride, 1 to the context length (default: half the context)."),
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    split: str = _setting_option(EvalConfig, "split", "--split"),
+    protocol: str = _setting_option(EvalConfig, "protocol", "--protocol"),
+    stride: int | None = _setting_option(EvalConfig, "stride", "--stride"),
+    device: str = _setting_option(EvalConfig, "device", "--device"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Exact loss, perplexity and bits per character over a whole split, with baselines."""
+    """Exact loss, perplexity, bits per character and per byte over a whole split, with baselines."""
     with _user_errors():
         from fundamentallm.evaluate import evaluate as run_evaluate
 
+        config = EvalConfig(split=split, protocol=protocol, stride=stride, device=device)
         with _progress_bars(console.is_terminal) as report:
-            result = run_evaluate(checkpoint, dataset, split, stride=stride, device=device, progress=report)
+            result = run_evaluate(
+                checkpoint,
+                dataset,
+                config.split,
+                stride=config.stride,
+                protocol=config.protocol,
+                batch_size=config.batch_size,
+                device=config.device,
+                progress=report,
+            )
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return

@@ -595,6 +595,37 @@ class InspectConfig(Config):
             self._fail("batch_size", "must be at least 1")
 
 
+EvalProtocol = Literal["sliding", "nanogpt"]
+"""How `fundamentallm evaluate` gives each scored character its context (`fundamentallm.evaluate`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(Config):
+    split: str = setting("val", "Split to evaluate: train, val or test.")
+    protocol: EvalProtocol = setting(
+        "sliding",
+        "'sliding': overlapping windows, each character scored with at least context - stride characters of "
+        "context (the model as used); 'nanogpt': non-overlapping windows tiled from the start, each character "
+        "scored with only the context inside its window, as nanoGPT reports its loss (for a trained model, a "
+        "higher figure).",
+    )
+    stride: int | None = setting(
+        None,
+        "Sliding-window stride, 1 to the context length (None: half the context); the nanogpt protocol's is "
+        "the context length.",
+    )
+    batch_size: int = setting(32, "Windows per forward pass.")
+    device: str = setting("auto", "auto, cpu, cuda or mps.")
+
+    def check(self) -> None:
+        if self.split not in SPLITS:
+            self._fail("split", f"must be one of {', '.join(SPLITS)}")
+        if self.stride is not None and self.stride < 1:
+            self._fail("stride", "must be at least 1")
+        if self.batch_size < 1:
+            self._fail("batch_size", "must be at least 1")
+
+
 def parse_duration(text: str | float) -> float:
     """Seconds from '90', '90s', '15m', '1h', '1h30m' (a bare number is seconds)."""
     if isinstance(text, (int, float)):

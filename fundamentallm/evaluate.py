@@ -1,13 +1,32 @@
-"""Exact evaluation over a whole split: loss, perplexity and bits per character, from sums.
+"""Exact evaluation over a whole split: loss, perplexity, bits per character and per byte, from sums.
 
-Context policy (sliding window with stride S over windows of the context length T): the
-first window scores all T of its targets; each following window starts S characters later
-and scores only its last S targets, which the previous window did not reach. Every
-character after the first is scored exactly once, the first T with the context that
-precedes them and all later ones with at least T - S characters of context (the last
-window is aligned to the end of the split). The figures are sums over all scored
-characters: loss = total nats / characters, perplexity = exp(loss),
-bits per character = loss / ln 2.
+Two context protocols (`PROTOCOLS`) score the same characters, every character of the split
+after the first, each exactly once; they differ in the context each character is scored with.
+
+- `sliding` (the default; windows of the context length T, stride S): the first window scores
+  all T of its targets; each following window starts S characters later and scores only its
+  last S targets, which the previous window did not reach. The first T characters are scored
+  with the context that precedes them and all later ones with at least T - S characters of
+  context (the last window is aligned to the end of the split). The figure of the model as it
+  would be used: with as much context as it holds.
+- `nanogpt` (as nanoGPT reports its validation loss, 1.4697 nats on Tiny Shakespeare): windows
+  of T targets that do not overlap (stride T), tiled from the start of the split; every target
+  of a window counts, scored with only the context inside its window, so on average with
+  (T + 1) / 2 characters of context. nanoGPT averages random windows; ours tile the split,
+  deterministically, and the last window, shorter than T when T does not divide the
+  characters, is scored too (its targets see only the context inside it, as in any window):
+  dropping it would score other characters than `sliding` does, and nothing at all on a split
+  shorter than a window. For a model that uses its context the figure is higher than
+  `sliding`'s (less context on average); a barely trained one may score the same or lower.
+
+The figures are sums over all scored characters: loss = total nats / characters, perplexity =
+exp(loss), bits per character = loss / ln 2, and bits per byte = total nats / (UTF-8 bytes of
+the scored characters) / ln 2, the measure byte-level and tokenised models report, which a
+character model's bits per character overstates by the text's bytes per character (1 for
+ASCII). The bytes are counted from the dataset's own ids and vocabulary, each id's character's
+UTF-8 length (`utf8_lengths`); the dataset's unknown id keeps no record of which character it
+was, so it counts as 1 byte, the least any character takes: bits per byte may overstate, never
+understate.
 
 A character the model's vocabulary does not hold is scored as the unknown id (`UNK_ID`): the
 model can predict "something unknown" but not which character, so it is charged for that too:
@@ -34,13 +53,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fundamentallm.checkpoint import load_checkpoint
+from fundamentallm.config import EvalProtocol
 from fundamentallm.data.dataset import Dataset
 from fundamentallm.data.vocab import UNK_ID, Vocab
 from fundamentallm.errors import CheckpointError, ConfigError
@@ -54,6 +74,11 @@ the unknown id as if it had predicted the character). Figures of different versi
 compared with each other."""
 UNICODE_CHARACTERS = 0x110000 - 0x800
 """Unicode scalar values: every code point but the surrogates."""
+PROTOCOLS: tuple[str, ...] = get_args(EvalProtocol)
+"""The context protocols, as the module docstring defines them; the first is the default."""
+UNKNOWN_BYTES = 1
+"""UTF-8 bytes counted for the dataset's unknown id: it keeps no record of which character it was,
+so the least any character takes (bits per byte may then overstate, never understate)."""
 
 
 def unknown_charge_nats(vocab_size: int) -> float:
@@ -61,6 +86,25 @@ def unknown_charge_nats(vocab_size: int) -> float:
     vocabulary (of `vocab_size` ids, the unknown id included) does not hold, among which the model
     cannot tell."""
     return math.log(UNICODE_CHARACTERS - (vocab_size - 1))
+
+
+def utf8_lengths(vocab: Vocab) -> np.ndarray:
+    """UTF-8 bytes of each id's character (`vocab.size` entries; the unknown id `UNKNOWN_BYTES`)."""
+    lengths = np.empty(vocab.size, dtype=np.int64)
+    lengths[UNK_ID] = UNKNOWN_BYTES
+    lengths[1:] = [len(c.encode("utf-8", "surrogatepass")) for c in vocab.chars]  # per vocabulary entry
+    return lengths
+
+
+def scored_bytes(tokens: np.ndarray, vocab: Vocab) -> int:
+    """UTF-8 bytes of the characters the evaluator scores in `tokens` (ids of `vocab`): all but the first."""
+    return int(np.take(utf8_lengths(vocab), tokens[1:]).sum())
+
+
+def check_protocol(protocol: str) -> None:
+    """Refuse a protocol other than `PROTOCOLS`."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
 
 
 def translate_ids(tokens: np.ndarray, source: Vocab, target: Vocab) -> np.ndarray:
@@ -84,11 +128,19 @@ class EvalResult:
     loss: float
     perplexity: float
     bits_per_char: float
+    utf8_bytes: int
+    """UTF-8 bytes of the scored characters (the dataset's unknown id counted as `UNKNOWN_BYTES`)."""
+    bits_per_byte: float
+    """total_nats / utf8_bytes / ln 2; equals bits_per_char on ASCII text."""
     uniform_bits_per_char: float
     unigram_bits_per_char: float
     vocab_size: int
     context_length: int
     stride: int
+    """Characters between window starts: context_length under the nanogpt protocol."""
+    protocol: str
+    """The context protocol that produced the figures (`PROTOCOLS`): figures of different
+    protocols score the same characters with different context, so are not compared."""
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +180,14 @@ def window_plan(n: int, context: int, stride: int) -> list[tuple[int, int]]:
     return plan
 
 
+def tile_plan(n: int, context: int) -> list[tuple[int, int]]:
+    """(start, width) of each window of the nanogpt protocol over n tokens: windows of `context`
+    targets (fewer when the split is shorter) that do not overlap, tiled from the start; the last
+    one holds the targets left over and is shorter when the window does not divide n - 1."""
+    width = min(context, n - 1)
+    return [(start, min(width, n - 1 - start)) for start in range(0, n - 1, width)]
+
+
 def check_stride(stride: int, context: int) -> None:
     """Refuse a stride the sliding window cannot use: it must be in 1..context."""
     if not 1 <= stride <= context:
@@ -150,6 +210,14 @@ class ScoredBatch:
     logits: torch.Tensor
 
 
+def _windows(n: int, context: int, stride: int, protocol: str) -> list[tuple[int, int, int]]:
+    """(start, first scored target, width) of each window of `protocol` over n tokens."""
+    if protocol == "nanogpt":
+        return [(start, 0, width) for start, width in tile_plan(n, context)]
+    width = min(context, n - 1)
+    return [(start, first, width) for start, first in window_plan(n, context, stride)]
+
+
 @torch.no_grad()
 def score_batches(
     model: torch.nn.Module,
@@ -157,30 +225,35 @@ def score_batches(
     context: int,
     stride: int,
     *,
+    protocol: str = "sliding",
     batch_size: int = 32,
     device: torch.device | None = None,
     precision: Precision | None = None,
     progress: Progress = null_progress,
 ) -> Iterator[ScoredBatch]:
-    """The sliding-window policy over `tokens`, one batch of windows at a time.
+    """The windows of `protocol` over `tokens`, one batch of windows at a time (under `nanogpt`,
+    `stride` is ignored: its windows do not overlap).
 
     Each batch is yielded before the next is computed, so a consumer that keeps sums keeps
-    memory bounded by one batch whatever the split's length.
+    memory bounded by one batch whatever the split's length. The windows of a batch have one
+    width: the nanogpt protocol's shorter last window comes in a batch of its own.
     """
     device = device or torch.device("cpu")
     precision = precision or Precision("fp32", None)
     if len(tokens) < 2:
         raise ConfigError("a split needs at least two characters to be scored")
+    check_protocol(protocol)
     check_stride(stride, context)
     model.eval()
     data = torch.from_numpy(tokens.astype(np.int64, copy=False))
-    plan = window_plan(len(tokens), context, stride)
-    width = min(context, len(tokens) - 1)
-    offsets = torch.arange(width + 1)
-    for i in range(0, len(plan), batch_size):
-        chunk = plan[i : i + batch_size]
-        starts = torch.tensor([s for s, _ in chunk])
-        firsts = torch.tensor([f for _, f in chunk])
+    plan = _windows(len(tokens), context, stride, protocol)
+    i = 0
+    while i < len(plan):
+        width = plan[i][2]
+        chunk = [w for w in plan[i : i + batch_size] if w[2] == width]  # full windows come first
+        starts = torch.tensor([s for s, _, _ in chunk])
+        firsts = torch.tensor([f for _, f, _ in chunk])
+        offsets = torch.arange(width + 1)
         window = data[starts[:, None] + offsets].to(device)  # (B, T + 1)
         with precision.autocast(device):
             logits, _ = model(window[:, :-1])
@@ -194,7 +267,8 @@ def score_batches(
             scored=torch.arange(width)[None, :] >= firsts[:, None],
             logits=logits,
         )
-        progress("evaluate", min(i + batch_size, len(plan)), len(plan))
+        i += len(chunk)
+        progress("evaluate", i, len(plan))
 
 
 def score_tokens(
@@ -203,16 +277,25 @@ def score_tokens(
     context: int,
     stride: int,
     *,
+    protocol: str = "sliding",
     batch_size: int = 32,
     device: torch.device | None = None,
     precision: Precision | None = None,
     progress: Progress = null_progress,
 ) -> tuple[float, int]:
-    """Total nats and number of scored characters over `tokens` with the sliding-window policy."""
+    """Total nats and number of scored characters over `tokens` with `protocol`'s windows."""
     total = 0.0
     count = 0
     for batch in score_batches(
-        model, tokens, context, stride, batch_size=batch_size, device=device, precision=precision, progress=progress
+        model,
+        tokens,
+        context,
+        stride,
+        protocol=protocol,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        progress=progress,
     ):
         total += float(batch.nats[batch.scored].sum())
         count += int(batch.scored.sum())
@@ -227,19 +310,23 @@ def evaluate(
     split: str = "val",
     *,
     stride: int | None = None,
+    protocol: str = "sliding",
     batch_size: int = 32,
     device: str = "auto",
     precision: str = "auto",
     other_vocabulary: bool = False,
     progress: Progress = null_progress,
 ) -> EvalResult:
-    """Exact figures of a checkpoint on one split of a dataset.
+    """Exact figures of a checkpoint on one split of a dataset, with the context `protocol`
+    (`PROTOCOLS`, as the module docstring defines them).
 
-    `stride` None means half the context; any other value must be in 1..context (`ConfigError`).
+    `stride` None means half the context under `sliding` and the context under `nanogpt`; any
+    other value must be in 1..context, and the context itself under `nanogpt` (`ConfigError`).
     A dataset encoded with another vocabulary than the checkpoint's is refused unless
     `other_vocabulary` (then its ids are mapped to the model's by character).
     """
     started = time.perf_counter()
+    check_protocol(protocol)
     data = Dataset(dataset)
     ckpt = load_checkpoint(checkpoint)
     if ckpt.vocab_hash != data.vocab_hash and not other_vocabulary:
@@ -251,9 +338,13 @@ def evaluate(
     model = ckpt.build_model(torch_device)
     context = ckpt.config.model.context_length
     if stride is None:
-        stride = max(1, context // 2)
+        stride = context if protocol == "nanogpt" else max(1, context // 2)
     check_stride(stride, context)  # before reading the split
+    if protocol == "nanogpt" and stride != context:
+        raise ConfigError(f"the nanogpt protocol's windows do not overlap: its stride is the context {context}")
     tokens = data.tokens(split)
+    # Bytes from the dataset's own ids: its vocabulary knows characters the model's may not.
+    utf8_bytes = scored_bytes(tokens, data.vocab)
     if ckpt.vocab_hash != data.vocab_hash:
         tokens = translate_ids(tokens, data.vocab, ckpt.vocab)
     total, count = score_tokens(
@@ -261,6 +352,7 @@ def evaluate(
         tokens,
         context,
         stride,
+        protocol=protocol,
         batch_size=batch_size,
         device=torch_device,
         precision=resolve_precision(precision, torch_device),
@@ -280,10 +372,13 @@ def evaluate(
         loss=loss,
         perplexity=perplexity,
         bits_per_char=bpc,
+        utf8_bytes=utf8_bytes,
+        bits_per_byte=total / utf8_bytes / LN2,
         uniform_bits_per_char=math.log2(data.vocab.size),
         unigram_bits_per_char=unigram_bits(data.token_counts(split)),
         vocab_size=data.vocab.size,
         context_length=context,
         stride=stride,
+        protocol=protocol,
         seconds=time.perf_counter() - started,
     )

@@ -396,23 +396,27 @@ def train_stage(
 
 def evaluate_stage(checkpoint: str, dataset_path: str, tracker: Tracker | None = None) -> Evaluation:
     """Exact figures of `checkpoint` on the validation and test splits (those with characters to
-    score), logged as the run's final metrics."""
+    score), logged as the run's final metrics, with the context protocol that produced them as the
+    run's tag `eval_protocol` (the default, `sliding`: figures of the model as used)."""
     from fundamentallm.data.dataset import Dataset
     from fundamentallm.evaluate import evaluate
 
     tracker = tracker or NullTracker()
     data = Dataset(dataset_path)
     results = []
+    protocol = "sliding"
+    tracker.set_tags({"eval_protocol": protocol})
     for split in EVAL_SPLITS:
         if data.num_tokens(split) < 2:
             continue
-        result = evaluate(checkpoint, dataset_path, split)
+        result = evaluate(checkpoint, dataset_path, split, protocol=protocol)
         results.append(result)
         tracker.log_metrics(
             {
                 f"{split}_loss": result.loss,
                 f"{split}_perplexity": result.perplexity,
                 f"{split}_bpc": result.bits_per_char,
+                f"{split}_bpb": result.bits_per_byte,
                 f"{split}_unigram_bpc": result.unigram_bits_per_char,
                 f"{split}_uniform_bpc": result.uniform_bits_per_char,
                 f"{split}_unknown_chars": result.unknown_characters,
@@ -542,9 +546,12 @@ def registration_request(
         "training_digest": plan.training_digest,
         "evaluator": str(EVALUATOR_VERSION),
         "unknown_chars": str(val.unknown_characters),
+        "eval_protocol": val.protocol,
+        "val_bpb": repr(val.bits_per_byte),
     }
     if "test" in evaluation.to_dict():
         tags["test_bpc"] = repr(evaluation["test"].bits_per_char)
+        tags["test_bpb"] = repr(evaluation["test"].bits_per_byte)
     if retrain.warm_start is not None:
         tags["init_from"] = retrain.warm_start.source
         if retrain.warm_start.parent_version is not None:
@@ -640,11 +647,11 @@ def version_description(evaluation: Evaluation, corpus_hash: str, config: RunCon
     if val:
         parts.append(
             f"val: {val['loss']:.4f} nats/char, perplexity {val['perplexity']:.3f}, "
-            f"{val['bits_per_char']:.4f} bits/char"
+            f"{val['bits_per_char']:.4f} bits/char, {val['bits_per_byte']:.4f} bits/byte ({val['protocol']} protocol)"
         )
     test = figures.get("test")
     if test:
-        parts.append(f"test: {test['bits_per_char']:.4f} bits/char")
+        parts.append(f"test: {test['bits_per_char']:.4f} bits/char, {test['bits_per_byte']:.4f} bits/byte")
     m = config.model
     parts.append(f"model {m.n_layer}x{m.d_model}, context {m.context_length}; corpus {corpus_hash[:16]}")
     parts.append("config: " + json.dumps(config.to_dict(), sort_keys=True))
@@ -659,7 +666,8 @@ def figures_line(split: str, figures: dict[str, Any]) -> str:
     return (
         f"{split:5s} loss {figures['loss']:.4f} nats/char | perplexity {figures['perplexity']:.3f} | "
         f"{figures['bits_per_char']:.4f} bits/char (unigram {figures['unigram_bits_per_char']:.3f}, "
-        f"uniform {figures['uniform_bits_per_char']:.3f})"
+        f"uniform {figures['uniform_bits_per_char']:.3f}) | {figures['bits_per_byte']:.4f} bits/byte | "
+        f"{figures['protocol']} protocol"
     )
 
 

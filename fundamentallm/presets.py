@@ -4,7 +4,8 @@
 - ``cpu-quick``: the best model found for a 2-core CPU in 2 minutes (Muon, 3 x 160, context 64).
 - ``cpu-small``: the best model found for a 2-core CPU in 15 minutes (Muon, 4 x 192, context 128).
 - ``shakespeare-gpu``: the classic single-GPU configuration (6 layers, 6 heads, 384 wide,
-  context 256, dropout 0.2) that reaches about 1.47 nats/char on Tiny Shakespeare.
+  context 256, dropout 0.2) that reaches about 1.47 nats/char on Tiny Shakespeare in nanoGPT's
+  measure (non-overlapping windows: `fundamentallm evaluate --protocol nanogpt`).
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "tr
 
 
 def metrics_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per split: loss, perplexity and bits per character beside the baselines, and
-    how many scored characters were outside the training vocabulary."""
+    """One row per split: loss, perplexity, bits per character beside the baselines and per byte,
+    the context protocol, and how many scored characters were outside the training vocabulary."""
     rows = []
     for split, r in results.items():
         rows.append(
@@ -56,8 +56,10 @@ def metrics_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "loss (nats/char)": round(r["loss"], 4),
                 "perplexity": round(r["perplexity"], 3),
                 "bits/char": round(r["bits_per_char"], 4),
+                "bits/byte": round(r["bits_per_byte"], 4),
                 "unigram bits/char": round(r["unigram_bits_per_char"], 4),
                 "uniform bits/char": round(r["uniform_bits_per_char"], 4),
+                "protocol": r["protocol"],
             }
         )
     return rows

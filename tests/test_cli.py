@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from fundamentallm import cli
 from fundamentallm.cli import app, setting_options
-from fundamentallm.config import DataConfig, InspectConfig, RunConfig, SampleConfig
+from fundamentallm.config import DataConfig, EvalConfig, InspectConfig, RunConfig, SampleConfig
 from fundamentallm.presets import preset
 
 runner = CliRunner()
@@ -208,6 +208,9 @@ def test_options_that_are_settings_take_their_default_and_help_from_the_setting(
     assert {s.key for s in declared["inspect"].values()} == {f.name for f in dataclasses.fields(InspectConfig)} - {
         "batch_size"
     }
+    assert {s.key for s in declared["evaluate"].values()} == {f.name for f in dataclasses.fields(EvalConfig)} - {
+        "batch_size"
+    }
     assert {s.key for s in declared["train"].values()} == {
         "train.max_steps",
         "train.device",
@@ -231,7 +234,7 @@ def test_options_that_are_settings_take_their_default_and_help_from_the_setting(
             assert text and text in option.help, (command, name)
             flags = {part for flag in setting.flags for part in flag.split("/")}  # --compile/--no-compile
             assert flags == {*option.opts, *option.secondary_opts}, (command, name)
-            if command in ("sample", "inspect"):  # the option's value is the setting's value
+            if command in ("sample", "inspect", "evaluate"):  # the option's value is the setting's value
                 assert option.default == default, (command, name)
             else:  # leaving the option out leaves the preset or settings file alone
                 assert option.default is None, (command, name)

@@ -21,7 +21,14 @@ from fundamentallm.data.dataset import Dataset
 from fundamentallm.data.encode import encode
 from fundamentallm.data.ingest import ingest
 from fundamentallm.errors import CheckpointError, ConfigError
-from fundamentallm.evaluate import evaluate, metrics_from_sums, score_tokens, unigram_bits, window_plan
+from fundamentallm.evaluate import (
+    evaluate,
+    metrics_from_sums,
+    score_tokens,
+    tile_plan,
+    unigram_bits,
+    window_plan,
+)
 from fundamentallm.model import CharTransformer
 from fundamentallm.report import metrics_rows
 from fundamentallm.train import train
@@ -65,6 +72,59 @@ def test_score_tokens_equals_brute_force():
             nats = F.cross_entropy(logits[0], window[0, 1:], reduction="none")
             expected += float(nats[first:].double().sum())
     assert total == pytest.approx(expected, rel=1e-9)
+
+
+def _tiny_model(context: int = 8) -> CharTransformer:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=20, context_length=context, n_layer=1, n_head=2, d_model=16, dropout=0.0)
+    return CharTransformer(config).eval()
+
+
+def _window_nats(model: CharTransformer, window: np.ndarray) -> float:
+    """Total nats of every target of one window, scored with only the window's own context."""
+    ids = torch.from_numpy(window.astype(np.int64))[None]
+    with torch.no_grad():
+        logits, _ = model(ids[:, :-1])
+    return float(F.cross_entropy(logits[0], ids[0, 1:], reduction="none").double().sum())
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 32])
+def test_the_nanogpt_protocol_scores_non_overlapping_windows_tiled_from_the_start(batch_size):
+    model = _tiny_model(context=8)
+    tokens = np.random.default_rng(1).integers(0, 20, size=44).astype(np.uint8)  # 43 targets: 5 windows of 8, 3 left
+    # Brute force: windows of 8 targets each, from the start, each seeing only itself; the last holds 3.
+    expected = sum(_window_nats(model, tokens[start : start + 9]) for start in range(0, 43, 8))
+    total, count = score_tokens(model, tokens, 8, 8, protocol="nanogpt", batch_size=batch_size)
+    assert count == 43
+    assert total == pytest.approx(expected, rel=1e-9)
+    assert tile_plan(44, 8) == [(0, 8), (8, 8), (16, 8), (24, 8), (32, 8), (40, 3)]
+    # The sliding window gives the last 3 targets more context (its last window ends at the split's end).
+    sliding, _ = score_tokens(model, tokens, 8, 8)
+    assert sliding != pytest.approx(total, rel=1e-9)
+
+
+def test_the_nanogpt_protocol_is_the_sliding_window_at_stride_context_when_the_windows_fit_exactly():
+    model = _tiny_model(context=8)
+    tokens = np.random.default_rng(2).integers(0, 20, size=41).astype(np.uint8)  # 40 targets: 5 windows of 8
+    nanogpt, _ = score_tokens(model, tokens, 8, 8, protocol="nanogpt")
+    assert nanogpt == pytest.approx(score_tokens(model, tokens, 8, 8)[0], rel=1e-12)
+    # With overlap, the sliding window scores with more context: a different figure.
+    assert nanogpt != pytest.approx(score_tokens(model, tokens, 8, 4)[0], rel=1e-9)
+
+
+def test_a_split_no_longer_than_the_context_is_one_window_under_either_protocol():
+    model = _tiny_model(context=8)
+    tokens = np.random.default_rng(3).integers(0, 20, size=6).astype(np.uint8)
+    expected = _window_nats(model, tokens)  # one window: every target with all that precedes it
+    assert tile_plan(6, 8) == [(0, 5)]
+    for protocol in ("sliding", "nanogpt"):
+        total, count = score_tokens(model, tokens, 8, 8, protocol=protocol)
+        assert count == 5 and total == pytest.approx(expected, rel=1e-9), protocol
+
+
+def test_an_unknown_protocol_is_refused():
+    with pytest.raises(ConfigError, match="protocol must be one of sliding, nanogpt; got 'openai'"):
+        score_tokens(_tiny_model(), np.zeros(10, dtype=np.uint8), 8, 4, protocol="openai")
 
 
 def test_evaluate_refuses_a_checkpoint_from_another_vocabulary(tiny_dataset, tmp_path):
@@ -187,3 +247,105 @@ def test_crafted_pickle_is_refused_without_running_it(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_the_nanogpt_protocol_scores_the_same_characters_and_says_so(unknown_run):
+    dataset, checkpoint = unknown_run
+    ckpt = load_checkpoint(checkpoint)
+    tokens = Dataset(dataset).tokens("val")
+    sliding = evaluate(checkpoint, dataset, "val", precision="fp32")
+    nanogpt = evaluate(checkpoint, dataset, "val", protocol="nanogpt", precision="fp32")
+    assert (sliding.protocol, nanogpt.protocol) == ("sliding", "nanogpt")
+    assert (sliding.stride, nanogpt.stride) == (16, 32)
+    assert nanogpt.characters == sliding.characters == 99 and nanogpt.utf8_bytes == sliding.utf8_bytes
+    assert nanogpt.unknown_characters == sliding.unknown_characters == 18
+    model_nats, _ = score_tokens(ckpt.build_model(), tokens, 32, 32, protocol="nanogpt")
+    assert nanogpt.total_nats == pytest.approx(model_nats + 18 * nanogpt.unknown_charge_bits * math.log(2))
+    assert nanogpt.total_nats != pytest.approx(sliding.total_nats, rel=1e-9)
+    with pytest.raises(
+        ConfigError, match="the nanogpt protocol's windows do not overlap: its stride is the context 32"
+    ):
+        evaluate(checkpoint, dataset, "val", protocol="nanogpt", stride=16)
+    with pytest.raises(ConfigError, match="protocol must be one of sliding, nanogpt; got 'random'"):
+        evaluate(checkpoint, dataset, "val", protocol="random")
+
+    figures = json.loads(
+        runner.invoke(app, ["evaluate", checkpoint, dataset, "--protocol", "nanogpt", "--json"]).output
+    )
+    assert figures["protocol"] == "nanogpt" and figures["stride"] == 32
+    assert figures["total_nats"] == pytest.approx(nanogpt.total_nats, rel=1e-6)
+    refused = runner.invoke(app, ["evaluate", checkpoint, dataset, "--protocol", "random"])
+    assert refused.exit_code != 0 and "protocol must be one of 'sliding', 'nanogpt'; got 'random'" in refused.output
+    table = runner.invoke(app, ["evaluate", checkpoint, dataset, "--protocol", "nanogpt"]).output
+    assert "protocol nanogpt (stride 32)" in table, table
+
+
+def test_on_ascii_text_bits_per_byte_is_bits_per_char(unknown_run):
+    dataset, checkpoint = unknown_run
+    result = evaluate(checkpoint, dataset, "val")
+    assert VAL_TEXT.isascii() and result.utf8_bytes == result.characters == 99
+    assert result.bits_per_byte == result.bits_per_char
+
+
+MULTIBYTE_VAL = ("x héllo wörld ✓ 😀 € " * 8)[:100]
+"""The validation split of `multibyte_run`: characters of 1 to 4 UTF-8 bytes, all in the training
+split but the euro sign, which the vocabulary lacks."""
+
+
+@pytest.fixture(scope="module")
+def multibyte_run(tmp_path_factory) -> tuple[str, str]:
+    """(dataset, best checkpoint) of a 1,000-character corpus whose last 100 characters, the
+    validation split, are `MULTIBYTE_VAL`."""
+    root = tmp_path_factory.mktemp("multibyte")
+    (root / "corpus").mkdir()
+    train_text = (prose(9, 400) + " héllo wörld ✓ 😀 " * 4)[-900:]
+    (root / "corpus" / "a.txt").write_text(train_text + MULTIBYTE_VAL, encoding="utf-8")
+    docs = ingest(IngestConfig(sources=(str(root / "corpus"),)), root / "out")
+    dataset = encode(docs.path, EncodeConfig(train_fraction=0.9, val_fraction=0.1, test_fraction=0.0), root / "out")
+    run = train(dataset.path, debug_config(max_steps=5), root / "run")
+    return dataset.path, run.best_checkpoint
+
+
+def test_bits_per_byte_is_the_total_over_the_utf8_bytes_of_the_scored_characters(multibyte_run):
+    dataset, checkpoint = multibyte_run
+    vocab = Dataset(dataset).vocab
+    assert Dataset(dataset).text("val") == MULTIBYTE_VAL.replace("€", "\ufffd")
+    assert {"é", "ö", "✓", "😀"} <= set(vocab.chars) and "€" not in vocab.chars
+    # Independently: each scored character's UTF-8 length; the unknown euro sign, whose identity the
+    # dataset does not keep, counts as one byte.
+    scored = MULTIBYTE_VAL[1:]
+    expected_bytes = sum(1 if c == "€" else len(c.encode("utf-8")) for c in scored)
+    assert expected_bytes > len(scored)
+    for protocol in ("sliding", "nanogpt"):
+        result = evaluate(checkpoint, dataset, "val", protocol=protocol)
+        assert result.characters == len(scored) and result.unknown_characters == scored.count("€")
+        assert result.utf8_bytes == expected_bytes
+        assert result.bits_per_byte == result.total_nats / expected_bytes / math.log(2)
+        assert result.bits_per_byte < result.bits_per_char
+
+    figures = json.loads(runner.invoke(app, ["evaluate", checkpoint, dataset, "--json"]).output)
+    assert figures["utf8_bytes"] == expected_bytes and figures["protocol"] == "sliding"
+    assert figures["bits_per_byte"] == pytest.approx(figures["total_nats"] / expected_bytes / math.log(2), rel=1e-12)
+    table = runner.invoke(app, ["evaluate", checkpoint, dataset]).output
+    assert re.search(rf"bits/byte\W+{figures['bits_per_byte']:.4f} over {expected_bytes:,} UTF-8 bytes", table), table
+    (row,) = metrics_rows({"val": figures})
+    assert row["bits/byte"] == round(figures["bits_per_byte"], 4) and row["protocol"] == "sliding"
+
+
+def test_bytes_come_from_the_datasets_vocabulary_when_the_model_lacks_a_character(multibyte_run, tmp_path):
+    # The model never saw the euro sign, but this dataset's vocabulary holds it: it is unknown to
+    # the model (charged as such) and still counted as its 3 UTF-8 bytes, not as an unknown id's 1.
+    _, checkpoint = multibyte_run
+    assert "€" not in load_checkpoint(checkpoint).vocab.chars
+    (tmp_path / "corpus").mkdir()
+    train_text = (prose(9, 400) + " héllo wörld ✓ 😀 € " * 4)[-900:]
+    (tmp_path / "corpus" / "a.txt").write_text(train_text + MULTIBYTE_VAL, encoding="utf-8")
+    docs = ingest(IngestConfig(sources=(str(tmp_path / "corpus"),)), tmp_path / "out")
+    split = EncodeConfig(train_fraction=0.9, val_fraction=0.1, test_fraction=0.0)
+    other = Dataset(encode(docs.path, split, tmp_path / "out").path)
+    assert "€" in other.vocab.chars and other.text("val") == MULTIBYTE_VAL
+    result = evaluate(checkpoint, other.path, "val", other_vocabulary=True)
+    scored = MULTIBYTE_VAL[1:]
+    assert result.unknown_characters == scored.count("€") > 0
+    assert result.utf8_bytes == len(scored.encode("utf-8"))
+    assert result.bits_per_byte == result.total_nats / len(scored.encode("utf-8")) / math.log(2)

@@ -103,7 +103,9 @@ def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
     assert [m.split(" ", 2)[1] for m in progress_lines] == ["1/300", *(f"{s}/300" for s in range(20, 301, 20))]
     assert first["registration"]["reason"] in messages  # the registration outcome,
     val = first["metrics"]["val"]
-    assert any(m.startswith("val   loss ") and f"{val['bits_per_char']:.4f} bits/char" in m for m in messages)
+    figures = f"{val['bits_per_char']:.4f} bits/char"
+    per_byte = f"{val['bits_per_byte']:.4f} bits/byte | sliding protocol"
+    assert any(m.startswith("val   loss ") and figures in m and per_byte in m for m in messages), messages
     assert any(m.startswith(f"val {val['bits_per_char']:.4f} bits/char; registered ") for m in messages)  # the end
 
     mlflow_client = client()
@@ -135,7 +137,8 @@ def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
     assert run.data.params["pipeline.preset"] == "debug"
     assert run.data.params["pipeline.run.train.max_steps"] == "300"
     for key in (
-        *("val_loss", "val_bpc", "val_perplexity", "test_bpc", "train_loss", "lr", "tokens_per_s", "grad_norm"),
+        *("val_loss", "val_bpc", "val_bpb", "val_perplexity", "test_bpc", "test_bpb"),
+        *("train_loss", "lr", "tokens_per_s", "grad_norm"),
         *("inspect_bpc_word_start", "inspect_bpc_word_inside", "inspect_share_space"),
     ):
         assert key in run.data.metrics, key
@@ -171,9 +174,14 @@ def test_pipeline_tracks_registers_caches_and_guards_the_champion(pipeline_env):
     assert len(outputs[0]) == 25
     exact = evaluate(best, first["dataset"], "val")
     assert run.data.metrics["val_bpc"] == exact.bits_per_char == first["metrics"]["val"]["bits_per_char"]
+    # Bits per byte from the same sum, and the protocol that produced both, beside them.
+    assert run.data.metrics["val_bpb"] == exact.bits_per_byte == first["metrics"]["val"]["bits_per_byte"]
+    assert run.data.tags["eval_protocol"] == exact.protocol == "sliding"
     assert exact.loss in [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "val_loss")]
     version = mlflow_client.get_model_version("test-char", "1")
     assert float(version.tags["val_bpc"]) == exact.bits_per_char
+    assert float(version.tags["val_bpb"]) == exact.bits_per_byte and version.tags["eval_protocol"] == "sliding"
+    assert f"{exact.bits_per_byte:.4f} bits/byte (sliding protocol)" in version.description
 
     # A second, worse model on the same corpus: encoding comes from the cache, champion stays.
     state = train_pipeline(**common, overrides=["train.max_steps=3"], return_state=True)
