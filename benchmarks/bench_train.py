@@ -31,7 +31,7 @@ target: trains a preset on an already prepared dataset (no data stage: what the 
 a machine without the data stage's dependencies), and reports the wall-clock seconds at which the
 validation-subset loss first reached the target (an estimate during training), the exact loss of
 ``best.pt`` on the whole validation split with the sliding window and with non-overlapping windows
-(nanoGPT's way), and tokens/s.
+(``--protocol nanogpt``), and tokens/s.
 
 Run with the machine otherwise idle; figures go to benchmarks/RESULTS.md by hand.
 """
@@ -279,7 +279,7 @@ def target(args: argparse.Namespace) -> None:
     reached = next((r for r in evals if r["val_loss"] <= args.target), None)
     context = load_checkpoint(run / "best.pt").config.model.context_length
     sliding = evaluate(run / "best.pt", args.dataset, "val", device=args.device)
-    windows = evaluate(run / "best.pt", args.dataset, "val", stride=context, device=args.device)
+    windows = evaluate(run / "best.pt", args.dataset, "val", protocol="nanogpt", device=args.device)
     result = {
         "preset": args.preset,
         "wall_s": wall,
@@ -291,19 +291,20 @@ def target(args: argparse.Namespace) -> None:
         "target_reached_s": None if reached is None else reached["elapsed_s"],
         "target_reached_step": None if reached is None else reached["step"],
         "val_loss_sliding": sliding.loss,
-        "val_loss_windows": windows.loss,
+        "val_loss_nanogpt": windows.loss,
         "val_bpc_sliding": sliding.bits_per_char,
     }
     print(
-        f"{args.preset} on {trained['device']} ({trained['precision']}): {trained['steps']} steps in {wall:.1f} s wall, "
+        f"{args.preset} on {trained['device']} ({trained['precision']}): "
+        f"{trained['steps']} steps in {wall:.1f} s wall, "
         f"{trained['tokens_per_s']:,.0f} tokens/s; validation subset reached {args.target} "
         + (
             f"at {reached['elapsed_s']:.1f} s (step {reached['step']})"
             if reached
             else f"never (best subset {min((r['val_loss'] for r in evals), default=float('nan')):.4f})"
         )
-        + f"; exact val loss of best.pt {sliding.loss:.4f} (sliding window), {windows.loss:.4f} (non-overlapping "
-        f"windows of {context})",
+        + f"; exact val loss of best.pt {sliding.loss:.4f} (sliding window), {windows.loss:.4f} (nanogpt protocol: "
+        f"non-overlapping windows of {context})",
         flush=True,
     )
     if args.json:

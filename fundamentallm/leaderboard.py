@@ -64,6 +64,8 @@ class Entry:
     kind: str
     """'sweep trial' or 'pipeline'."""
     val_bpc: float
+    val_bpb: float | None
+    """Bits per UTF-8 byte (None for a run recorded before the evaluator counted bytes)."""
     val_loss: float
     train_seconds: float | None
     steps: int | None
@@ -142,6 +144,7 @@ def best_runs(dataset: str, per_budget: int = 5) -> list[Entry]:
                     experiment=names.get(run.info.experiment_id, run.info.experiment_id),
                     kind="sweep trial" if "mlflow.parentRunId" in tags else "pipeline",
                     val_bpc=metrics["val_bpc"],
+                    val_bpb=metrics.get("val_bpb"),
                     val_loss=metrics["val_bpc"] * LN2,
                     train_seconds=metrics.get("train_seconds"),
                     steps=int(metrics["steps"]) if "steps" in metrics else None,
@@ -171,12 +174,21 @@ def table_text(entries: list[Entry], dataset: str) -> str:
     for e in entries:
         if e.budget != budget:
             budget = e.budget
-            lines += ["", f"budget {budget}:", "  #  bits/char  nats/char  model            optimizer  lr       run"]
+            lines += [
+                "",
+                f"budget {budget}:",
+                "  #  bits/char  bits/byte  nats/char  model            optimizer  lr       run",
+            ]
         s = e.settings
         extra = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in e.swept.items() if k not in SETTING_NAMES)
         lines.append(
-            f"  {e.rank:<2} {e.val_bpc:9.4f}  {e.val_loss:9.4f}  {shape(s):<16} {s['train.optimizer']!s:<10} "
+            f"  {e.rank:<2} {e.val_bpc:9.4f}  {_bpb(e.val_bpb):>9}  {e.val_loss:9.4f}  {shape(s):<16} "
+            f"{s['train.optimizer']!s:<10} "
             f"{s['train.lr']!s:<8} {e.run_name} ({e.kind}, {e.experiment}, {e.run_id[:12]})"
             + (f" {extra}" if extra else "")
         )
     return "\n".join(lines) + "\n"
+
+
+def _bpb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

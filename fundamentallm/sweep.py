@@ -337,6 +337,8 @@ class TrialResult:
     mlflow_run_id: str
     val_loss: float
     val_bpc: float
+    val_bpb: float
+    """Bits per UTF-8 byte of the validation split (what enwik8 tables and nanochat report)."""
     steps: int
     tokens: int
     tokens_per_s: float
@@ -452,6 +454,7 @@ def run_trial(
             mlflow_run_id=run.run_id,
             val_loss=val["loss"],
             val_bpc=val["bits_per_char"],
+            val_bpb=val["bits_per_byte"],
             steps=train["steps"],
             tokens=train["tokens"],
             tokens_per_s=train["tokens_per_s"],
@@ -496,6 +499,7 @@ def trial_main(argv: Sequence[str] | None = None) -> int:
             {
                 "val_loss": val.loss,
                 "val_bpc": val.bits_per_char,
+                "val_bpb": val.bits_per_byte,
                 "val_perplexity": val.perplexity,
                 "tokens": result.tokens,
                 "tokens_per_s": result.tokens_per_s,
@@ -527,6 +531,7 @@ class BoardRow:
     spread: float | None
     """Standard deviation of the validation loss over the seeds (None with one seed)."""
     val_bpc: float
+    val_bpb: float
     tokens: float
     tokens_per_s: float
     seconds: float
@@ -572,6 +577,7 @@ class Leaderboard:
                 "val loss (mean)": round(row.val_loss, 4),
                 "spread": None if row.spread is None else round(row.spread, 4),
                 "bits/char": round(row.val_bpc, 4),
+                "bits/byte": round(row.val_bpb, 4),
                 "tokens seen": round(row.tokens),
                 "tokens/s": round(row.tokens_per_s),
                 "seconds": round(row.seconds, 1),
@@ -661,6 +667,7 @@ def leaderboard(
                 val_loss=mean,
                 spread=spread,
                 val_bpc=statistics.fmean(t.val_bpc for t in trials),
+                val_bpb=statistics.fmean(t.val_bpb for t in trials),
                 tokens=statistics.fmean(t.tokens for t in trials),
                 tokens_per_s=statistics.fmean(t.tokens_per_s for t in trials),
                 seconds=statistics.fmean(t.train_seconds for t in trials),

@@ -104,6 +104,7 @@ def _result(point: int, seed: int, loss: float, lr: float) -> TrialResult:
         mlflow_run_id=f"run-{point}-{seed}",
         val_loss=loss,
         val_bpc=loss / 0.6931471805599453,
+        val_bpb=loss / 0.6931471805599453,
         steps=10,
         tokens=1000,
         tokens_per_s=100.0,
@@ -205,7 +206,7 @@ def test_a_grid_sweep_trains_every_trial_as_a_child_run_and_ranks_the_points(swe
     assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
     for child in children:
         assert child.data.params["train.max_steps"] == "40"
-        assert "val_loss" in child.data.metrics and "val_bpc" in child.data.metrics
+        assert {"val_loss", "val_bpc", "val_bpb"} <= child.data.metrics.keys()
         assert len(mlflow_client.get_metric_history(child.info.run_id, "train_loss")) >= 2  # a curve
     assert {(c.data.params["train.lr"], c.data.params["model.d_model"]) for c in children} == {
         ("0.001", "16"),
