@@ -19,7 +19,7 @@
 # GPU_CHECK_DEVICE=cpu GPU_CHECK_SMOKE=1 runs the same steps, tiny, on a CPU (tests/test_benchmarks.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA_ROOT=.gpu-check
+DATA_ROOT=${GPU_CHECK_DATA:-.gpu-check}  # where `prepare` writes and the check reads the dataset
 if [ "${1:-}" = prepare ]; then
     PY=${PYTHON:-.venv/bin/python}
     SOURCE=${SHAKESPEARE:-../shared/data/tinyshakespeare.txt}

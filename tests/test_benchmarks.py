@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,29 @@ def test_bench_serve_smoke(tmp_path):
     assert "requests/s" in proc.stdout and "p99" in proc.stdout
     figures = json.loads((tmp_path / "r.json").read_text())
     assert figures["wrong_answers"] == 0 and figures["requests"] == 16 and figures["requests_per_s"] > 0
+
+
+def test_gpu_check_smoke_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh, tiny and on the CPU: `prepare`, then every step of the check."""
+    text = tmp_path / "small.txt"
+    text.write_text("".join(prose(i, 3000) for i in range(3)))
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "SHAKESPEARE": str(text),
+        "GPU_CHECK_DATA": str(tmp_path / "gpu-check"),
+        "GPU_CHECK_DEVICE": "cpu",
+        "GPU_CHECK_SMOKE": "1",
+    }
+    script = str(ROOT / "benchmarks" / "gpu_check.sh")
+    prepared = subprocess.run([script, "prepare"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    out = tmp_path / "out"
+    proc = subprocess.run([script, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    for part in ("## 1. throughput", "MFU", "## 2. quality", "exact val loss of best.pt", "## 3.", "1 process, cpu"):
+        assert part in summary, summary
+    assert "speed-up from the cache" in summary
+    quality = json.loads((out / "quality.json").read_text())
+    assert quality["steps"] == 30 and quality["val_loss_sliding"] > 0 and quality["val_loss_nanogpt"] > 0
