@@ -403,6 +403,12 @@ class ModelConfig(Config):
     bias: bool = setting(False, "Biases in linear layers and LayerNorm.")
     positions: Literal["learned", "rotary"] = setting("learned", "Learned position embeddings or rotary (RoPE).")
     norm: Literal["layernorm", "rmsnorm"] = setting("layernorm", "Normalisation before attention and MLP.")
+    qk_norm: bool = setting(
+        False, "RMS-normalise each head's queries and keys (learned gain) before attention: bounded attention logits."
+    )
+    activation: Literal["gelu", "relu2"] = setting(
+        "gelu", "The MLP's non-linearity: GELU (tanh approximation) or ReLU squared."
+    )
 
     def check(self) -> None:
         if self.vocab_size < 0:

@@ -8,6 +8,9 @@ V vocabulary.
 
     Block: x = x + Attention(Norm(x)); x = x + MLP(Norm(x))     (pre-norm)
 
+Options a small model may gain from (each a `ModelConfig` setting, off by default): QK-norm
+(queries and keys RMS-normalised per head before attention) and a ReLU-squared MLP.
+
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`; positions are
 learned embeddings or rotary (RoPE, applied to queries and keys). Generation keeps a
 key/value cache per layer so each new character costs one position, not the whole context.
@@ -76,6 +79,8 @@ class CausalSelfAttention(nn.Module):
         self.proj.residual_projection = True  # scaled at initialisation (GPT-2)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if config.qk_norm else None
 
     def forward(
         self,
@@ -89,6 +94,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # per position and head: the cache holds normalised keys
         if rotary is not None:
             cos, sin = rotary  # (T, D/2) for the positions of this call
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -128,9 +135,12 @@ class MLP(nn.Module):
         self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.down.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.activation == "relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x), approximate="tanh")))  # (B, T, C)
+        h = self.up(x)  # (B, T, mlp_ratio * C)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh")
+        return self.dropout(self.down(h))  # (B, T, C)
 
 
 class Block(nn.Module):

@@ -24,6 +24,17 @@ CONFIGS = {
         norm="rmsnorm",
         bias=True,
     ),
+    "rotary-qknorm-relu2": ModelConfig(
+        vocab_size=50,
+        context_length=24,
+        n_layer=2,
+        n_head=4,
+        d_model=32,
+        dropout=0.0,
+        positions="rotary",
+        qk_norm=True,
+        activation="relu2",
+    ),
 }
 
 
@@ -102,3 +113,20 @@ def test_every_preset_builds(name):
     # Counted from the architecture: tied embedding (once), positions, blocks, the final norm.
     assert m.num_parameters() == 65 * d + positions + c.n_layer * block + norm
     assert m.num_parameters(non_embedding=True) == c.n_layer * block + norm
+
+
+def test_qk_norm_and_relu_squared_change_the_computation():
+    base = CONFIGS["learned-layernorm"]
+    ids = torch.randint(0, 50, (2, 16))
+
+    def built(config):
+        torch.manual_seed(0)
+        return CharTransformer(config).eval()
+
+    plain, qk, relu2 = built(base), built(base.replace(qk_norm=True)), built(base.replace(activation="relu2"))
+    head_dim = base.d_model // base.n_head
+    assert qk.num_parameters() == plain.num_parameters() + base.n_layer * 2 * head_dim  # a gain per q and k
+    assert relu2.num_parameters() == plain.num_parameters()
+    reference = plain(ids)[0]
+    assert not torch.allclose(qk(ids)[0], reference, atol=1e-4)
+    assert not torch.allclose(relu2(ids)[0], reference, atol=1e-4)
