@@ -71,14 +71,15 @@ def lineage_task(
     log_lineage(MlflowTracker(mlflow_run_id), documents, validation, dataset)
 
 
-class _ProgressArtifact:
-    """The flow run's ``training-progress`` artifact: 0 to 100 as training goes, updated when it
-    moves by a whole percent (one API call per log interval at most)."""
+class ProgressArtifact:
+    """A progress artifact of the flow run (the pipeline's ``training-progress``, a sweep's
+    ``trial-NN``): 0 to 100 as training goes, updated when it moves by a whole percent (one API
+    call per log interval at most)."""
 
-    def __init__(self) -> None:
-        self.id = create_progress_artifact(
-            0.0, key="training-progress", description="Share of the step limit or time budget done"
-        )
+    def __init__(
+        self, key: str = "training-progress", description: str = "Share of the step limit or time budget done"
+    ) -> None:
+        self.id = create_progress_artifact(0.0, key=key, description=description)
         self.shown = 0.0
 
     def __call__(self, done: float) -> None:
@@ -94,7 +95,7 @@ def train_task(dataset_path: str, config: RunConfig, run_dir: str, mlflow_run_id
     Progress lines go to this task's log, from one process or from torchrun's several, and the
     share done to the ``training-progress`` artifact, which ends at 100.
     """
-    progress = _ProgressArtifact()
+    progress = ProgressArtifact()
     result = train_stage(
         dataset_path,
         config,

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
@@ -24,20 +23,14 @@ from fundamentallm.sweep import (
     run_trial,
 )
 from fundamentallm.tracking import MlflowTracker
+from tasks.pipeline import ProgressArtifact
 
 
 @task(name="trial", task_run_name="trial-{spec.index:02d}", cache_policy=NO_CACHE, persist_result=False)
 def trial_task(spec: TrialSpec, plan: SweepPlan, dataset_path: str, dataset_id: str, parent_run_id: str) -> TrialResult:
     """Train and score one trial as a child MLflow run of the sweep's (or reuse an earlier finished one)."""
     logger = get_run_logger()
-    progress = create_progress_artifact(0.0, key=f"trial-{spec.index:02d}", description=f"{spec.name}: share done")
-    shown = [0.0]
-
-    def on_progress(done: float) -> None:
-        if done >= shown[0] + 5.0:
-            update_progress_artifact(progress, min(done, 100.0))
-            shown[0] = done
-
+    progress = ProgressArtifact(f"trial-{spec.index:02d}", f"{spec.name}: share of the budget done")
     result = run_trial(
         spec,
         dataset_path=dataset_path,
@@ -47,9 +40,9 @@ def trial_task(spec: TrialSpec, plan: SweepPlan, dataset_path: str, dataset_id: 
         parent_run_id=parent_run_id,
         tags=plan.tags,
         on_output=logger.info,
-        on_progress=on_progress,
+        on_progress=progress,
     )
-    update_progress_artifact(progress, 100.0)
+    progress(100.0)
     logger.info(
         "%s: val %.4f nats/char (%.4f bits/char), %d steps, %s",
         spec.name,
