@@ -54,7 +54,7 @@ def trial_task(spec: TrialSpec, plan: SweepPlan, dataset_path: str, dataset_id: 
     return result
 
 
-@flow(name="sweep-trials", validate_parameters=False)
+@flow(name="sweep-trials", flow_run_name="{plan.name}-trials", validate_parameters=False)
 def sweep_trials(plan: SweepPlan, dataset_path: str, dataset_id: str, parent_run_id: str) -> list[Any]:
     """Every trial as a mapped task on this flow's task runner (one at a time unless told otherwise).
 
