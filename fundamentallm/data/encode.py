@@ -190,7 +190,9 @@ class _Texts:
         if self._group is None or self._group[0] != group:
             self._group = None  # drop the previous row group before reading the next
             # Ingestion bounds row groups to about 16 MiB of text, so one at a time bounds memory.
-            column = self.file.read_row_group(group, columns=["text"]).column(0).combine_chunks()
+            chunked = self.file.read_row_group(group, columns=["text"]).column(0)
+            # One chunk is the usual case: combining would copy the whole row group's text again.
+            column = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
             self._group = (group, *self._utf8(column))
         _, offsets, data = self._group
         row = index - int(self._group_starts[group])

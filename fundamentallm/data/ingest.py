@@ -99,15 +99,17 @@ class Document:
 _ASCII_BYTES = bytes(range(128))
 
 
-def _histogram(utf8: bytes) -> np.ndarray:
-    """Character histogram of UTF-8 text.
+def _histogram(utf8: bytes, byte_counts: np.ndarray | None = None) -> np.ndarray:
+    """Character histogram of UTF-8 text (`byte_counts`: its byte histogram, when already counted).
 
     ASCII bytes never occur inside a multi-byte sequence, so the byte histogram gives the
     ASCII counts exactly; the non-ASCII characters, cut out of the text with their whole
     sequences (still valid UTF-8), are decoded and counted on their own. For mostly-ASCII
     text that is a small remainder.
     """
-    counts = count_codepoints(np.frombuffer(utf8, dtype=np.uint8))
+    if byte_counts is None:
+        byte_counts = count_codepoints(np.frombuffer(utf8, dtype=np.uint8))
+    counts = byte_counts.copy()
     counts[128:] = 0
     rest = utf8.translate(None, _ASCII_BYTES)
     if rest:
@@ -322,8 +324,8 @@ def _scan_parts(
         if changed:
             parts.append(_Part.of(True, spill.tell(), len(utf8), len(text), _histogram(utf8)))
             spill.write(utf8)
-        else:
-            parts.append(_Part.of(False, offset, len(utf8), len(text), _histogram(utf8)))
+        else:  # the raw bytes: their byte histogram is counted already
+            parts.append(_Part.of(False, offset, len(utf8), len(text), _histogram(utf8, raw_counts)))
     return parts, digest.hexdigest(), controls
 
 
@@ -480,6 +482,10 @@ class _DocumentsWriter:
             codes.astype(np.uint32),
             doc.histogram[codes],
         )
+        if self._pending and self._pending_bytes + len(doc.text_utf8) > self.FLUSH_BYTES:
+            # Flushed before the row that would pass the bound, not after: row groups stay under it
+            # (two 8 MiB parts, not three), and readers hold one row group at a time.
+            self.flush()
         self._pending.append(row)
         self._pending_bytes += len(doc.text_utf8)
         if self._pending_bytes >= self.FLUSH_BYTES or len(self._pending) >= self.FLUSH_ROWS:
