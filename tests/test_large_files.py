@@ -293,3 +293,17 @@ def test_old_documents_tables_without_parts_still_encode(tmp_path):
         hashlib.sha256(json.dumps(_split_texts(again)).encode()).digest()
         == hashlib.sha256(json.dumps(_split_texts(fresh)).encode()).digest()
     )
+
+
+def test_prepare_from_the_command_line_with_the_bytes_split(tmp_path):
+    from typer.testing import CliRunner
+
+    from fundamentallm.cli import app
+
+    (tmp_path / "corpus.txt").write_text("ab\u00e9\u6f22\U0001d11e\n" * 2000, encoding="utf-8")
+    args = ["prepare", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "out"), "--split", "bytes"]
+    args += ["--set", "encode.train_bytes=18003", "--set", "encode.val_bytes=3005", "--set", "ingest.part_bytes=4096"]
+    result = CliRunner().invoke(app, [*args, "--context-length", "8", "--no-data-docs", "--json"])
+    assert result.exit_code == 0, result.output
+    tokens = json.loads(result.output)["dataset"]["tokens"]
+    assert tokens == {"train": 6 * 1500 + 3, "val": 6 * 250 + 2, "test": 6 * 250 - 5}
