@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import os
 import random
 import tracemalloc
 from pathlib import Path
@@ -307,3 +308,13 @@ def test_prepare_from_the_command_line_with_the_bytes_split(tmp_path):
     assert result.exit_code == 0, result.output
     tokens = json.loads(result.output)["dataset"]["tokens"]
     assert tokens == {"train": 6 * 1500 + 3, "val": 6 * 250 + 2, "test": 6 * 250 - 5}
+
+
+def test_a_file_changed_between_reading_and_writing_is_refused(tmp_path, spill):
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"text line\n" * 500)
+    parted = normalise_file(RawFile(str(path), path, path.stat().st_size), spill, part_bytes=1024)
+    path.write_bytes(b"TEXT LINE\n" * 500)  # same size: only its time tells
+    os.utime(path, ns=(0, parted.signature[1] + 1))
+    with pytest.raises(CorpusError, match="changed while it was being read"):
+        list(parted.documents())

@@ -34,6 +34,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import logging
+import os
 import tempfile
 import time
 import unicodedata
@@ -257,13 +258,14 @@ class _Undecodable(Exception):
 
 @dataclass(frozen=True)
 class PartedDocument:
-    """A large file normalised in parts: its id and its parts, whose bytes `read` fetches."""
+    """A large file normalised in parts: its id and its parts, whose bytes `documents` fetches."""
 
     source: str
     path: Path
     doc_id: str
     parts: tuple[_Part, ...]
     spill: IO[bytes]
+    signature: tuple[int, int]  # the file's size and modification time when it was normalised
 
     @property
     def char_count(self) -> int:
@@ -274,13 +276,23 @@ class PartedDocument:
         return sum(p.length for p in self.parts)
 
     def documents(self) -> Iterator[Document]:
-        """Each part as a `Document` row, read back one at a time."""
+        """Each part as a `Document` row, read back one at a time.
+
+        Raises `CorpusError` when the file changed since it was normalised: the unchanged parts
+        are read from it again, and they must be the bytes the document's id was computed from.
+        """
         with open(self.path, "rb") as f:
+            if _signature(os.fstat(f.fileno())) != self.signature:
+                raise CorpusError(f"{self.source}: the file changed while it was being read; run again")
             for part in self.parts:
                 stream = self.spill if part.spilled else f
                 stream.seek(part.offset)
                 data = stream.read(part.length)
                 yield Document(self.source, data, part.char_count, part.histogram)
+
+
+def _signature(info: os.stat_result) -> tuple[int, int]:
+    return info.st_size, info.st_mtime_ns
 
 
 def _scan_parts(
@@ -355,6 +367,7 @@ def normalise_file(
     id, skips and errors as `normalise` gives for the file's bytes. Changed parts wait in
     `spill` (an open temporary file) until `PartedDocument.documents` reads them."""
     with open(raw.path, "rb") as f:
+        signature = _signature(os.fstat(f.fileno()))
         head = f.read(4)
         encoding, bom_len = "utf-8", 0
         for bom, name in _BOMS:
@@ -400,7 +413,7 @@ def normalise_file(
             return SkippedSource(raw.source, f"binary file ({share:.0%} control bytes)")
     if not any(p.char_count for p in parts):
         return SkippedSource(raw.source, "empty after decoding")
-    return PartedDocument(raw.source, raw.path, doc_id, tuple(parts), spill)
+    return PartedDocument(raw.source, raw.path, doc_id, tuple(parts), spill, signature)
 
 
 @dataclass(frozen=True)
