@@ -13,6 +13,7 @@ imported libraries before any data is read.
     python benchmarks/bench_prepare.py                 # both corpora, 3 runs each
     python benchmarks/bench_prepare.py --synthetic-mb 50 --repeats 1
     python benchmarks/bench_prepare.py --one-file-mb 100,300 --repeats 3
+    python benchmarks/bench_prepare.py --one-file-mb 100,300 --repeats 3 --against /tmp/before
 
 `--one-file-mb` compares one big file with the same bytes as many files, at each size given:
 per size the MB/s of `prepare()` and the peak RSS of the child process against the corpus,
@@ -103,14 +104,14 @@ def make_synthetic(source: Path, target: Path, megabytes: int, one_file: bool = 
     return total
 
 
-def run_once(config: dict, corpus_bytes: int) -> dict:
+def run_once(config: dict, corpus_bytes: int, repo: Path = REPO) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as out:
         proc = subprocess.run(
             [sys.executable, "-c", WORKER, json.dumps(config), out],
             capture_output=True,
             text=True,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=repo,
+            env={**os.environ, "PYTHONPATH": str(repo)},
         )
     if proc.returncode != 0:
         sys.exit(f"benchmark run failed:\n{proc.stderr}")
@@ -139,25 +140,43 @@ def report(name: str, corpus_bytes: int, runs: list[dict]) -> dict:
     return {"name": name, "bytes": corpus_bytes, **med, "stages": stages, "runs": [r["mb_s"] for r in runs]}
 
 
-def one_file_vs_many(shakespeare: Path, sizes: list[int], repeats: int, base: dict) -> list[dict]:
-    """At each size, the synthetic corpus as one file and as many files; then the marginal rates."""
+def one_file_vs_many(
+    shakespeare: Path, sizes: list[int], repeats: int, base: dict, against: Path | None = None
+) -> list[dict]:
+    """At each size, the synthetic corpus as one file and as many files; then the marginal rates.
+
+    With `against` (another checkout, e.g. `git worktree add /tmp/before <commit>`), each run of
+    this tree is followed by the same run of that one, on the same files: load on a shared
+    machine then falls on both alike."""
+    trees = {"": REPO, **({f"{against.name}: ": against} if against else {})}
     results = []
     for megabytes in sizes:
         with tempfile.TemporaryDirectory(prefix="bench-corpus-") as corpus_dir:
+            corpora = {}
             for layout in ("one file", "many files"):
                 target = Path(corpus_dir) / ("corpus.txt" if layout == "one file" else "docs")
                 size = make_synthetic(shakespeare, target, megabytes, one_file=layout == "one file")
-                config = {**base, "ingest": {"sources": [str(target)]}}
-                runs = [run_once(config, size) for _ in range(repeats)]
-                results.append({**report(f"{layout}, {megabytes} MB", size, runs), "layout": layout, "mb": megabytes})
+                corpora[layout] = ({**base, "ingest": {"sources": [str(target)]}}, size)
+            runs: dict[tuple[str, str], list[dict]] = {}
+            for _ in range(repeats):
+                for layout, (config, size) in corpora.items():
+                    for tree, repo in trees.items():
+                        runs.setdefault((tree, layout), []).append(run_once(config, size, repo))
+            for (tree, layout), tree_runs in runs.items():
+                size = corpora[layout][1]
+                row = report(f"{tree}{layout}, {megabytes} MB", size, tree_runs)
+                results.append({**row, "tree": tree, "layout": layout, "mb": megabytes})
     print("\nmarginal rate, smallest to largest size (extra MB / extra seconds of prepare):")
-    for layout in ("one file", "many files"):
-        rows = sorted((r for r in results if r["layout"] == layout), key=lambda r: r["bytes"])
-        small, large = rows[0], rows[-1]
-        if large["bytes"] > small["bytes"] and large["seconds"] > small["seconds"]:
-            marginal = (large["bytes"] - small["bytes"]) / 1e6 / (large["seconds"] - small["seconds"])
+    for tree in trees:
+        for layout in ("one file", "many files"):
+            rows = sorted((r for r in results if r["layout"] == layout and r["tree"] == tree), key=lambda r: r["bytes"])
+            small, large = rows[0], rows[-1]
+            marginal = "n/a (one size, or the larger was not slower)"
+            if large["bytes"] > small["bytes"] and large["seconds"] > small["seconds"]:
+                rate = (large["bytes"] - small["bytes"]) / 1e6 / (large["seconds"] - small["seconds"])
+                marginal = f"{rate:.1f} MB/s"
             print(
-                f"  {layout:10s}  {small['mb']} -> {large['mb']} MB: {marginal:.1f} MB/s; "
+                f"  {tree}{layout:10s}  {small['mb']} -> {large['mb']} MB: {marginal}; "
                 f"peak RSS / corpus {small['peak_ratio']:.2f}x -> {large['peak_ratio']:.2f}x"
             )
     return results
@@ -174,6 +193,9 @@ def main() -> None:
         "--one-file-mb",
         help="comma-separated sizes in MB (e.g. 100,300): one big file against many files, instead of the default runs",
     )
+    parser.add_argument(
+        "--against", type=Path, help="with --one-file-mb: another checkout to run alternately with this one"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     args.shakespeare = shakespeare(args.shakespeare)
@@ -185,7 +207,7 @@ def main() -> None:
     }
     if args.one_file_mb:
         sizes = [int(mb) for mb in args.one_file_mb.split(",")]
-        results = one_file_vs_many(args.shakespeare, sizes, args.repeats, base)
+        results = one_file_vs_many(args.shakespeare, sizes, args.repeats, base, args.against)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
         return
