@@ -210,7 +210,8 @@ def prepare(
         typer.Argument(
             help="Files, directories, http(s) URLs (add #sha256=HEX to pin one) or built-in corpora "
             "('default': CPython's reference text, no download; 'tinyshakespeare', or tinyshakespeare=PATH for a "
-            "local copy). Without a source the built-in 'default' corpus is used.",
+            "local copy; 'enwik8', or enwik8=PATH for a local copy of the file or its zip, with --split bytes for "
+            "its standard 90M/5M/5M-byte split). Without a source the built-in 'default' corpus is used.",
             show_default=False,
         ),
     ] = None,

@@ -260,7 +260,7 @@ class IngestConfig(Config):
     sources: tuple[str, ...] = setting(
         ("default",),
         "Corpus sources: file or directory paths, http(s) URLs (optionally with #sha256=<hex>), "
-        "or built-in corpus names (default, tinyshakespeare).",
+        "or built-in corpus names (default, tinyshakespeare, enwik8).",
     )
     include: tuple[str, ...] = setting(
         ("*",), "Glob patterns a file inside a source directory must match (path relative to it, or name)."
@@ -277,6 +277,12 @@ class IngestConfig(Config):
         0.10, "A file whose share of control bytes exceeds this is treated as binary and skipped."
     )
     max_file_bytes: int = setting(1 << 30, "Largest single file accepted, in bytes.")
+    part_bytes: int = setting(
+        1 << 23,
+        "A file larger than this is read, normalised and stored in parts of about this many bytes (consecutive "
+        "rows of the documents table), so memory stays bounded whatever the file's size; the text, its id and "
+        "the encoded dataset are the same whatever the part size.",
+    )
     cache_dir: str = setting(
         "",
         "Download cache directory, or an fsspec URL (s3://bucket/cache); empty means $FUNDAMENTALLM_CACHE_DIR "
@@ -292,6 +298,8 @@ class IngestConfig(Config):
             self._fail("max_binary_control_share", "must be in (0, 1]")
         if not 0 < self.max_file_bytes < 1 << 31:
             self._fail("max_file_bytes", "must be positive and below 2 GiB (one Parquet value)")
+        if not 1 << 10 <= self.part_bytes <= 1 << 30:
+            self._fail("part_bytes", "must be between 1 KiB and 1 GiB")
         if self.max_download_bytes <= 0:
             self._fail("max_download_bytes", "must be positive")
         if self.download_timeout_s <= 0:
@@ -339,14 +347,22 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 @dataclasses.dataclass(frozen=True)
 class EncodeConfig(Config):
-    split: Literal["contiguous", "hash"] = setting(
+    split: Literal["contiguous", "hash", "bytes"] = setting(
         "contiguous",
         "'contiguous': the corpus in order, first train_fraction of characters to train, then val, then test "
-        "(the classic Tiny Shakespeare split); 'hash': each whole document to a split by a hash of its id.",
+        "(the classic Tiny Shakespeare split); 'hash': each whole document to a split by a hash of its id; "
+        "'bytes': the corpus in order, cut at UTF-8 byte offsets train_bytes and train_bytes + val_bytes, each "
+        "moved to the first character starting at or after it (the standard enwik8 split: 90M, 5M, the rest).",
     )
     train_fraction: float = setting(0.9, "Share of the corpus for training.")
     val_fraction: float = setting(0.05, "Share of the corpus for validation (must be positive).")
     test_fraction: float = setting(0.05, "Share of the corpus for the final test (may be 0).")
+    train_bytes: int = setting(
+        90_000_000, "The 'bytes' split: UTF-8 bytes of the corpus stream for training (enwik8: 90,000,000)."
+    )
+    val_bytes: int = setting(
+        5_000_000, "The 'bytes' split: UTF-8 bytes after the training ones for validation; the rest is the test."
+    )
     hash_salt: str = setting("", "Salt mixed into the document hash of the 'hash' split, to draw another split.")
     document_separator: str = setting("\n\n", "Text placed between consecutive documents of a split.")
     shard_tokens: int = setting(1 << 24, "Tokens per Parquet shard (the last shard of a split may hold fewer).")
@@ -370,6 +386,10 @@ class EncodeConfig(Config):
             self._fail("val_fraction", "must be positive")
         if self.test_fraction < 0:
             self._fail("test_fraction", "must not be negative")
+        if self.train_bytes < 1:
+            self._fail("train_bytes", "must be at least 1")
+        if self.val_bytes < 1:
+            self._fail("val_bytes", "must be at least 1")
         if self.shard_tokens < 1:
             self._fail("shard_tokens", "must be at least 1")
         if not 1 <= self.compression_level <= 22:

@@ -98,3 +98,23 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert "speed-up from the cache" in summary
     quality = json.loads((out / "quality.json").read_text())
     assert quality["steps"] == 30 and quality["val_loss_sliding"] > 0 and quality["val_loss_nanogpt"] > 0
+
+
+def test_bench_prepare_one_file_against_another_tree(tmp_path):
+    text = tmp_path / "small.txt"
+    text.write_text("".join(prose(i, 2000) for i in range(3)))
+    args = ["--shakespeare", str(text), "--one-file-mb", "1,2", "--repeats", "1", "--against", str(ROOT)]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_prepare.py", *args, "--json", str(tmp_path / "r.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())
+    # 2 sizes x 2 layouts x 2 trees, and a marginal rate per tree and layout
+    assert sorted((r["mb"], r["layout"], r["tree"]) for r in rows) == sorted(
+        (mb, layout, tree) for mb in (1, 2) for layout in ("one file", "many files") for tree in ("", f"{ROOT.name}: ")
+    )
+    assert proc.stdout.count("; peak RSS / corpus") == 4

@@ -154,9 +154,10 @@ def test_console_script_runs_as_installed(corpus_dir, tmp_path):
 
 def test_corpora_and_config_listings():
     listing = runner.invoke(app, ["corpora"])
-    assert "default" in listing.output and "tinyshakespeare" in listing.output
+    assert all(name in listing.output for name in ("default", "tinyshakespeare", "enwik8"))
     settings = runner.invoke(app, ["config"])
-    assert "encode.shard_tokens" in settings.output and "ingest.encoding_policy" in settings.output
+    names = ("encode.shard_tokens", "ingest.encoding_policy", "ingest.part_bytes", "encode.train_bytes")
+    assert all(name in settings.output for name in names)
 
 
 def test_directory_filters_and_hash_split_from_the_command_line(corpus_dir, tmp_path):

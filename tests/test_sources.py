@@ -5,17 +5,21 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
+from fundamentallm.data import sources
 from fundamentallm.data.sources import (
     TINYSHAKESPEARE_SHA256,
     RawDocument,
+    RawFile,
     SkippedSource,
     download,
+    fingerprint,
     iter_source,
     parse_pinned_url,
 )
@@ -217,3 +221,64 @@ def test_a_remote_download_cache_serves_other_machines(server, tmp_path, monkeyp
     second = download(f"{base}/shared.txt", cache)
     assert second.read_bytes() == b"shared corpus" and second.is_relative_to(tmp_path / "machine-b")
     assert handler.hits == ["/shared.txt"]  # downloaded once, from the server
+
+
+@pytest.fixture
+def small_enwik8(monkeypatch, tmp_path) -> tuple[bytes, Path]:
+    """A stand-in for enwik8 (the real file is 100 MB and behind the network): its size and sha256
+    pinned in place of the real ones, and a zip holding it under the real member name."""
+    body = "<page><title>Caf\u00e9</title>\u2014 text</page>\n".encode() * 200
+    monkeypatch.setattr(sources, "ENWIK8_BYTES", len(body))
+    monkeypatch.setattr(sources, "ENWIK8_SHA256", hashlib.sha256(body).hexdigest())
+    archive = tmp_path / "enwik8.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("enwik8", body)
+    return body, archive
+
+
+def test_enwik8_from_its_zip_by_url_local_zip_or_file(small_enwik8, server, tmp_path):
+    body, archive = small_enwik8
+    base, handler = server
+    handler.routes["/enwik8.zip"] = (200, archive.read_bytes(), None)
+    (doc,), _ = collect(f"enwik8={base}/enwik8.zip", cache_dir=tmp_path / "cache")
+    assert doc == RawDocument("builtin:enwik8", body)
+    (again,), _ = collect(f"enwik8={base}/enwik8.zip", cache_dir=tmp_path / "cache")
+    assert again == doc and handler.hits == ["/enwik8.zip"]  # downloaded and extracted once
+    (local,), _ = collect(f"enwik8={archive}", cache_dir=tmp_path / "other-cache")
+    plain = tmp_path / "enwik8"
+    plain.write_bytes(body)
+    (direct,), _ = collect(f"enwik8={plain}", cache_dir=tmp_path / "other-cache")
+    assert local == direct == doc
+    # Larger than the part size, it comes as a file for ingestion to read in parts.
+    (parted,) = iter_source(f"enwik8={plain}", cache_dir=tmp_path / "cache", part_bytes=1024)
+    assert parted == RawFile("builtin:enwik8", plain, len(body))
+
+
+def test_enwik8_is_checked_against_the_pinned_size_and_sha256(small_enwik8, tmp_path):
+    body, _ = small_enwik8
+    shorter = tmp_path / "short"
+    shorter.write_bytes(body[:-1])
+    with pytest.raises(CorpusError, match=f"not the enwik8 file \\({len(body) - 1:,} bytes, expected {len(body):,}\\)"):
+        collect(f"enwik8={shorter}", cache_dir=tmp_path)
+    altered = tmp_path / "altered"
+    altered.write_bytes(body.replace(b"Caf", b"caf"))
+    with pytest.raises(CorpusError, match=f"not the enwik8 file \\(sha256 .*, expected {sources.ENWIK8_SHA256}\\)"):
+        collect(f"enwik8={altered}", cache_dir=tmp_path)
+    wrong_zip, other_zip = tmp_path / "wrong.zip", tmp_path / "other.zip"
+    with zipfile.ZipFile(wrong_zip, "w") as zf:
+        zf.writestr("enwik8", body.replace(b"Caf", b"caf"))
+    with zipfile.ZipFile(other_zip, "w") as zf:
+        zf.writestr("enwik9", body)
+    with pytest.raises(CorpusError, match="not the enwik8 file \\(sha256"):
+        collect(f"enwik8={wrong_zip}", cache_dir=tmp_path / "cache")
+    with pytest.raises(CorpusError, match="holds no file named enwik8"):
+        collect(f"enwik8={other_zip}", cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").rglob("*enwik8*")) == []  # nothing unchecked is left in the cache
+
+
+def test_enwik8_fingerprint_is_its_pinned_hash(monkeypatch):
+    # Known without a download (so an ingestion of it can be cached): the pin stands for the content.
+    before = fingerprint(("enwik8",))
+    assert before is not None
+    monkeypatch.setattr(sources, "ENWIK8_SHA256", "0" * 64)
+    assert fingerprint(("enwik8",)) != before

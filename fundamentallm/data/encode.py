@@ -1,7 +1,10 @@
 """Encoding: the documents table in, a vocabulary and Parquet token shards out.
 
 The corpus is read as one stream of characters: documents in table order, the configured
-separator between consecutive documents of the same split. The vocabulary comes from the
+separator between consecutive documents of the same split. A large document stored as
+several rows (its parts, see `fundamentallm.data.ingest`) is its rows' texts one after
+another, with no separator between them: work is done row by row, so no step holds more than
+a row of text, and the output is the same however the document was parted. The vocabulary comes from the
 training split alone; its character counts come from the per-document histograms of
 ingestion (only documents straddling a split boundary are read for them).
 
@@ -52,7 +55,14 @@ import pyarrow.parquet as pq
 from fundamentallm import __version__
 from fundamentallm.config import SPLITS, EncodeConfig
 from fundamentallm.data.codepoints import add_counts, count_codepoints, iter_codepoint_chunks, text_codepoints
-from fundamentallm.data.schema import DOCUMENTS_SCHEMA, FORMAT_VERSION, check_schema, corpus_hash_of, shard_schema
+from fundamentallm.data.schema import (
+    DOCUMENTS_SCHEMA,
+    DOCUMENTS_SCHEMA_V1,
+    FORMAT_VERSION,
+    check_schema,
+    corpus_hash_of,
+    shard_schema,
+)
 from fundamentallm.data.vocab import UNK_ID, Vocab
 from fundamentallm.errors import CorpusError, DatasetError
 from fundamentallm.fsutil import (
@@ -74,6 +84,9 @@ VOCAB = "vocab.json"
 OUTPUT_NEUTRAL_SETTINGS = ("workers",)
 """Encoding settings that change how the work is done, never what is written: they are left
 out of the config hash (the dataset id) and of the manifest."""
+BYTES_SPLIT_SETTINGS = ("train_bytes", "val_bytes")
+"""Settings only the 'bytes' split reads: in the config hash under that split alone, so their
+arrival left the id of every dataset of another split as it was."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +132,10 @@ class DatasetRecord:
 
 
 def output_settings(config: EncodeConfig) -> dict[str, Any]:
-    """The encoding settings that shape the output: all of them but `OUTPUT_NEUTRAL_SETTINGS`."""
+    """The encoding settings that shape the output: all of them but `OUTPUT_NEUTRAL_SETTINGS`, and
+    `BYTES_SPLIT_SETTINGS` unless the split is 'bytes'."""
     settings = config.to_dict()
-    for name in OUTPUT_NEUTRAL_SETTINGS:
+    for name in OUTPUT_NEUTRAL_SETTINGS + (BYTES_SPLIT_SETTINGS if config.split != "bytes" else ()):
         del settings[name]
     return settings
 
@@ -155,7 +169,8 @@ class _Texts:
             raise DatasetError(f"{path}: documents table not found") from exc
         except (OSError, pa.ArrowException) as exc:
             raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from exc
-        check_schema(self.file.schema_arrow, DOCUMENTS_SCHEMA, str(path))
+        if not self.file.schema_arrow.remove_metadata().equals(DOCUMENTS_SCHEMA_V1.remove_metadata()):
+            check_schema(self.file.schema_arrow, DOCUMENTS_SCHEMA, str(path))
         groups = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
         self._group_starts = np.cumsum([0, *groups])
         self._group: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -168,14 +183,16 @@ class _Texts:
         return offsets, np.frombuffer(data_buf, dtype=np.uint8)
 
     def utf8(self, index: int) -> np.ndarray:
-        """The UTF-8 bytes of document `index` (a view into its row group)."""
+        """The UTF-8 bytes of row `index` (a view into its row group)."""
         if not 0 <= index < int(self._group_starts[-1]):
-            raise DatasetError(f"{self.path}: no document {index} (the table has {int(self._group_starts[-1])})")
+            raise DatasetError(f"{self.path}: no row {index} (the table has {int(self._group_starts[-1])})")
         group = int(np.searchsorted(self._group_starts, index, side="right")) - 1
         if self._group is None or self._group[0] != group:
             self._group = None  # drop the previous row group before reading the next
             # Ingestion bounds row groups to about 16 MiB of text, so one at a time bounds memory.
-            column = self.file.read_row_group(group, columns=["text"]).column(0).combine_chunks()
+            chunked = self.file.read_row_group(group, columns=["text"]).column(0)
+            # One chunk is the usual case: combining would copy the whole row group's text again.
+            column = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
             self._group = (group, *self._utf8(column))
         _, offsets, data = self._group
         row = index - int(self._group_starts[group])
@@ -183,12 +200,19 @@ class _Texts:
 
 
 class _Corpus(_Texts):
-    """A documents table: per-document metadata up front, text read on demand."""
+    """A documents table: per-row metadata up front, text read on demand.
+
+    Rows are the unit of work (a row is a whole document or one part of one); `first` marks
+    the rows that begin a document, before which a separator may go."""
 
     def __init__(self, path: Path):
         super().__init__(path)
-        meta = self.file.read(columns=["doc_id", "char_count", "byte_count", "char_histogram"])
-        self.doc_ids: list[str] = meta.column("doc_id").to_pylist()
+        parted = "part" in self.file.schema_arrow.names
+        meta = self.file.read(columns=["doc_id", "char_count", "byte_count", "char_histogram", *(["part"] * parted)])
+        self.row_doc_ids: list[str] = meta.column("doc_id").to_pylist()
+        self.first = meta.column("part").to_numpy() == 0 if parted else np.ones(meta.num_rows, dtype=bool)
+        self.doc_ids: list[str] = [d for d, f in zip(self.row_doc_ids, self.first.tolist(), strict=True) if f]
+        """The documents' ids, in table order, one per document."""
         self.char_counts = meta.column("char_count").to_numpy()
         self.byte_counts = meta.column("byte_count").to_numpy()
         histograms = meta.column("char_histogram").combine_chunks()
@@ -197,15 +221,23 @@ class _Corpus(_Texts):
         self._hist_counts = histograms.items.to_numpy()
 
     def __len__(self) -> int:
-        return len(self.doc_ids)
+        return len(self.row_doc_ids)
+
+    def separators_before(self, rows: np.ndarray) -> np.ndarray:
+        """Of the rows `rows` (indices, in stream order), how many separators precede each in their
+        stream: one before every row that begins a document, but the stream's first."""
+        begins = self.first[rows].astype(np.int64)
+        if len(rows) and not begins[0]:  # a stream never starts in the middle of a document
+            raise DatasetError(f"{self.path}: row {int(rows[0])} continues a document the table does not begin")
+        return np.cumsum(begins) - 1
 
     @property
     def ascii(self) -> np.ndarray:
-        """Per document: is it pure ASCII (one byte per character)?"""
+        """Per row: is it pure ASCII (one byte per character)?"""
         return self.char_counts == self.byte_counts
 
     def histogram(self, index: int) -> np.ndarray:
-        """Dense character histogram of document `index`."""
+        """Dense character histogram of row `index`."""
         lo, hi = self._hist_offsets[index], self._hist_offsets[index + 1]
         codes = self._hist_codes[lo:hi]
         counts = np.zeros(int(codes.max()) + 1 if len(codes) else 0, dtype=np.int64)
@@ -213,20 +245,29 @@ class _Corpus(_Texts):
         return counts
 
     def chunks_of(self, index: int) -> Iterator[np.ndarray]:
-        """Code point chunks of one document."""
+        """Code point chunks of one row."""
         return iter_codepoint_chunks(self.utf8(index), ascii_only=bool(self.ascii[index]))
 
 
 class _Layout:
-    """Where each document and each split lies in the corpus stream (contiguous split)."""
+    """Where each row and each split lies in the corpus stream (contiguous and bytes splits)."""
 
-    def __init__(self, corpus: _Corpus, config: EncodeConfig, separator_len: int):
+    def __init__(self, corpus: _Corpus, config: EncodeConfig, separator: str):
+        separator_len = len(separator)
+        rows = np.arange(len(corpus))
         self.starts = np.zeros(len(corpus), dtype=np.int64)
         if len(corpus) > 1:
-            np.cumsum(corpus.char_counts[:-1] + separator_len, out=self.starts[1:])
-        total = int(corpus.char_counts.sum()) + separator_len * (len(corpus) - 1)
-        cut_train = round(total * config.train_fraction)
-        cut_val = total if config.test_fraction == 0 else round(total * (config.train_fraction + config.val_fraction))
+            np.cumsum(corpus.char_counts[:-1], out=self.starts[1:])
+        self.starts += separator_len * corpus.separators_before(rows)
+        total = int(corpus.char_counts.sum()) + separator_len * (len(corpus.doc_ids) - 1)
+        if config.split == "bytes":
+            cut_train = _char_at_byte(corpus, self.starts, separator, config.train_bytes)
+            cut_val = _char_at_byte(corpus, self.starts, separator, config.train_bytes + config.val_bytes)
+        else:
+            cut_train = round(total * config.train_fraction)
+            cut_val = (
+                total if config.test_fraction == 0 else round(total * (config.train_fraction + config.val_fraction))
+            )
         self.ends = np.array([cut_train, cut_val, total], dtype=np.int64)
 
     def split_at(self, position: int) -> str:
@@ -242,6 +283,33 @@ class _Layout:
             chunk = chunk[take:]
 
 
+def _lead_bytes(utf8: np.ndarray) -> int:
+    """Characters that start in the UTF-8 bytes `utf8` (every byte but the 0b10xxxxxx continuations)."""
+    return int(np.count_nonzero((utf8 & 0xC0) != 0x80))
+
+
+def _char_at_byte(corpus: _Corpus, starts: np.ndarray, separator: str, offset: int) -> int:
+    """The stream position of the first character that starts at or after UTF-8 byte `offset` of
+    the stream (rows and separators as UTF-8); the stream's length when `offset` is past it."""
+    sep_utf8 = np.frombuffer(separator.encode("utf-8"), dtype=np.uint8)
+    sep_bytes = np.where(corpus.first, len(sep_utf8), 0).astype(np.int64)
+    sep_bytes[0] = 0
+    row_bytes = np.cumsum(sep_bytes + corpus.byte_counts) - corpus.byte_counts  # where each row's text starts
+    row = max(int(np.searchsorted(row_bytes, offset, side="right")) - 1, 0)
+    within = offset - int(row_bytes[row])
+    if within <= 0:
+        return int(starts[row])
+    if within < int(corpus.byte_counts[row]):
+        if corpus.ascii[row]:
+            return int(starts[row]) + within
+        return int(starts[row]) + _lead_bytes(corpus.utf8(row)[:within])
+    end = int(starts[row]) + int(corpus.char_counts[row])
+    # In the separator after the row (or past the stream's end, when there is no row after it).
+    if row + 1 < len(corpus):
+        return end + _lead_bytes(sep_utf8[: within - int(corpus.byte_counts[row])])
+    return end
+
+
 def _split_counts(corpus: _Corpus, config: EncodeConfig) -> dict[str, np.ndarray]:
     """Character histogram of each split, from the per-document histograms.
 
@@ -252,10 +320,10 @@ def _split_counts(corpus: _Corpus, config: EncodeConfig) -> dict[str, np.ndarray
     counts = {split: np.zeros(0, dtype=np.int64) for split in SPLITS}
     if config.split == "hash":
         members = dict.fromkeys(SPLITS, 0)
-        for index, doc_id in enumerate(corpus.doc_ids):
+        for index, doc_id in enumerate(corpus.row_doc_ids):
             split = hash_split_of(doc_id, config)
             counts[split] = add_counts(counts[split], corpus.histogram(index))
-            members[split] += 1
+            members[split] += int(corpus.first[index])
         for split, n in members.items():
             if n > 1 and len(separator):
                 counts[split] = add_counts(counts[split], separator_counts * (n - 1))
@@ -264,13 +332,15 @@ def _split_counts(corpus: _Corpus, config: EncodeConfig) -> dict[str, np.ndarray
     def add(split: str, histogram: np.ndarray) -> None:
         counts[split] = add_counts(counts[split], histogram)
 
-    layout = _Layout(corpus, config, len(separator))
+    layout = _Layout(corpus, config, config.document_separator)
     for index in range(len(corpus)):
         start = int(layout.starts[index])
         end = start + int(corpus.char_counts[index])
-        if index and len(separator):
+        if index and corpus.first[index] and len(separator):
             for split, piece in layout.cut(separator, start - len(separator)):
                 add(split, count_codepoints(piece))
+        if end == start:
+            continue
         if layout.split_at(start) == layout.split_at(end - 1):
             add(layout.split_at(start), corpus.histogram(index))
             continue
@@ -287,13 +357,14 @@ SEPARATOR = -1
 
 
 class Piece(NamedTuple):
-    """A run of consecutive characters of a shard: characters [start, end) of document `doc`
-    (its index in the documents table), or of the document separator when `doc` is `SEPARATOR`."""
+    """A run of consecutive characters of a shard: characters [start, end) of the text of row `doc`
+    of the documents table (a document, or a part of one), or of the document separator when
+    `doc` is `SEPARATOR`."""
 
     doc: int
     start: int
     end: int
-    ascii: bool  # the document is pure ASCII (characters are bytes)
+    ascii: bool  # the row is pure ASCII (characters are bytes)
 
 
 @dataclass(frozen=True)
@@ -342,8 +413,9 @@ class EncodePlan:
 
 
 class _Stream(NamedTuple):
-    """A split as a stream of characters: its documents (table indices, in order) with their
-    start positions in the stream, separators in between, and the range [lo, hi) that is the split."""
+    """A split as a stream of characters: its rows (table indices, in order) with their start
+    positions in the stream, separators before the rows that begin documents (but the first),
+    and the range [lo, hi) that is the split."""
 
     members: np.ndarray
     starts: np.ndarray
@@ -352,20 +424,22 @@ class _Stream(NamedTuple):
 
 
 def _streams(corpus: _Corpus, config: EncodeConfig, separator_len: int) -> dict[str, _Stream]:
-    if config.split == "contiguous":
-        layout = _Layout(corpus, config, separator_len)
+    if config.split != "hash":
+        layout = _Layout(corpus, config, config.document_separator)
         members = np.arange(len(corpus))
         bounds = [0, *(int(end) for end in layout.ends)]
         return {split: _Stream(members, layout.starts, bounds[i], bounds[i + 1]) for i, split in enumerate(SPLITS)}
-    labels = np.array([hash_split_of(doc_id, config) for doc_id in corpus.doc_ids])
+    labels = np.array([hash_split_of(doc_id, config) for doc_id in corpus.row_doc_ids])
     streams = {}
     for split in SPLITS:
         members = np.flatnonzero(labels == split)
         counts = corpus.char_counts[members]
         starts = np.zeros(len(members), dtype=np.int64)
         if len(members) > 1:
-            np.cumsum(counts[:-1] + separator_len, out=starts[1:])
-        length = int(counts.sum()) + separator_len * max(len(members) - 1, 0)
+            np.cumsum(counts[:-1], out=starts[1:])
+        starts += separator_len * corpus.separators_before(members)
+        documents = int(np.count_nonzero(corpus.first[members]))
+        length = int(counts.sum()) + separator_len * max(documents - 1, 0)
         streams[split] = _Stream(members, starts, 0, length)
     return streams
 
@@ -383,7 +457,8 @@ def _pieces(corpus: _Corpus, stream: _Stream, separator_len: int, a: int, b: int
             take = min(b, end)
             pieces.append(Piece(doc, position - start, take - start, bool(corpus.ascii[doc])))
             position = take
-        if position < b and k + 1 < len(stream.members) and position < end + separator_len:
+        followed = k + 1 < len(stream.members) and bool(corpus.first[int(stream.members[k + 1])])
+        if position < b and followed and position < end + separator_len:
             take = min(b, end + separator_len)
             pieces.append(Piece(SEPARATOR, position - end, take - end, True))
             position = take
@@ -413,7 +488,7 @@ def plan_encode(
 
     counts = _split_counts(corpus, config)
     tokens = {split: int(c.sum()) for split, c in counts.items()}
-    required = [s for s in SPLITS if s != "test" or config.test_fraction > 0]
+    required = [s for s in SPLITS if s != "test" or config.test_fraction > 0 or config.split == "bytes"]
     short = [s for s in required if tokens[s] < min_split_tokens]
     if short:
         detail = ", ".join(f"{s} has {tokens[s]:,}" for s in short)
@@ -458,7 +533,7 @@ def plan_encode(
         **where,
         config=config,
         vocab_chars=vocab.chars,
-        documents=len(corpus),
+        documents=len(corpus.doc_ids),
         characters=int(corpus.char_counts.sum()),
         splits=splits,
         shards=tuple(shards),

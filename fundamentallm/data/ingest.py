@@ -15,6 +15,18 @@ Documents are identified by the sha256 of their normalised UTF-8 bytes; an exact
 duplicate of an earlier document is dropped and counted. The table lands in
 ``<out>/documents/<corpus hash>/documents.parquet`` beside ``ingest-report.json``, where
 the corpus hash covers the document ids in order: the same text gives the same directory.
+
+A file larger than `IngestConfig.part_bytes` is never held whole: it is read, decoded,
+normalised and hashed in parts of about that size, each cut between two ASCII bytes (the
+first not a carriage return), where no character, no CRLF pair and no NFC composition or
+reordering can span the cut, so each part normalises alone exactly as it would within the
+whole. Each part is one row of the table (`part` 0, 1, ...; every row carries the document's
+id), so the text, its id and everything encoded from it are those of the unparted path. A
+part whose normalised bytes are its raw bytes (the usual case) is read again from the file
+when it is written; a changed one waits in a spill file, because the document's id, and so
+whether it is a duplicate, is known only after its last part. A file with no such cut for
+a long stretch (no two adjacent ASCII characters) grows its part until one comes; a UTF-16
+or UTF-32 file (byte-order mark) is read whole.
 """
 
 from __future__ import annotations
@@ -22,12 +34,15 @@ from __future__ import annotations
 import codecs
 import hashlib
 import logging
+import os
+import tempfile
 import time
 import unicodedata
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +51,7 @@ import pyarrow.parquet as pq
 from fundamentallm.config import IngestConfig
 from fundamentallm.data.codepoints import add_counts, count_codepoints, counts_to_dict, iter_codepoint_chunks
 from fundamentallm.data.schema import DOCUMENTS_SCHEMA, corpus_hash_of
-from fundamentallm.data.sources import RawDocument, SkippedSource, iter_source
+from fundamentallm.data.sources import RawDocument, RawFile, SkippedSource, iter_source
 from fundamentallm.errors import CorpusError
 from fundamentallm.fsutil import atomic_write_json, publish_dir, staging_dir
 from fundamentallm.progress import Progress, null_progress
@@ -85,15 +100,17 @@ class Document:
 _ASCII_BYTES = bytes(range(128))
 
 
-def _histogram(utf8: bytes) -> np.ndarray:
-    """Character histogram of UTF-8 text.
+def _histogram(utf8: bytes, byte_counts: np.ndarray | None = None) -> np.ndarray:
+    """Character histogram of UTF-8 text (`byte_counts`: its byte histogram, when already counted).
 
     ASCII bytes never occur inside a multi-byte sequence, so the byte histogram gives the
     ASCII counts exactly; the non-ASCII characters, cut out of the text with their whole
     sequences (still valid UTF-8), are decoded and counted on their own. For mostly-ASCII
     text that is a small remainder.
     """
-    counts = count_codepoints(np.frombuffer(utf8, dtype=np.uint8))
+    if byte_counts is None:
+        byte_counts = count_codepoints(np.frombuffer(utf8, dtype=np.uint8))
+    counts = byte_counts.copy()
     counts[128:] = 0
     rest = utf8.translate(None, _ASCII_BYTES)
     if rest:
@@ -168,6 +185,237 @@ def normalise(
     return Document(source, utf8, len(text), _histogram(utf8))
 
 
+_SAFE_CUT_WINDOW = 1 << 16
+
+
+def safe_cut(buf: np.ndarray) -> int:
+    """The largest p (0 < p < len(buf)) at which `buf` (raw bytes, ASCII-compatible encoding) may be
+    cut: buf[p - 1] and buf[p] are ASCII and buf[p - 1] is not a carriage return; 0 when there is none.
+
+    ASCII characters are whole characters in UTF-8 and the legacy encodings, are starters that
+    compose with nothing before them and block reordering, and a CRLF pair is never parted: text
+    cut there decodes and normalises as the two sides apart as it does whole.
+    """
+    n = len(buf)
+    for lo in (max(n - _SAFE_CUT_WINDOW, 0), 0):  # the tail first: a cut is nearly always there
+        a, b = buf[lo : n - 1], buf[lo + 1 : n]
+        ok = np.flatnonzero((a < 128) & (a != 13) & (b < 128))
+        if len(ok):
+            return lo + int(ok[-1]) + 1
+        if lo == 0:
+            break
+    return 0
+
+
+def _raw_parts(f: IO[bytes], part_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """(offset in the file, bytes) of consecutive parts of `f` from where it stands, each cut at a
+    `safe_cut` at or before about `part_bytes`; a part with no safe cut grows until one comes."""
+    offset = f.tell()
+    carry = b""
+    while True:
+        block = f.read(part_bytes - len(carry) if len(carry) < part_bytes else part_bytes)
+        data = carry + block if carry else block
+        if not block:  # end of file
+            if data:
+                yield offset, data
+            return
+        cut = safe_cut(np.frombuffer(data, dtype=np.uint8))
+        if cut == 0:
+            carry = data
+            continue
+        yield offset, data[:cut]
+        offset += cut
+        carry = data[cut:]
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One normalised part of a large file: where its bytes wait, and its counts."""
+
+    spilled: bool  # in the spill file (normalisation changed them), else the raw bytes in the source file
+    offset: int
+    length: int
+    char_count: int
+    codes: np.ndarray  # the histogram, sparse: a dense one reaches up to the largest code point (1 MB for an emoji)
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, spilled: bool, offset: int, length: int, char_count: int, histogram: np.ndarray) -> _Part:
+        codes = np.flatnonzero(histogram)
+        return cls(spilled, offset, length, char_count, codes, histogram[codes])
+
+    @property
+    def histogram(self) -> np.ndarray:
+        dense = np.zeros(int(self.codes[-1]) + 1 if len(self.codes) else 0, dtype=np.int64)
+        dense[self.codes] = self.counts
+        return dense
+
+
+class _Undecodable(Exception):
+    def __init__(self, offset: int, exc: UnicodeDecodeError):
+        self.offset, self.exc = offset, exc
+
+
+@dataclass(frozen=True)
+class PartedDocument:
+    """A large file normalised in parts: its id and its parts, whose bytes `documents` fetches."""
+
+    source: str
+    path: Path
+    doc_id: str
+    parts: tuple[_Part, ...]
+    spill: IO[bytes]
+    signature: tuple[int, int]  # the file's size and modification time when it was normalised
+
+    @property
+    def char_count(self) -> int:
+        return sum(p.char_count for p in self.parts)
+
+    @property
+    def byte_count(self) -> int:
+        return sum(p.length for p in self.parts)
+
+    def documents(self) -> Iterator[Document]:
+        """Each part as a `Document` row, read back one at a time.
+
+        Raises `CorpusError` when the file changed since it was normalised: the unchanged parts
+        are read from it again, and they must be the bytes the document's id was computed from.
+        """
+        with open(self.path, "rb") as f:
+            if _signature(os.fstat(f.fileno())) != self.signature:
+                raise CorpusError(f"{self.source}: the file changed while it was being read; run again")
+            for part in self.parts:
+                stream = self.spill if part.spilled else f
+                stream.seek(part.offset)
+                data = stream.read(part.length)
+                yield Document(self.source, data, part.char_count, part.histogram)
+
+
+def _signature(info: os.stat_result) -> tuple[int, int]:
+    return info.st_size, info.st_mtime_ns
+
+
+def _scan_parts(
+    raw: RawFile, f: IO[bytes], encoding: str, errors: str, checked: bool, spill: IO[bytes], part_bytes: int
+) -> tuple[list[_Part], str, int] | SkippedSource:
+    """Decode and normalise the file `f` (positioned after any byte-order mark) part by part.
+
+    Returns the parts, the document id and the number of C0 control bytes; or why it is
+    skipped. Raises `_Undecodable` at the first undecodable part under ``errors="strict"``.
+    """
+    digest = hashlib.sha256()
+    parts: list[_Part] = []
+    controls = 0
+    spill.seek(0)
+    spill.truncate()
+    plain = encoding == "utf-8" and errors == "strict"
+    for offset, data in _raw_parts(f, part_bytes):
+        raw_counts = count_codepoints(np.frombuffer(data, dtype=np.uint8))
+        if checked:
+            if raw_counts[0]:
+                return SkippedSource(raw.source, f"binary file (NUL byte at offset {offset + data.find(0)})")
+            controls += int(raw_counts[_C0_BYTES].sum())
+        if plain and not raw_counts[128:].any() and not raw_counts[13]:
+            digest.update(data)
+            parts.append(_Part.of(False, offset, len(data), len(data), raw_counts))
+            continue
+        try:
+            text = data.decode(encoding, errors)
+        except UnicodeDecodeError as exc:
+            raise _Undecodable(offset, exc) from exc
+        changed = not plain
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            changed = True
+        if not text.isascii():
+            nfc = unicodedata.normalize("NFC", text)
+            changed = changed or nfc is not text
+            text = nfc
+        utf8 = text.encode("utf-8") if changed else data
+        digest.update(utf8)
+        if changed:
+            parts.append(_Part.of(True, spill.tell(), len(utf8), len(text), _histogram(utf8)))
+            spill.write(utf8)
+        else:  # the raw bytes: their byte histogram is counted already
+            parts.append(_Part.of(False, offset, len(utf8), len(text), _histogram(utf8, raw_counts)))
+    return parts, digest.hexdigest(), controls
+
+
+def _binary_reason(f: IO[bytes], size: int, max_binary_control_share: float) -> str | None:
+    """Why the whole file `f` is binary (a NUL byte, too many control bytes), or None."""
+    f.seek(0)
+    controls = 0
+    offset = 0
+    while block := f.read(1 << 23):
+        counts = count_codepoints(np.frombuffer(block, dtype=np.uint8))
+        if counts[0]:
+            return f"binary file (NUL byte at offset {offset + block.find(0)})"
+        controls += int(counts[_C0_BYTES].sum())
+        offset += len(block)
+    share = controls / size
+    return f"binary file ({share:.0%} control bytes)" if share > max_binary_control_share else None
+
+
+def normalise_file(
+    raw: RawFile,
+    spill: IO[bytes],
+    policy: str = "strict",
+    max_binary_control_share: float = 0.1,
+    part_bytes: int = 1 << 23,
+) -> PartedDocument | Document | SkippedSource:
+    """`normalise` for a file too large to hold, in parts of about `part_bytes`: the same text,
+    id, skips and errors as `normalise` gives for the file's bytes. Changed parts wait in
+    `spill` (an open temporary file) until `PartedDocument.documents` reads them."""
+    with open(raw.path, "rb") as f:
+        signature = _signature(os.fstat(f.fileno()))
+        head = f.read(4)
+        encoding, bom_len = "utf-8", 0
+        for bom, name in _BOMS:
+            if head.startswith(bom):
+                encoding, bom_len = name, len(bom)
+                break
+        if encoding != "utf-8":  # UTF-16 and UTF-32 have no ASCII bytes to cut at
+            f.seek(0)
+            return normalise(RawDocument(raw.source, f.read()), policy, max_binary_control_share)
+        errors, checked = "strict", bom_len == 0
+        while True:
+            f.seek(bom_len)
+            try:
+                scanned = _scan_parts(raw, f, encoding, errors, checked, spill, part_bytes)
+                break
+            except _Undecodable as failure:
+                exc = failure.exc
+                reason = _binary_reason(f, raw.size, max_binary_control_share) if checked else None
+                if reason is not None:  # as `normalise`: a binary file is skipped before its decoding is tried
+                    return SkippedSource(raw.source, reason)
+                if encoding != "utf-8":  # Windows-1252 leaves five bytes undefined: Latin-1 has them all
+                    encoding = "latin-1"
+                    continue
+                offset = failure.offset + exc.start
+                bad = exc.object[exc.start : exc.end].hex(" ")
+                if policy == "strict":
+                    raise CorpusError(
+                        f"{raw.source}: invalid UTF-8 at byte offset {offset} ({exc.reason}: {bad}); "
+                        "convert the file to UTF-8, or choose encoding policy 'replace' or 'fallback'"
+                    ) from exc
+                if policy == "fallback":
+                    log.warning("%s: invalid UTF-8 at byte offset %d; read as Windows-1252 instead", raw.source, offset)
+                    encoding = "cp1252"
+                else:
+                    log.warning("%s: invalid UTF-8 at byte offset %d; replaced with U+FFFD", raw.source, offset)
+                    errors = "replace"
+    if isinstance(scanned, SkippedSource):
+        return scanned
+    parts, doc_id, controls = scanned
+    if checked:
+        share = controls / raw.size
+        if share > max_binary_control_share:
+            return SkippedSource(raw.source, f"binary file ({share:.0%} control bytes)")
+    if not any(p.char_count for p in parts):
+        return SkippedSource(raw.source, "empty after decoding")
+    return PartedDocument(raw.source, raw.path, doc_id, tuple(parts), spill, signature)
+
+
 @dataclass(frozen=True)
 class DocumentsRecord:
     """The ingestion stage's output, small enough to pass between pipeline tasks."""
@@ -194,6 +442,20 @@ class DocumentsRecord:
         return cls(**data)
 
 
+class _Row(NamedTuple):
+    """One row of the documents table, waiting in the writer."""
+
+    doc_id: str
+    part: int
+    source: str
+    text_utf8: bytes
+    char_count: int
+    control_count: int
+    replacement_count: int
+    codes: np.ndarray
+    counts: np.ndarray
+
+
 class _DocumentsWriter:
     """Streams documents into a Parquet file in row groups of bounded size.
 
@@ -215,11 +477,29 @@ class _DocumentsWriter:
         )
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="documents")
         self._inflight: Future[None] | None = None
-        self._pending: list[tuple[str, Document]] = []
+        self._pending: list[_Row] = []
         self._pending_bytes = 0
 
-    def add(self, doc_id: str, doc: Document) -> None:
-        self._pending.append((doc_id, doc))
+    def add(self, doc_id: str, doc: Document, part: int = 0) -> None:
+        """Add one row: a whole document, or part `part` of the document `doc_id`."""
+        # Kept sparse: a dense histogram reaches up to the largest code point (1 MB for one emoji).
+        codes = np.flatnonzero(doc.histogram)
+        row = _Row(
+            doc_id,
+            part,
+            doc.source,
+            doc.text_utf8,
+            doc.char_count,
+            doc.control_count,
+            doc.replacement_count,
+            codes.astype(np.uint32),
+            doc.histogram[codes],
+        )
+        if self._pending and self._pending_bytes + len(doc.text_utf8) > self.FLUSH_BYTES:
+            # Flushed before the row that would pass the bound, not after: row groups stay under it
+            # (two 8 MiB parts, not three), and readers hold one row group at a time.
+            self.flush()
+        self._pending.append(row)
         self._pending_bytes += len(doc.text_utf8)
         if self._pending_bytes >= self.FLUSH_BYTES or len(self._pending) >= self.FLUSH_ROWS:
             self.flush()
@@ -239,32 +519,31 @@ class _DocumentsWriter:
             self._inflight = None
 
     @staticmethod
-    def _table(pending: list[tuple[str, Document]]) -> pa.Table:
-        docs = [d for _, d in pending]
-        lengths = np.fromiter((len(d.text_utf8) for d in docs), dtype=np.int64, count=len(docs))
-        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+    def _table(rows: list[_Row]) -> pa.Table:
+        lengths = np.fromiter((len(r.text_utf8) for r in rows), dtype=np.int64, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         text = pa.Array.from_buffers(
             pa.large_string(),
-            len(docs),
-            [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(d.text_utf8 for d in docs))],
+            len(rows),
+            [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(r.text_utf8 for r in rows))],
         )
-        codes = [np.flatnonzero(d.histogram) for d in docs]
-        hist_offsets = np.zeros(len(docs) + 1, dtype=np.int32)
-        np.cumsum([len(c) for c in codes], out=hist_offsets[1:])
+        hist_offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+        np.cumsum([len(r.codes) for r in rows], out=hist_offsets[1:])
         histogram = pa.MapArray.from_arrays(
             pa.array(hist_offsets),
-            pa.array(np.concatenate(codes).astype(np.uint32)),
-            pa.array(np.concatenate([d.histogram[c] for d, c in zip(docs, codes, strict=True)]).astype(np.int64)),
+            pa.array(np.concatenate([r.codes for r in rows]).astype(np.uint32)),
+            pa.array(np.concatenate([r.counts for r in rows]).astype(np.int64)),
             type=DOCUMENTS_SCHEMA.field("char_histogram").type,
         )
         columns = [
-            pa.array([i for i, _ in pending], pa.string()),
-            pa.array([d.source for d in docs], pa.string()),
-            pa.array([d.char_count for d in docs], pa.int64()),
+            pa.array([r.doc_id for r in rows], pa.string()),
+            pa.array([r.part for r in rows], pa.int32()),
+            pa.array([r.source for r in rows], pa.string()),
+            pa.array([r.char_count for r in rows], pa.int64()),
             pa.array(lengths, pa.int64()),
-            pa.array([d.control_count for d in docs], pa.int64()),
-            pa.array([d.replacement_count for d in docs], pa.int64()),
+            pa.array([r.control_count for r in rows], pa.int64()),
+            pa.array([r.replacement_count for r in rows], pa.int64()),
             histogram,
             text,
         ]
@@ -316,7 +595,7 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
     seen: dict[str, str] = {}
     counts = np.zeros(0, dtype=np.int64)
     total_chars = total_bytes = 0
-    with staging_dir(root / "ingest") as stage:
+    with staging_dir(root / "ingest") as stage, tempfile.TemporaryFile(dir=stage) as spill:
         writer = _DocumentsWriter(stage / "documents.parquet")
         try:
             for spec in config.sources:
@@ -328,9 +607,14 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
                     max_file_bytes=config.max_file_bytes,
                     max_download_bytes=config.max_download_bytes,
                     download_timeout_s=config.download_timeout_s,
+                    part_bytes=config.part_bytes,
                 ):
                     if isinstance(item, RawDocument):
                         item = normalise(item, config.encoding_policy, config.max_binary_control_share)
+                    elif isinstance(item, RawFile):
+                        item = normalise_file(
+                            item, spill, config.encoding_policy, config.max_binary_control_share, config.part_bytes
+                        )
                     if isinstance(item, SkippedSource):
                         log.debug("skipped %s: %s", item.source, item.reason)
                         skipped.append({"source": item.source, "reason": item.reason})
@@ -341,10 +625,12 @@ def ingest(config: IngestConfig, out_dir: str | Path, progress: Progress = null_
                         duplicates.append({"source": item.source, "duplicate_of": seen[doc_id]})
                         continue
                     seen[doc_id] = item.source
-                    writer.add(doc_id, item)
-                    counts = add_counts(counts, item.histogram)
-                    total_chars += item.char_count
-                    total_bytes += len(item.text_utf8)
+                    rows = item.documents() if isinstance(item, PartedDocument) else [item]
+                    for part, row in enumerate(rows):
+                        writer.add(doc_id, row, part)
+                        counts = add_counts(counts, row.histogram)
+                        total_chars += row.char_count
+                        total_bytes += len(row.text_utf8)
                     read.append({"source": item.source, "doc_id": doc_id, "chars": item.char_count})
                     progress("ingest", len(read), None)
         finally:

@@ -12,6 +12,8 @@ from fundamentallm.errors import DatasetError
 DOCUMENTS_FORMAT = "fundamentallm-documents"
 SHARD_FORMAT = "fundamentallm-shard"
 FORMAT_VERSION = 1
+DOCUMENTS_VERSION = 2
+"""Version of the documents table: 2 added `part` (a large document in several rows)."""
 
 
 def _field(name: str, type_: pa.DataType, description: str) -> pa.Field:
@@ -20,21 +22,33 @@ def _field(name: str, type_: pa.DataType, description: str) -> pa.Field:
 
 DOCUMENTS_SCHEMA = pa.schema(
     [
-        _field("doc_id", pa.string(), "sha256 (hex) of the normalised text's UTF-8 bytes"),
+        _field("doc_id", pa.string(), "sha256 (hex) of the whole document's normalised text's UTF-8 bytes"),
+        _field(
+            "part",
+            pa.int32(),
+            "0 for a document's first row; a large document continues in the rows after it, numbered 1, 2, ...",
+        ),
         _field("source", pa.string(), "where the document came from: path, URL or builtin:<name>"),
-        _field("char_count", pa.int64(), "characters (Unicode code points) in the normalised text"),
-        _field("byte_count", pa.int64(), "UTF-8 bytes of the normalised text"),
+        _field("char_count", pa.int64(), "characters (Unicode code points) in this row's text"),
+        _field("byte_count", pa.int64(), "UTF-8 bytes of this row's text"),
         _field("control_count", pa.int64(), "control characters other than tab, newline and form feed"),
         _field("replacement_count", pa.int64(), "U+FFFD replacement characters (decoding damage)"),
         _field(
             "char_histogram",
             pa.map_(pa.field("codepoint", pa.uint32(), nullable=False), pa.field("count", pa.int64(), nullable=False)),
-            "how often each character (by code point) occurs in the text",
+            "how often each character (by code point) occurs in this row's text",
         ),
-        _field("text", pa.large_string(), "the text: UTF-8, no BOM, newlines as \\n, Unicode NFC"),
+        _field(
+            "text",
+            pa.large_string(),
+            "the text (the document's, or its part's: cut on a character boundary): UTF-8, no BOM, "
+            "newlines as \\n, Unicode NFC",
+        ),
     ],
-    metadata={"format": DOCUMENTS_FORMAT, "version": str(FORMAT_VERSION)},
+    metadata={"format": DOCUMENTS_FORMAT, "version": str(DOCUMENTS_VERSION)},
 )
+DOCUMENTS_SCHEMA_V1 = DOCUMENTS_SCHEMA.remove(DOCUMENTS_SCHEMA.get_field_index("part"))
+"""The version-1 table (one row per document, no `part`), still read: every row is a whole document."""
 
 
 def corpus_hash_of(doc_ids: Iterable[str]) -> str:

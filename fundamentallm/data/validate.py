@@ -67,9 +67,16 @@ def required_characters(min_split_tokens: int, encode: EncodeConfig) -> int:
 def _frames(documents: DocumentsRecord) -> dict[str, Any]:
     import pandas as pd
 
-    meta = pq.read_table(
-        documents.path, columns=["doc_id", "source", "char_count", "byte_count", "control_count", "replacement_count"]
-    ).to_pandas()
+    columns = ["doc_id", "source", "char_count", "byte_count", "control_count", "replacement_count"]
+    parted = "part" in pq.read_schema(documents.path).names  # a version-1 table has no parts
+    meta = pq.read_table(documents.path, columns=[*columns, *(["part"] * parted)]).to_pandas()
+    if parted and meta["part"].any():
+        # A large document is several consecutive rows (its parts): the checks are of documents.
+        document = (meta["part"] == 0).cumsum()
+        sums = dict.fromkeys(columns[2:], "sum")
+        meta = meta.groupby(document, sort=False).agg({"doc_id": "first", "source": "first", **sums})
+        meta = meta.reset_index(drop=True)
+    meta = meta[columns]
     chars = meta["char_count"].clip(lower=1)
     meta["control_share"] = meta["control_count"] / chars
     meta["replacement_share"] = meta["replacement_count"] / chars
