@@ -191,6 +191,8 @@ def test_a_grid_sweep_trains_every_trial_as_a_child_run_and_ranks_the_points(swe
         grid=["train.lr=0.001,0.01", "model.d_model=16,32"],
         seeds=2,
         experiment="test-sweep-grid",
+        register_best=True,
+        model_name="test-sweep-char",
         return_state=True,
     )
     assert state.is_completed(), state.message
@@ -229,6 +231,14 @@ def test_a_grid_sweep_trains_every_trial_as_a_child_run_and_ranks_the_points(swe
     first, second = board["rows"][:2]
     separated = second["val_loss"] - first["val_loss"] > first["spread"] + second["spread"]
     assert board["winner"] == (first["point"] if separated else None)
+    # register_best: the winner's lower-loss trial becomes a model version (nothing without a winner).
+    if separated:
+        winners = [c for c in children if c.data.tags["sweep.point"] == str(first["point"])]
+        best = min(winners, key=lambda c: c.data.metrics["val_loss"])
+        version = mlflow_client.get_model_version("test-sweep-char", result["registration"]["version"])
+        assert version.run_id == best.info.run_id and result["registration"]["champion"] is True
+    else:
+        assert result["registration"] is None
 
     # The pictures and the table: in the parent run and on the flow run's page.
     artifacts = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "sweep")}
