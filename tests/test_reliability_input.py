@@ -493,11 +493,14 @@ def assert_no_secret_in_files(*roots: Path) -> None:
 
 
 def documents_of(path: str | Path) -> dict[str, str]:
-    """source -> sha256 of the text, from a documents table."""
+    """source -> sha256 of the text, from a documents table (a large file's parts are consecutive rows, in order)."""
     table = pq.read_table(path, columns=["source", "text"])
     sources = table.column("source").to_pylist()
     texts = table.column("text")
-    return {source: hashlib.sha256(texts[i].as_buffer().to_pybytes()).hexdigest() for i, source in enumerate(sources)}
+    digests: dict[str, hashlib._Hash] = {}
+    for i, source in enumerate(sources):
+        digests.setdefault(source, hashlib.sha256()).update(texts[i].as_buffer().to_pybytes())
+    return {source: digest.hexdigest() for source, digest in digests.items()}
 
 
 def check_kept_and_skipped(built: Input, documents_path: str | Path, report_path: str | Path, output: str | None):
