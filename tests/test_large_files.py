@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fundamentallm.config import EncodeConfig, IngestConfig, ValidationConfig
+from fundamentallm.data import ingest as ingest_module
 from fundamentallm.data.codepoints import merge_counts
 from fundamentallm.data.encode import config_hash, encode
 from fundamentallm.data.ingest import (
@@ -23,6 +24,7 @@ from fundamentallm.data.ingest import (
     PartedDocument,
     _DocumentsWriter,
     ingest,
+    mixed_stretches,
     normalise,
     normalise_file,
     safe_cut,
@@ -81,6 +83,34 @@ def test_safe_cut_never_parts_a_character_a_crlf_or_an_nfc_sequence():
     assert safe_cut(np.frombuffer("\u00e9\r\n".encode(), dtype=np.uint8)) == 0  # only inside the CRLF pair
 
 
+def sparse_text(seed: int = 0, pieces: int = 3000) -> str:
+    """Mostly ASCII, the pieces above sprinkled between ASCII runs of 0 to 120 characters:
+    all-ASCII blocks between mixed ones, at any block size."""
+    rng = random.Random(seed)
+    words = "lorem ipsum dolor sit amet, consectetur adipiscing elit\n"
+    run = words * 3
+    return "".join(run[: rng.randrange(121)] + rng.choice(PIECES) for _ in range(pieces))
+
+
+@pytest.mark.parametrize("block", [3, 4, 16, 64, 4096])
+def test_mixed_stretches_hold_every_non_ascii_byte_and_cr_between_safe_cuts(block):
+    data = sparse_text(2).encode("utf-8")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    stretches = mixed_stretches(buf, has_cr=True, block=block)
+    covered = np.zeros(len(buf), dtype=bool)
+    last = -1
+    for start, end in stretches:
+        assert last < start < end if last >= 0 else 0 <= start < end
+        covered[start:end] = True
+        for cut in (start, end):
+            if 0 < cut < len(buf):  # a cut inside the text: between two ASCII characters, not after a CR
+                assert buf[cut - 1] < 128 and buf[cut] < 128 and buf[cut - 1] != 13, (block, cut)
+        last = end
+    assert covered[(buf >= 128) | (buf == 13)].all()
+    if block <= 64:
+        assert not covered.all()  # the ASCII between stretches stays out of them
+
+
 @pytest.mark.parametrize("part_bytes", [7, 64, 1000, 4093])
 @pytest.mark.parametrize(
     "data",
@@ -88,10 +118,14 @@ def test_safe_cut_never_parts_a_character_a_crlf_or_an_nfc_sequence():
         mixed_text().encode("utf-8"),
         codecs.BOM_UTF8 + mixed_text(1).encode("utf-8"),
         ("plain ascii line\n" * 800).encode("ascii"),
+        sparse_text().encode("utf-8"),
     ],
-    ids=["mixed", "utf8-bom", "ascii"],
+    ids=["mixed", "utf8-bom", "ascii", "sparse"],
 )
-def test_a_file_in_parts_normalises_to_the_same_text_and_id(tmp_path, spill, data, part_bytes):
+@pytest.mark.parametrize("block", [4, 32, 4096])
+def test_a_file_in_parts_normalises_to_the_same_text_and_id(tmp_path, spill, data, part_bytes, block, monkeypatch):
+    # `block`: how finely a part is searched for stretches that need decoding (mixed_stretches).
+    monkeypatch.setattr(ingest_module, "_STRETCH_BLOCK", block)
     path = tmp_path / "big.txt"
     path.write_bytes(data)
     whole = normalise(RawDocument(str(path), data))

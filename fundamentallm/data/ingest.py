@@ -319,6 +319,11 @@ def _scan_parts(
             digest.update(data)
             parts.append(_Part.of(False, offset, len(data), len(data), raw_counts))
             continue
+        if plain:
+            part, text_utf8 = _scan_mixed(data, offset, raw_counts, spill)
+            digest.update(text_utf8)
+            parts.append(part)
+            continue
         try:
             text = data.decode(encoding, errors)
         except UnicodeDecodeError as exc:
@@ -339,6 +344,93 @@ def _scan_parts(
         else:  # the raw bytes: their byte histogram is counted already
             parts.append(_Part.of(False, offset, len(utf8), len(text), _histogram(utf8, raw_counts)))
     return parts, digest.hexdigest(), controls
+
+
+_STRETCH_BLOCK = 1 << 12
+
+
+def mixed_stretches(buf: np.ndarray, has_cr: bool, block: int | None = None) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) of `buf` (raw UTF-8) that together hold every non-ASCII byte and
+    every carriage return, each bounded by a `safe_cut` or an end of `buf`; in order, disjoint.
+
+    Found a block of `block` bytes at a time: a stretch is a run of blocks holding such a byte,
+    widened by one byte on each side, so its edges sit between two plain ASCII characters of
+    the neighbouring all-ASCII blocks. Outside the stretches the text is ASCII without CR:
+    its bytes are its characters, already normalised.
+    """
+    block = block or _STRETCH_BLOCK  # at least 3: a widened edge stays inside its ASCII block
+    n = len(buf)
+    full = n // block
+    flagged = np.zeros(full + (n % block > 0), dtype=bool)
+    if full:
+        flagged[:full] = buf[: full * block].reshape(full, block).max(axis=1) >= 128
+    if n % block:
+        flagged[-1] = buf[full * block :].max() >= 128
+    if has_cr:
+        cr = buf == 13
+        if full:
+            flagged[:full] |= cr[: full * block].reshape(full, block).any(axis=1)
+        if n % block:
+            flagged[-1] |= cr[full * block :].any()
+    # Runs of flagged blocks: where the flag turns on and off.
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], flagged, [False])).astype(np.int8)))
+    stretches: list[tuple[int, int]] = []
+    for first, stop in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
+        start, end = max(first * block - 1, 0), min(stop * block + 1, n)
+        if stretches and start <= stretches[-1][1]:
+            start = stretches.pop()[0]
+        stretches.append((start, end))
+    return stretches
+
+
+def _scan_mixed(data: bytes, offset: int, raw_counts: np.ndarray, spill: IO[bytes]) -> tuple[_Part, bytes]:
+    """One part of strict UTF-8 holding non-ASCII bytes or carriage returns: only the stretches
+    holding them (`mixed_stretches`) are decoded and normalised; the ASCII between them is taken
+    as it is. The same text and counts as decoding the whole part; a part that normalisation
+    changed is written to `spill`. Returns the part and its normalised bytes; raises
+    `_Undecodable` with the offset of the stretch."""
+    view = memoryview(data)
+    pieces: list[bytes | memoryview] = []
+    rest: list[bytes | memoryview] = []  # the stretches' bytes, unchanged
+    changed = False
+    chars = len(data)
+    position = 0
+    for start, end in mixed_stretches(np.frombuffer(data, dtype=np.uint8), bool(raw_counts[13])):
+        raw = view[start:end]
+        try:
+            text = str(raw, "utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Undecodable(offset + start, exc) from exc
+        stretch_changed = False
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            stretch_changed = True
+        if not text.isascii():
+            nfc = unicodedata.normalize("NFC", text)
+            stretch_changed = stretch_changed or nfc is not text
+            text = nfc
+        chars += len(text) - (end - start)
+        pieces.append(view[position:start])
+        if stretch_changed:
+            changed = True
+            pieces.append(text.encode("utf-8"))
+        else:
+            pieces.append(raw)
+            rest.append(raw)
+        position = end
+    if not changed:
+        counts = raw_counts.copy()
+        counts[128:] = 0
+        others = b"".join(rest).translate(None, _ASCII_BYTES)
+        if others:
+            for chunk in iter_codepoint_chunks(np.frombuffer(others, dtype=np.uint8), ascii_only=False):
+                counts = add_counts(counts, count_codepoints(chunk))
+        return _Part.of(False, offset, len(data), chars, counts), data
+    pieces.append(view[position:])
+    utf8 = b"".join(pieces)
+    part = _Part.of(True, spill.tell(), len(utf8), chars, _histogram(utf8))
+    spill.write(utf8)
+    return part, utf8
 
 
 def _binary_reason(f: IO[bytes], size: int, max_binary_control_share: float) -> str | None:
