@@ -29,13 +29,17 @@ def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return orthogonalize_all([update], steps)[0]
 
 
-def orthogonalize_all(updates: list[torch.Tensor], steps: int = 5) -> list[torch.Tensor]:
-    """`orthogonalize` of each matrix in `updates`, the matrices of one shape as one batch.
+def orthogonalize_all(
+    updates: list[torch.Tensor], steps: int = 5, dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor]:
+    """`orthogonalize` of each matrix in `updates`, the matrices of one shape as one batch, the
+    iteration's products in `dtype` (bfloat16 where the hardware multiplies it fast, as Muon
+    does on GPUs: the iteration only needs singular values near 1, not exact ones).
 
     A transformer's blocks repeat a few shapes (12 matrices, 3 shapes at 3 x 160): one batched
     product per shape and step instead of one per matrix, and each step's two products with the
-    scaling and sum folded in (`baddbmm`), took the optimizer's Newton-Schulz time on a 2-core
-    CPU at 3 x 160 from 57 to 29-35 ms a step (benchmarks/RESULTS.md).
+    scaling and sum folded in (`baddbmm`), took a Muon step on a 2-core AVX2 CPU from 40 to 32 ms
+    at 3 x 160 and from 110 to 65 ms at 4 x 192 (benchmarks/RESULTS.md).
     """
     a, b, c = _NS_COEFFICIENTS
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -48,7 +52,7 @@ def orthogonalize_all(updates: list[torch.Tensor], steps: int = 5) -> list[torch
     result: list[torch.Tensor] = list(updates)
     for members in groups.values():
         x = torch.stack([wide[i] for i in members])  # (n, rows, columns)
-        x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
+        x = (x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)).to(dtype)
         for _ in range(steps):
             gram = torch.bmm(x, x.mT)
             poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b * G + c * G @ G
@@ -70,11 +74,13 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         ns_steps: int = 5,
         weight_decay: float = 0.0,
+        ns_dtype: torch.dtype = torch.float32,
     ):
         super().__init__(
             params,
             {"lr": lr, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps, "weight_decay": weight_decay},
         )
+        self.ns_dtype = ns_dtype  # not in the state dict: a run resumed on other hardware follows that hardware
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -92,7 +98,7 @@ class Muon(torch.optim.Optimizer):
                 buffers.append(state["momentum_buffer"])
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
-            updates = orthogonalize_all(list(updates), group["ns_steps"])
+            updates = orthogonalize_all(list(updates), group["ns_steps"], self.ns_dtype)
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             for p, update in zip(params, updates, strict=True):
@@ -150,9 +156,14 @@ def _adamw(groups: list[dict[str, Any]], config: TrainConfig, lr: float, device:
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> Optimizers:
+def build_optimizer(
+    model: nn.Module, config: TrainConfig, device: torch.device, matmul_dtype: torch.dtype | None = None
+) -> Optimizers:
     """AdamW over everything (weight decay on matrices and embeddings only), or, with
-    ``optimizer = "muon"``, Muon over the blocks' weight matrices and AdamW over the rest."""
+    ``optimizer = "muon"``, Muon over the blocks' weight matrices and AdamW over the rest.
+
+    `matmul_dtype`: the type the training's matrix products run in (its autocast type; None for
+    float32); Muon's Newton-Schulz products run in it too."""
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "muon":
         hidden = [p for name, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and "blocks." in name]
@@ -167,7 +178,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
             config.lr,
             device,
         )
-        muon = Muon(hidden, lr=config.muon_lr, momentum=config.muon_momentum, weight_decay=config.weight_decay)
+        muon = Muon(
+            hidden,
+            lr=config.muon_lr,
+            momentum=config.muon_momentum,
+            weight_decay=config.weight_decay,
+            ns_dtype=matmul_dtype or torch.float32,
+        )
         return Optimizers([adam, muon])
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},

@@ -518,7 +518,9 @@ class Trainer:
                 log.info("%s", self.warm_start.summary())
         part = (dist.rank, dist.world)
         batches = Batches(train_tokens, mc.context_length, tc.batch_size, self.device, tc.seed + 1, part)
-        self.state = TrainState(model, build_optimizer(model, tc, self.device), batches, TrainProgress())
+        self.state = TrainState(
+            model, build_optimizer(model, tc, self.device, self.precision.dtype), batches, TrainProgress()
+        )
         if checkpoint is not None:
             self.state.restore(checkpoint, dist)
             log.info("resumed %s at step %d", run.latest, checkpoint.step)

@@ -54,6 +54,28 @@ def test_matrices_orthogonalised_together_equal_each_one_alone():
     assert torch.equal(orthogonalize(updates[2]), orthogonalize_all([updates[2]])[0])
 
 
+def test_the_iteration_in_bfloat16_still_flattens_singular_values():
+    torch.manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(48, 16))
+    v, _ = torch.linalg.qr(torch.randn(40, 16))
+    updates = [u @ torch.diag(torch.logspace(-1, 1, 16)) @ v.T, torch.randn(40, 48)]
+    low = orthogonalize_all(updates, dtype=torch.bfloat16)
+    singular = torch.linalg.svdvals(low[0])[:16]  # rank 16: singular values from 0.1 to 10 before
+    assert singular.min() > 0.5 and singular.max() < 1.3, singular
+    for result, exact in zip(low, orthogonalize_all(updates), strict=True):
+        assert result.dtype == torch.float32  # the update's own type; only the products ran in bf16
+        # The same direction (rounding moves the unconverged singular values a little).
+        assert torch.nn.functional.cosine_similarity(result.flatten(), exact.flatten(), dim=0) > 0.97
+
+
+def test_muon_multiplies_in_the_training_precision():
+    model = CharTransformer(ModelConfig(vocab_size=30, context_length=16, n_layer=1, n_head=2, d_model=16))
+    config = TrainConfig(optimizer="muon")
+    assert build_optimizer(model, config, torch.device("cpu")).optimizers[1].ns_dtype == torch.float32
+    bf16 = build_optimizer(model, config, torch.device("cpu"), torch.bfloat16).optimizers[1]
+    assert bf16.ns_dtype == torch.bfloat16
+
+
 def test_a_muon_step_moves_each_matrix_by_its_own_orthogonalised_momentum():
     torch.manual_seed(2)
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((32, 8), (8, 32), (8, 8), (32, 8))]
