@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import debug_config
 
-from fundamentallm import runtime
+from fundamentallm import optim, runtime
 from fundamentallm.train import train
 
 CPU = torch.device("cpu")
@@ -46,9 +46,13 @@ def test_fast_bf16_is_read_from_torch_or_cpuinfo(monkeypatch, tmp_path, amx, avx
 @pytest.mark.parametrize(("fast", "name"), [(True, "bf16"), (False, "fp32")])
 def test_training_with_auto_runs_in_the_precision_auto_picks(tiny_dataset, tmp_path, monkeypatch, fast, name):
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast)
-    config = debug_config(max_steps=4, eval_interval=4, checkpoint_interval=4, precision="auto")
+    config = debug_config(max_steps=4, eval_interval=4, checkpoint_interval=4, precision="auto", optimizer="muon")
+    seen = []
+    monkeypatch.setattr(optim, "orthogonalize_all", lambda updates, steps, dtype: seen.append(dtype) or updates)
     result = train(tiny_dataset, config, tmp_path / "run")
     assert result.precision == name and math.isfinite(result.final_train_loss)
+    # Muon's Newton-Schulz products run in the training's matrix type.
+    assert seen == [torch.bfloat16 if name == "bf16" else torch.float32] * 4
 
 
 def test_compiled_code_is_cached_in_the_users_cache_directory_for_every_later_run(tmp_path, monkeypatch):
