@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import debug_config, prose
 from typer.testing import CliRunner
 
+from fundamentallm import runtime
 from fundamentallm.checkpoint import load_checkpoint
 from fundamentallm.cli import app
 from fundamentallm.config import MAX_INSPECT_CHARS, EncodeConfig, IngestConfig, InspectConfig, ModelConfig
@@ -36,6 +37,17 @@ LN2 = math.log(2.0)
 VAL_TEXT = ("0" + "The sea 12 and 345 war, the KING 6789 speaks.\n" * 4)[:160]
 """The validation split of `run`: digits, which the training split never holds, so they are outside
 the vocabulary and charged as unknown; uppercase inside and at the start of words; a newline."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fp32_on_every_cpu():
+    """The page is checked against references computed here in fp32, and against the evaluator:
+    precision "auto" means fp32 in this module on any CPU. (On one that multiplies bf16 in
+    hardware it would mean bf16, whose sums differ from fp32 ones by about 1e-3 and between
+    batchings.)"""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+        yield
 
 
 @pytest.fixture(scope="module")
