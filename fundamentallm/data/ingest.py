@@ -126,6 +126,19 @@ def _decode_legacy(data: bytes) -> str:
         return data.decode("latin-1")
 
 
+def _clean_text(text: str) -> tuple[str, bool]:
+    """`text` with CRLF and lone CR as LF, in NFC; and whether that changed it."""
+    changed = False
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        changed = True
+    if not text.isascii():
+        nfc = unicodedata.normalize("NFC", text)
+        changed = changed or nfc is not text
+        text = nfc
+    return text, changed
+
+
 def normalise(
     raw: RawDocument, policy: str = "strict", max_binary_control_share: float = 0.1
 ) -> Document | SkippedSource:
@@ -171,14 +184,8 @@ def normalise(
             log.warning("%s: invalid %s at byte offset %d; replaced with U+FFFD", source, encoding.upper(), offset)
             text = body.decode(encoding, errors="replace")
         changed = True
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-        changed = True
-    ascii_only = text.isascii()
-    if not ascii_only:
-        nfc = unicodedata.normalize("NFC", text)
-        changed = changed or nfc is not text
-        text = nfc
+    text, cleaned = _clean_text(text)
+    changed = changed or cleaned
     if not text:
         return SkippedSource(source, "empty after decoding")
     utf8 = text.encode("utf-8") if changed else data
@@ -328,14 +335,8 @@ def _scan_parts(
             text = data.decode(encoding, errors)
         except UnicodeDecodeError as exc:
             raise _Undecodable(offset, exc) from exc
-        changed = not plain
-        if "\r" in text:
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
-            changed = True
-        if not text.isascii():
-            nfc = unicodedata.normalize("NFC", text)
-            changed = changed or nfc is not text
-            text = nfc
+        text, cleaned = _clean_text(text)
+        changed = cleaned or not plain
         utf8 = text.encode("utf-8") if changed else data
         digest.update(utf8)
         if changed:
@@ -401,14 +402,7 @@ def _scan_mixed(data: bytes, offset: int, raw_counts: np.ndarray, spill: IO[byte
             text = str(raw, "utf-8")
         except UnicodeDecodeError as exc:
             raise _Undecodable(offset + start, exc) from exc
-        stretch_changed = False
-        if "\r" in text:
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
-            stretch_changed = True
-        if not text.isascii():
-            nfc = unicodedata.normalize("NFC", text)
-            stretch_changed = stretch_changed or nfc is not text
-            text = nfc
+        text, stretch_changed = _clean_text(text)
         chars += len(text) - (end - start)
         pieces.append(view[position:start])
         if stretch_changed:
