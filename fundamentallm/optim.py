@@ -38,8 +38,9 @@ def orthogonalize_all(
 
     A transformer's blocks repeat a few shapes (12 matrices, 3 shapes at 3 x 160): one batched
     product per shape and step instead of one per matrix, and each step's two products with the
-    scaling and sum folded in (`baddbmm`), took a Muon step on a 2-core AVX2 CPU from 40 to 32 ms
-    at 3 x 160 and from 110 to 65 ms at 4 x 192 (benchmarks/RESULTS.md).
+    scaling and sum folded in (`baddbmm`), took a Muon step in float32 on a 2-core AMD EPYC from
+    40 to 32 ms at 3 x 160 and from 110 to 65 ms at 4 x 192; in bf16 the iteration is 1.9x faster
+    again there (benchmarks/RESULTS.md).
     """
     a, b, c = _NS_COEFFICIENTS
     groups: dict[tuple[int, ...], list[int]] = {}
