@@ -101,15 +101,21 @@ _ASCII_BYTES = bytes(range(128))
 
 
 def _histogram(utf8: bytes, byte_counts: np.ndarray | None = None) -> np.ndarray:
-    """Character histogram of UTF-8 text (`byte_counts`: its byte histogram, when already counted).
+    """Character histogram of UTF-8 text (`byte_counts`: its byte histogram, when already counted)."""
+    if byte_counts is None:
+        byte_counts = count_codepoints(np.frombuffer(utf8, dtype=np.uint8))
+    return _ascii_and_others(byte_counts, utf8)
+
+
+def _ascii_and_others(byte_counts: np.ndarray, utf8: bytes) -> np.ndarray:
+    """Character histogram of a text from its byte histogram `byte_counts` and `utf8`, UTF-8 that
+    holds every non-ASCII character of the text (the whole text, or stretches of it).
 
     ASCII bytes never occur inside a multi-byte sequence, so the byte histogram gives the
-    ASCII counts exactly; the non-ASCII characters, cut out of the text with their whole
+    ASCII counts exactly; the non-ASCII characters, cut out of `utf8` with their whole
     sequences (still valid UTF-8), are decoded and counted on their own. For mostly-ASCII
     text that is a small remainder.
     """
-    if byte_counts is None:
-        byte_counts = count_codepoints(np.frombuffer(utf8, dtype=np.uint8))
     counts = byte_counts.copy()
     counts[128:] = 0
     rest = utf8.translate(None, _ASCII_BYTES)
@@ -361,18 +367,10 @@ def mixed_stretches(buf: np.ndarray, has_cr: bool, block: int | None = None) -> 
     """
     block = block or _STRETCH_BLOCK  # at least 3: a widened edge stays inside its ASCII block
     n = len(buf)
-    full = n // block
-    flagged = np.zeros(full + (n % block > 0), dtype=bool)
-    if full:
-        flagged[:full] = buf[: full * block].reshape(full, block).max(axis=1) >= 128
-    if n % block:
-        flagged[-1] = buf[full * block :].max() >= 128
+    starts = np.arange(0, n, block)
+    flagged = np.maximum.reduceat(buf, starts) >= 128
     if has_cr:
-        cr = buf == 13
-        if full:
-            flagged[:full] |= cr[: full * block].reshape(full, block).any(axis=1)
-        if n % block:
-            flagged[-1] |= cr[full * block :].any()
+        flagged |= np.logical_or.reduceat(buf == 13, starts)
     # Runs of flagged blocks: where the flag turns on and off.
     edges = np.flatnonzero(np.diff(np.concatenate(([False], flagged, [False])).astype(np.int8)))
     stretches: list[tuple[int, int]] = []
@@ -413,13 +411,7 @@ def _scan_mixed(data: bytes, offset: int, raw_counts: np.ndarray, spill: IO[byte
             rest.append(raw)
         position = end
     if not changed:
-        counts = raw_counts.copy()
-        counts[128:] = 0
-        others = b"".join(rest).translate(None, _ASCII_BYTES)
-        if others:
-            for chunk in iter_codepoint_chunks(np.frombuffer(others, dtype=np.uint8), ascii_only=False):
-                counts = add_counts(counts, count_codepoints(chunk))
-        return _Part.of(False, offset, len(data), chars, counts), data
+        return _Part.of(False, offset, len(data), chars, _ascii_and_others(raw_counts, b"".join(rest))), data
     pieces.append(view[position:])
     utf8 = b"".join(pieces)
     part = _Part.of(True, spill.tell(), len(utf8), chars, _histogram(utf8))
