@@ -3,6 +3,8 @@
     python benchmarks/bench_train.py quality --budget 2m            # exact val loss after a time budget
     python benchmarks/bench_train.py quality --budget 15m --preset cpu-small
     python benchmarks/bench_train.py throughput                     # tokens/s and model FLOP utilisation
+    python benchmarks/bench_train.py profile --preset cpu-small     # where a step's time goes, by kind of operator
+    python benchmarks/bench_train.py attention                      # fused attention against spelled out, per shape
     python benchmarks/bench_train.py generation                     # characters/s with and without KV cache
     python benchmarks/bench_train.py processes                      # tokens/s training in 1 and 2 processes
     python benchmarks/bench_train.py target --dataset DIR --preset shakespeare-gpu --target 1.47
@@ -19,6 +21,16 @@ throughput: training tokens/s at the ``shakespeare-gpu`` and ``cpu-small`` shape
 FLOP utilisation: model FLOPs per second (6 x non-embedding parameters + 6 x layers x
 context x width per token, forward and backward, the attention term as in the PaLM paper)
 against a large matrix product of the same dtype measured in the same run.
+
+profile: torch.profiler over a few training steps of one preset on the CPU: milliseconds per step in the
+forward pass, the backward pass and the optimizer, and the operators' own time grouped by kind
+(matrix products, fused attention, softmax and masking, norms, activations, dropout, casts, the
+loss, optimizer arithmetic), then the top operators. The first thing to run on a new kind of
+machine: what is not a matrix product keeps the matrix units idle.
+
+attention: causal attention forward and backward at training shapes, PyTorch's fused kernel
+against the model's spelled-out attention, in fp32 and bf16 (under autocast), and which one the
+model picks there. On a new kind of CPU, check that the pick is the faster one.
 
 generation: characters per second generating 512 characters after a 256-character
 prompt at context 256, with and without the KV cache.
@@ -152,29 +164,39 @@ def _train_step(forward, optimizer, x, y, precision, device) -> None:
         torch.cuda.synchronize()
 
 
-def throughput(args: argparse.Namespace) -> None:
+def _training_setup(name: str, args: argparse.Namespace, device):
+    """A preset's model, optimizer and one random batch, as the trainer builds them."""
     import torch
 
     from fundamentallm.model import CharTransformer
     from fundamentallm.optim import build_optimizer
     from fundamentallm.presets import preset
-    from fundamentallm.runtime import resolve_device, resolve_precision
+    from fundamentallm.runtime import resolve_precision
+
+    config = preset(name)
+    mc, tc = config.model.replace(vocab_size=66), config.train
+    if getattr(args, "dropout", None) is not None:
+        mc = mc.replace(dropout=args.dropout)
+    precision = resolve_precision(tc.precision if args.precision == "preset" else args.precision, device)
+    torch.manual_seed(0)
+    model = CharTransformer(mc).to(device).train()
+    optimizer = build_optimizer(model, tc, device, precision.dtype)  # as the trainer does
+    forward = torch.compile(model) if args.compile else model
+    batch = args.batch or tc.batch_size
+    x = torch.randint(0, 66, (batch, mc.context_length), device=device)
+    y = torch.randint(0, 66, (batch, mc.context_length), device=device)
+    return model, forward, optimizer, x, y, precision, mc
+
+
+def throughput(args: argparse.Namespace) -> None:
+    import torch
+
+    from fundamentallm.runtime import resolve_device
 
     device = resolve_device(args.device)
     for name in args.presets:
-        config = preset(name)
-        mc, tc = config.model.replace(vocab_size=66), config.train
-        precision = resolve_precision(tc.precision if args.precision == "preset" else args.precision, device)
-        dtype = precision.dtype or torch.float32
-        peak = _matmul_rate(dtype, device)
-        torch.manual_seed(0)
-        model = CharTransformer(mc).to(device).train()
-        optimizer = build_optimizer(model, tc, device)
-        forward = torch.compile(model) if args.compile else model
-        batch = args.batch or tc.batch_size
-        x = torch.randint(0, 66, (batch, mc.context_length), device=device)
-        y = torch.randint(0, 66, (batch, mc.context_length), device=device)
-
+        model, forward, optimizer, x, y, precision, mc = _training_setup(name, args, device)
+        peak = _matmul_rate(precision.dtype or torch.float32, device)
         for _ in range(args.warmup):
             _train_step(forward, optimizer, x, y, precision, device)
         times = []
@@ -183,16 +205,132 @@ def throughput(args: argparse.Namespace) -> None:
             _train_step(forward, optimizer, x, y, precision, device)
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
+        batch = x.shape[0]
         tokens = batch * mc.context_length
         n = model.num_parameters(non_embedding=True)
         flops_per_token = 6 * n + 6 * mc.n_layer * mc.context_length * mc.d_model
         achieved = flops_per_token * tokens / seconds
         print(
-            f"{name}: {mc.n_layer}x{mc.d_model}, context {mc.context_length}, batch {batch}, {precision.name}, "
-            f"compile={args.compile}: {tokens / seconds:,.0f} tokens/s, {achieved / 1e9:.1f} GFLOP/s model, "
-            f"matmul peak {peak / 1e9:.1f} GFLOP/s -> MFU {achieved / peak:.1%}",
+            f"{name}: {mc.n_layer}x{mc.d_model}, context {mc.context_length}, batch {batch}, dropout {mc.dropout}, "
+            f"{precision.name}, compile={args.compile}: {tokens / seconds:,.0f} tokens/s, "
+            f"{achieved / 1e9:.1f} GFLOP/s model, matmul peak {peak / 1e9:.1f} GFLOP/s -> MFU {achieved / peak:.1%}",
             flush=True,
         )
+
+
+def attention(args: argparse.Namespace) -> None:
+    """Causal attention forward + backward, PyTorch's fused kernel against `explicit_attention`,
+    under the autocast each precision trains with: where `model.SPELLED_OUT_MAX_POSITIONS` comes from."""
+    import torch
+    import torch.nn.functional as F
+
+    from fundamentallm.model import explicit_attention, spell_out_attention
+
+    def fused(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def seconds(fn, shape, dtype) -> float:
+        q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad = torch.randn(shape, dtype=dtype)
+        autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+        times = []
+        for _ in range(args.warmup + args.repeats):
+            start = time.perf_counter()
+            with autocast:
+                out = fn(q, k, v)
+            out.backward(grad)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[args.warmup :])
+
+    for dtype in [getattr(torch, name) for name in args.dtypes]:
+        for batch, heads, positions, head_dim in (map(int, shape.split("x")) for shape in args.shapes):
+            shape = (batch, heads, positions, head_dim)
+            a, b = seconds(fused, shape, dtype), seconds(explicit_attention, shape, dtype)
+            chosen = "spelled out" if spell_out_attention(torch.empty(shape, dtype=dtype), 0.0) else "fused"
+            print(
+                f"{str(dtype).removeprefix('torch.')} B {batch} H {heads} T {positions} D {head_dim}: "
+                f"fused {a * 1e3:.1f} ms, spelled out {b * 1e3:.1f} ms, fused / spelled out {a / b:.2f}x; "
+                f"the model uses: {chosen}",
+                flush=True,
+            )
+
+
+# Where a training step's time goes, by the kind of operator (self time, torch.profiler names).
+PROFILE_KINDS = {
+    "matrix products": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear"),
+    "fused attention": ("aten::_scaled_dot_product", "aten::_flash_attention"),
+    "softmax and masking": (
+        "aten::_softmax",
+        "aten::_safe_softmax",
+        "aten::masked_fill",
+        "aten::where",
+        "aten::isneginf",
+        "aten::all",
+        "aten::triu",
+        "aten::tril",
+    ),
+    "norms": ("aten::native_layer_norm", "aten::_fused_rms_norm", "aten::rms_norm", "aten::layer_norm"),
+    "activations": ("aten::gelu", "aten::relu", "aten::threshold_backward", "aten::square", "aten::pow"),
+    "dropout and random": (
+        "aten::bernoulli",
+        "aten::native_dropout",
+        "aten::random_",
+        "aten::uniform_",
+        "aten::randint",
+    ),
+    "casts and copies": ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat"),
+    "loss": ("aten::_log_softmax", "aten::nll_loss", "aten::cross_entropy"),
+    "optimizer arithmetic": ("aten::_fused_adamw", "aten::_foreach", "aten::lerp", "aten::addcmul", "aten::addcdiv"),
+}
+
+
+def _kind(op: str) -> str:
+    for kind, prefixes in PROFILE_KINDS.items():
+        if op.startswith(prefixes):
+            return kind
+    return "elementwise and other"
+
+
+def profile(args: argparse.Namespace) -> None:
+    """torch.profiler over a few training steps on the CPU: time per step by phase and by kind of operator."""
+    import torch
+    from torch.profiler import ProfilerActivity, record_function
+
+    from fundamentallm.runtime import resolve_device
+
+    device = resolve_device("cpu")
+    _model, forward, optimizer, x, y, precision, mc = _training_setup(args.preset, args, device)
+
+    def step() -> None:
+        with record_function("phase: forward"), precision.autocast(device):
+            _, loss = forward(x, y)
+        with record_function("phase: backward"):
+            loss.backward()
+        with record_function("phase: optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    events = prof.key_averages()
+    wall = {e.key: e.cpu_time_total / 1e3 / args.steps for e in events if e.key.startswith("phase: ")}
+    by_kind: dict[str, float] = {}
+    for e in events:
+        if e.key.startswith("aten::"):
+            by_kind[_kind(e.key)] = by_kind.get(_kind(e.key), 0.0) + e.self_cpu_time_total / 1e3 / args.steps
+    total = sum(by_kind.values())
+    print(
+        f"{args.preset}: {mc.n_layer}x{mc.d_model}, context {mc.context_length}, batch {x.shape[0]}, "
+        f"dropout {mc.dropout}, {precision.name}, compile={args.compile}; per step, {args.steps} steps profiled "
+        "(the profiler adds its own overhead):"
+    )
+    print("  phases: " + ", ".join(f"{k.removeprefix('phase: ')} {v:.1f} ms" for k, v in wall.items()))
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<24} {ms:9.1f} ms  {ms / total:6.1%}")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=50))
 
 
 def generation(args: argparse.Namespace) -> None:
@@ -330,8 +468,28 @@ def main() -> None:
     t.add_argument("--precision", default="preset", help="preset (each preset's own), auto, fp32 or bf16")
     t.add_argument("--compile", action="store_true")
     t.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
+    t.add_argument("--dropout", type=float, help="override the presets' dropout")
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--steps", type=int, default=10)
+    f = sub.add_parser("profile", help="where a CPU training step's time goes (torch.profiler), by kind of operator")
+    f.add_argument("--preset", default="cpu-small")
+    f.add_argument("--precision", default="preset", help="preset (the preset's own), auto, fp32 or bf16")
+    f.add_argument("--compile", action="store_true")
+    f.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
+    f.add_argument("--dropout", type=float, help="override the preset's dropout")
+    f.add_argument("--warmup", type=int, default=3)
+    f.add_argument("--steps", type=int, default=5)
+    f.add_argument("--top", type=int, default=15, help="operators listed, by self time")
+    a = sub.add_parser("attention", help="causal attention fwd + bwd: fused kernel against spelled out")
+    a.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    a.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["16x4x64x40", "16x4x128x48", "16x6x256x64", "64x6x256x64", "16x4x512x48"],
+        help="BATCHxHEADSxPOSITIONSxHEAD_DIM",
+    )
+    a.add_argument("--warmup", type=int, default=2)
+    a.add_argument("--repeats", type=int, default=7)
     g = sub.add_parser("generation", help="characters/s with and without the KV cache")
     g.add_argument("--device", default="auto")
     g.add_argument("--tokens", type=int, default=512)
@@ -360,6 +518,8 @@ def main() -> None:
     commands = {
         "quality": quality,
         "throughput": throughput,
+        "profile": profile,
+        "attention": attention,
         "generation": generation,
         "processes": processes,
         "target": target,

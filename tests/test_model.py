@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from fundamentallm import model as model_module
 from fundamentallm.config import ModelConfig
-from fundamentallm.model import CharTransformer
+from fundamentallm.model import SPELLED_OUT_MAX_POSITIONS, CharTransformer, explicit_attention, spell_out_attention
 from fundamentallm.presets import PRESETS, preset
 
 CONFIGS = {
@@ -130,3 +131,49 @@ def test_qk_norm_and_relu_squared_change_the_computation():
     reference = plain(ids)[0]
     assert not torch.allclose(qk(ids)[0], reference, atol=1e-4)
     assert not torch.allclose(relu2(ids)[0], reference, atol=1e-4)
+
+
+def test_attention_spelled_out_equals_the_fused_kernel_values_and_gradients():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    fused_grads = torch.autograd.grad(fused.square().sum(), (q, k, v))
+    explicit = explicit_attention(q, k, v)
+    explicit_grads = torch.autograd.grad(explicit.square().sum(), (q, k, v))
+    assert torch.allclose(explicit, fused, atol=1e-5)
+    for a, b in zip(explicit_grads, fused_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+    weights: list[torch.Tensor] = []
+    explicit_attention(q, k, v, keep=weights)
+    assert weights[0].dtype == torch.float32 and (weights[0].triu(diagonal=1) == 0).all()
+    # Dropout acts on the weights: with every weight dropped nothing reaches the output.
+    assert (explicit_attention(q, k, v, dropout_p=1.0) == 0).all()
+
+
+def test_attention_is_spelled_out_where_it_is_faster():
+    def q(dtype, positions, device="cpu"):
+        return torch.empty(1, 1, positions, 8, dtype=dtype, device=device)
+
+    assert spell_out_attention(q(torch.bfloat16, 64), 0.0)
+    assert spell_out_attention(q(torch.bfloat16, SPELLED_OUT_MAX_POSITIONS), 0.0)
+    assert not spell_out_attention(q(torch.bfloat16, SPELLED_OUT_MAX_POSITIONS + 1), 0.0)
+    assert not spell_out_attention(q(torch.float32, 64), 0.0)  # fp32: the fused kernel
+    assert spell_out_attention(q(torch.float32, 512), 0.1)  # dropout: no fused CPU kernel
+    assert not spell_out_attention(q(torch.bfloat16, 64, device="meta"), 0.1)  # not a CPU: fused (with dropout)
+
+
+@pytest.mark.parametrize("spelled_out", [False, True])
+def test_a_bf16_training_step_agrees_with_fp32_either_way(monkeypatch, spelled_out):
+    # The model under bf16 autocast, attention through either path, against the same model in fp32.
+    monkeypatch.setattr(model_module, "spell_out_attention", lambda q, p: spelled_out)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50, context_length=32, n_layer=2, n_head=4, d_model=64, dropout=0.0)
+    net = CharTransformer(config).train()
+    ids = torch.randint(0, 50, (4, 32))
+    _, reference = net(ids, ids)
+    reference_grad = torch.autograd.grad(reference, net.blocks[0].attn.qkv.weight)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = net(ids, ids)
+    grad = torch.autograd.grad(loss, net.blocks[0].attn.qkv.weight)[0]
+    assert loss.item() == pytest.approx(reference.item(), abs=0.02)
+    assert torch.nn.functional.cosine_similarity(grad.flatten(), reference_grad.flatten(), dim=0) > 0.99
