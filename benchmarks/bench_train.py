@@ -175,7 +175,7 @@ def _training_setup(name: str, args: argparse.Namespace, device):
 
     config = preset(name)
     mc, tc = config.model.replace(vocab_size=66), config.train
-    if getattr(args, "dropout", None) is not None:
+    if args.dropout is not None:
         mc = mc.replace(dropout=args.dropout)
     precision = resolve_precision(tc.precision if args.precision == "preset" else args.precision, device)
     torch.manual_seed(0)
@@ -462,22 +462,21 @@ def main() -> None:
     )
     q.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fundamentallm-bench-data")
     q.add_argument("--json", type=Path)
-    t = sub.add_parser("throughput", help="training tokens/s and model FLOP utilisation")
+    # The training steps `throughput` and `profile` time: a preset's model, optimizer and batch (_training_setup).
+    steps = argparse.ArgumentParser(add_help=False)
+    steps.add_argument("--precision", default="preset", help="preset (the preset's own), auto, fp32 or bf16")
+    steps.add_argument("--compile", action="store_true")
+    steps.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
+    steps.add_argument("--dropout", type=float, help="override the preset's dropout")
+    steps.add_argument("--warmup", type=int, default=3)
+    t = sub.add_parser("throughput", parents=[steps], help="training tokens/s and model FLOP utilisation")
     t.add_argument("--presets", nargs="+", default=["shakespeare-gpu", "cpu-small"])
     t.add_argument("--device", default="auto")
-    t.add_argument("--precision", default="preset", help="preset (each preset's own), auto, fp32 or bf16")
-    t.add_argument("--compile", action="store_true")
-    t.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
-    t.add_argument("--dropout", type=float, help="override the presets' dropout")
-    t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--steps", type=int, default=10)
-    f = sub.add_parser("profile", help="where a CPU training step's time goes (torch.profiler), by kind of operator")
+    f = sub.add_parser(
+        "profile", parents=[steps], help="where a CPU training step's time goes (torch.profiler), by kind of operator"
+    )
     f.add_argument("--preset", default="cpu-small")
-    f.add_argument("--precision", default="preset", help="preset (the preset's own), auto, fp32 or bf16")
-    f.add_argument("--compile", action="store_true")
-    f.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
-    f.add_argument("--dropout", type=float, help="override the preset's dropout")
-    f.add_argument("--warmup", type=int, default=3)
     f.add_argument("--steps", type=int, default=5)
     f.add_argument("--top", type=int, default=15, help="operators listed, by self time")
     a = sub.add_parser("attention", help="causal attention fwd + bwd: fused kernel against spelled out")

@@ -120,37 +120,23 @@ def test_bench_prepare_one_file_against_another_tree(tmp_path):
     assert proc.stdout.count("; peak RSS / corpus") == 4
 
 
+def _bench_train(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def test_bench_train_profile_throughput_and_attention_smoke():
     common = ["--warmup", "1", "--steps", "2"]
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_train.py", "profile", "--preset", "debug", "--dropout", "0.1", *common],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "phases: forward" in proc.stdout and "optimizer" in proc.stdout
-    shares = [float(line.rsplit(None, 1)[1].rstrip("%")) for line in proc.stdout.splitlines() if " ms " in line]
-    assert "matrix products" in proc.stdout and "dropout and random" in proc.stdout
+    out = _bench_train("profile", "--preset", "debug", "--dropout", "0.1", *common)
+    assert "phases: forward" in out and "optimizer" in out
+    shares = [float(line.rsplit(None, 1)[1].rstrip("%")) for line in out.splitlines() if " ms " in line]
+    assert "matrix products" in out and "dropout and random" in out
     assert sum(shares) == pytest.approx(100, abs=1)  # every operator's time in one kind or another
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_train.py", "throughput", "--presets", "debug", *common],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "tokens/s" in proc.stdout and "MFU" in proc.stdout
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_train.py", "attention", "--shapes", "2x2x16x8", "2x2x300x8", *common[:2]],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    out = _bench_train("throughput", "--presets", "debug", *common)
+    assert "tokens/s" in out and "MFU" in out
+    lines = _bench_train("attention", "--shapes", "2x2x16x8", "2x2x300x8", *common[:2]).splitlines()
     assert len(lines) == 4 and all("fused / spelled out" in line for line in lines)
     assert lines[2].endswith("spelled out") and lines[3].endswith("fused")  # bf16: 16 positions spelled out, 300 not
