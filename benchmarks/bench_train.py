@@ -243,8 +243,8 @@ def attention(args: argparse.Namespace) -> None:
         return statistics.median(times[args.warmup :])
 
     for dtype in [getattr(torch, name) for name in args.dtypes]:
-        for batch, heads, positions, head_dim in (map(int, shape.split("x")) for shape in args.shapes):
-            shape = (batch, heads, positions, head_dim)
+        for shape in args.shapes:
+            batch, heads, positions, head_dim = shape
             a, b = seconds(fused, shape, dtype), seconds(explicit_attention, shape, dtype)
             chosen = "spelled out" if spell_out_attention(torch.empty(shape, dtype=dtype), 0.0) else "fused"
             print(
@@ -449,6 +449,14 @@ def target(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _attention_shape(text: str) -> tuple[int, int, int, int]:
+    parts = text.split("x")
+    if len(parts) != 4 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BATCHxHEADSxPOSITIONSxHEAD_DIM, e.g. 16x4x128x48")
+    batch, heads, positions, head_dim = map(int, parts)
+    return batch, heads, positions, head_dim
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -485,6 +493,7 @@ def main() -> None:
         "--shapes",
         nargs="+",
         default=["16x4x64x40", "16x4x128x48", "16x6x256x64", "64x6x256x64", "16x4x512x48"],
+        type=_attention_shape,
         help="BATCHxHEADSxPOSITIONSxHEAD_DIM",
     )
     a.add_argument("--warmup", type=int, default=2)

@@ -140,3 +140,11 @@ def test_bench_train_profile_throughput_and_attention_smoke():
     lines = _bench_train("attention", "--shapes", "2x2x16x8", "2x2x300x8", *common[:2]).splitlines()
     assert len(lines) == 4 and all("fused / spelled out" in line for line in lines)
     assert lines[2].endswith("spelled out") and lines[3].endswith("fused")  # bf16: 16 positions spelled out, 300 not
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/bench_train.py", "attention", "--shapes", "16x4x128"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert bad.returncode == 2 and "'16x4x128': expected BATCHxHEADSxPOSITIONSxHEAD_DIM" in bad.stderr
