@@ -10,6 +10,9 @@ BIN := $(VENV)/bin
 # One stamp per torch requirement: `make test TORCH='torch==X.Y.Z'` installs that one into an
 # existing .venv instead of doing nothing.
 STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | tr -c 'A-Za-z0-9._-' '_')
+# `make test` runs the suite in one process per CPU (pytest-xdist; tests/conftest.py groups the
+# tests so each module's fixtures are built once); PYTEST_PARALLEL= runs it in this one process.
+PYTEST_PARALLEL ?= -n auto
 # Tiny Shakespeare for `make bench`: SHAKESPEARE=PATH, else ../shared/data, else downloaded once.
 SHAKESPEARE ?=
 
@@ -38,7 +41,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_PARALLEL)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_prepare.py $(if $(SHAKESPEARE),--shakespeare '$(SHAKESPEARE)')

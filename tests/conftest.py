@@ -31,13 +31,55 @@ def skip_or_fail(reason: str) -> None:
 TIMEOUT_BY_MARKER = {"heavy": 900, "flow": 900, "reliability": 1800, "postgres": 1800, "e2e": 1800}
 
 
-def pytest_collection_modifyitems(items):
+# Two (or more) test processes: `make test` runs `pytest -n auto` (pytest-xdist). A test runs in
+# the process of its module (module-scoped fixtures are built once), and the modules that share
+# `shared_stack` share one process (one set of services, one PostgreSQL cluster): the scheduler
+# below. The groups go out heaviest first, by their heaviest marker (services before flows before
+# training), so the long end-to-end groups start at once rather than last. Each process gets an
+# equal share of the CPUs for PyTorch (OMP_NUM_THREADS, inherited by the servers and trainers a
+# test starts): two processes of two threads on two cores would fight over them.
+SHARED_STACK_MODULES = ("tests/test_postgres.py", "tests/test_reliability_services.py")
+GROUP_WEIGHT_BY_MARKER = {"e2e": 100, "postgres": 100, "reliability": 30, "flow": 20, "heavy": 10}
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cpus // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def process_group(nodeid: str) -> str:
+    """The group of tests that run in one process: the test's module, or the shared services'."""
+    module = nodeid.split("::")[0]
+    return "shared-stack" if module in SHARED_STACK_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: ignored where it is not installed
+def pytest_xdist_make_scheduler(config, log):
+    """Whole groups per process, in the order the processes collected them (heaviest first)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return process_group(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order below, not "most tests first"
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A hang guard per marker; in a pytest-xdist process, the heaviest groups first."""
     for item in items:
         if item.get_closest_marker("timeout") is not None:
             continue
         limits = [s for name, s in TIMEOUT_BY_MARKER.items() if item.get_closest_marker(name) is not None]
         if limits:
             item.add_marker(pytest.mark.timeout(max(limits)))
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    weight: dict[str, int] = {}
+    for item in items:
+        marks = [w for name, w in GROUP_WEIGHT_BY_MARKER.items() if item.get_closest_marker(name) is not None]
+        weight[process_group(item.nodeid)] = max(weight.get(process_group(item.nodeid), 0), *marks, 1)
+    items.sort(key=lambda item: -weight[process_group(item.nodeid)])  # stable: a group keeps its order
 
 
 _ci_skips: list[tuple[str, str, str]] = []
@@ -52,10 +94,17 @@ def pytest_runtest_makereport(item, call):
         return
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     allowed = SKIPS_ALLOWED_IN_CI.get(item.nodeid)
-    _ci_skips.append((item.nodeid, reason, allowed or ""))
+    # for the summary, in this process or (under pytest-xdist) the controller's
+    report.user_properties.append(("ci_skip", (reason, allowed or "")))
     if allowed is None:
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, and this test is not in SKIPS_ALLOWED_IN_CI: {reason}"
+
+
+def pytest_runtest_logreport(report):
+    for key, value in report.user_properties:
+        if key == "ci_skip":
+            _ci_skips.append((report.nodeid, *value))
 
 
 def pytest_terminal_summary(terminalreporter):

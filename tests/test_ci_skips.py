@@ -7,10 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
+# as `make test` runs the suite (pytest-xdist: the tests run in worker processes, and their
+# reports reach the summary through the controller)
+PARALLEL = ["-n", "2"]
 
 
-def _pytest(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
+def _pytest(tmp_path: Path, ci: str | None, parallel: list[str]) -> subprocess.CompletedProcess:
     import os
 
     tests = tmp_path / "tests"
@@ -32,7 +37,7 @@ def _pytest(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
     if ci is not None:
         env["CI"] = ci
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "--rootdir", str(tmp_path), "tests"],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "--rootdir", str(tmp_path), *parallel, "."],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -41,8 +46,9 @@ def _pytest(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
     )
 
 
-def test_skips_fail_under_ci_except_the_allowed_ones(tmp_path):
-    done = _pytest(tmp_path, "true")
+@pytest.mark.parametrize("parallel", [[], PARALLEL], ids=["one-process", "xdist"])
+def test_skips_fail_under_ci_except_the_allowed_ones(tmp_path, parallel):
+    done = _pytest(tmp_path, "true", parallel)
     assert done.returncode == 1, done.stdout
     assert "FAILED tests/test_other.py::test_plain_skip" in done.stdout
     assert "FAILED tests/test_other.py::test_missing_browser" in done.stdout
@@ -51,7 +57,8 @@ def test_skips_fail_under_ci_except_the_allowed_ones(tmp_path):
     assert "2 failed, 1 passed, 1 skipped" in done.stdout
 
 
-def test_skips_stay_skips_outside_ci(tmp_path):
-    done = _pytest(tmp_path, None)
+@pytest.mark.parametrize("parallel", [[], PARALLEL], ids=["one-process", "xdist"])
+def test_skips_stay_skips_outside_ci(tmp_path, parallel):
+    done = _pytest(tmp_path, None, parallel)
     assert done.returncode == 0, done.stdout
     assert "1 passed, 3 skipped" in done.stdout
