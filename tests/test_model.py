@@ -177,3 +177,50 @@ def test_a_bf16_training_step_agrees_with_fp32_either_way(monkeypatch, spelled_o
     grad = torch.autograd.grad(loss, net.blocks[0].attn.qkv.weight)[0]
     assert loss.item() == pytest.approx(reference.item(), abs=0.02)
     assert torch.nn.functional.cosine_similarity(grad.flatten(), reference_grad.flatten(), dim=0) > 0.99
+
+
+def test_cpu_dropout_drops_about_p_and_scales_what_it_keeps():
+    torch.manual_seed(0)
+    x = torch.ones(300_000, requires_grad=True)
+    y = model_module.dropout(x, 0.2)
+    threshold = round(0.2 * 256)  # 51: p is taken to 51/256
+    scale = 256 / (256 - threshold)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - threshold / 256) < 0.005  # 5 standard deviations
+    assert torch.equal(y[kept], torch.full_like(y[kept], scale))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() * scale)  # the gradient flows through the kept elements only
+    torch.manual_seed(0)
+    assert torch.equal(model_module.dropout(x.detach(), 0.2), y.detach())  # the global generator decides
+    assert model_module.dropout(x, 0.2, training=False) is x and model_module.dropout(x, 0.0) is x
+    low = torch.ones(1000, dtype=torch.bfloat16)
+    assert model_module.dropout(low, 0.5).dtype == torch.bfloat16
+
+
+def test_the_random_bytes_of_dropout_masks_are_uniform():
+    torch.manual_seed(0)
+    n = 2_688_000
+    found = model_module.random_bytes(n, torch.device("cpu"))
+    assert found.dtype == torch.uint8 and found.shape == (n,)
+    counts = torch.bincount(found.long(), minlength=256).double()
+    chi2 = (((counts - n / 256) ** 2) / (n / 256)).sum().item()
+    assert chi2 < 350  # 255 degrees of freedom: the 99.99th percentile is about 350
+    for offset in range(7):  # no position among each draw's bytes is constant or half-random
+        assert found[offset::7].float().std() > 70  # uniform bytes: 73.9; bytes of 7 bits: 37
+    assert model_module.random_bytes(7, torch.device("cpu")).shape == (7,)
+
+
+def test_the_model_draws_its_dropout_masks_from_random_bytes_on_a_cpu(monkeypatch):
+    config = ModelConfig(vocab_size=50, context_length=16, n_layer=2, n_head=4, d_model=32, dropout=0.1)
+    model = CharTransformer(config).train()
+    drawn = []
+    original = model_module.random_bytes
+    monkeypatch.setattr(model_module, "random_bytes", lambda n, device: drawn.append(n) or original(n, device))
+    ids = torch.randint(0, 50, (3, 16))
+    model(ids, ids)
+    # per layer: attention weights (B, H, T, T), the attention and MLP outputs (B, T, C); the embeddings
+    assert sorted(drawn) == sorted([3 * 16 * 32] + [3 * 4 * 16 * 16, 3 * 16 * 32, 3 * 16 * 32] * 2)
+    model.eval()
+    drawn.clear()
+    model(ids, ids)
+    assert drawn == []
