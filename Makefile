@@ -11,8 +11,9 @@ BIN := $(VENV)/bin
 # existing .venv instead of doing nothing.
 STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | tr -c 'A-Za-z0-9._-' '_')
 # `make test` runs the suite in one process per CPU (pytest-xdist; tests/conftest.py groups the
-# tests so each module's fixtures are built once); PYTEST_PARALLEL= runs it in this one process.
-PYTEST_PARALLEL ?= -n auto
+# tests so each module's fixtures are built once; at most 8: each holds its own servers and
+# models); PYTEST_PARALLEL= runs it in this one process.
+PYTEST_PARALLEL ?= -n auto --maxprocesses 8
 # Tiny Shakespeare for `make bench`: SHAKESPEARE=PATH, else ../shared/data, else downloaded once.
 SHAKESPEARE ?=
 
