@@ -82,6 +82,31 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -weight[process_group(item.nodeid)])  # stable: a group keeps its order
 
 
+def run_suite_with_this_conftest(root: Path, modules: dict[str, str], *args: str, ci: str | None = None):
+    """Run pytest (with `args`) on a throwaway suite in `root`: this conftest.py and `modules`
+    (name -> source) in root/tests; CI set to `ci`, or unset. Returns the finished process."""
+    import shutil
+    import subprocess
+    import sys
+
+    tests = root / "tests"
+    tests.mkdir(exist_ok=True)
+    shutil.copy(Path(__file__), tests / "conftest.py")
+    for name, source in modules.items():
+        (tests / f"{name}.py").write_text(source)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "OMP_NUM_THREADS")}
+    if ci is not None:
+        env["CI"] = ci
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(root), *args, "."],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 _ci_skips: list[tuple[str, str, str]] = []
 
 

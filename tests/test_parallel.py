@@ -5,13 +5,8 @@ modules on the shared services in one process together."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from conftest import run_suite_with_this_conftest
 
 MODULE = """
 import json, os, pytest
@@ -29,22 +24,9 @@ def test_runs(built, i):
 
 
 def test_a_module_runs_in_one_process_and_the_shared_services_modules_together(tmp_path):
-    tests = tmp_path / "tests"
-    tests.mkdir()
-    shutil.copy(HERE / "conftest.py", tests / "conftest.py")
     log = tmp_path / "log.jsonl"
     names = ["test_a", "test_b", "test_c", "test_postgres", "test_reliability_services"]
-    for name in names:
-        (tests / f"{name}.py").write_text(MODULE.format(log=str(log)))
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "OMP_NUM_THREADS")}
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), "-n", "2", "."],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_suite_with_this_conftest(tmp_path, {name: MODULE.format(log=str(log)) for name in names}, "-n", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     events = [json.loads(line) for line in log.read_text().splitlines()]
     setups = [module for kind, module, _ in events if kind == "setup"]
