@@ -728,8 +728,9 @@ def show_config(
     """List every setting, by the command that takes it, with its type, default and meaning.
 
     prepare takes the data settings and train the model and training settings, in a --config
-    file or as --set KEY=VALUE; sample takes the sampling settings as options. An option that
-    sets one directly is shown under its name.
+    file or as --set KEY=VALUE; sample, evaluate and inspect take theirs as options. An option
+    that sets one directly is shown under its name; a setting of those three without one keeps
+    its default.
     """
     with _user_errors():
         from fundamentallm.presets import preset
@@ -739,6 +740,8 @@ def show_config(
         *_setting_rows("prepare", DataConfig, prepare),
         *_setting_rows("train", RunConfig, train, run_values),
         *_setting_rows("sample", SampleConfig, sample),
+        *_setting_rows("evaluate", EvalConfig, evaluate),
+        *_setting_rows("inspect", InspectConfig, inspect_command),
     ]
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -747,6 +750,8 @@ def show_config(
         "prepare": "prepare: in a --config file or as --set KEY=VALUE",
         "train": f"train: in a --config file or as --set KEY=VALUE (defaults: preset {preset_name})",
         "sample": "sample: as options",
+        "evaluate": "evaluate: as options",
+        "inspect": "inspect: as options",
     }
     for command, title in titles.items():
         table = Table(title=title, title_justify="left", show_header=True, header_style="bold")

@@ -265,6 +265,11 @@ def test_config_lists_every_setting_a_user_can_set_and_which_command_takes_it():
     assert {name for command, name in listed if command == "prepare"} == {n for n, *_ in DataConfig.describe()}
     assert {name for command, name in listed if command == "train"} == {n for n, *_ in RunConfig.describe()}
     assert {name for command, name in listed if command == "sample"} == {n for n, *_ in SampleConfig.describe()}
+    assert {name for command, name in listed if command == "evaluate"} == {n for n, *_ in EvalConfig.describe()}
+    assert {name for command, name in listed if command == "inspect"} == {n for n, *_ in InspectConfig.describe()}
+    assert listed["evaluate", "protocol"]["options"] == ["--protocol"]
+    assert listed["evaluate", "stride"]["default"] is None
+    assert listed["inspect", "chars"]["options"] == ["--chars"] and listed["inspect", "chars"]["default"] == 3000
     shard_tokens = listed["prepare", "encode.shard_tokens"]
     assert shard_tokens["default"] == 1 << 24 and shard_tokens["options"] == ["--shard-tokens"]
     assert shard_tokens["type"] == "int" and "Tokens per Parquet shard" in shard_tokens["help"]
