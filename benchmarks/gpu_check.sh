@@ -17,7 +17,7 @@
 #   3. DDP: one process under torchrun in an NCCL process group (DistributedDataParallel), its tokens/s;
 #   4. sampling: characters/s generating with and without the KV cache.
 # GPU_CHECK_DEVICE=cpu GPU_CHECK_SMOKE=1 runs the same steps, tiny, on a CPU (tests/test_benchmarks.py).
-set -euo pipefail
+set -uo pipefail  # no -e: a section that fails is reported and the next ones still run
 cd "$(dirname "$0")/.."
 DATA_ROOT=${GPU_CHECK_DATA:-.gpu-check}  # where `prepare` writes and the check reads the dataset
 if [ "${1:-}" = prepare ]; then
@@ -51,43 +51,68 @@ DATA=$DATA_ROOT/data
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 [ -f "$DATA/manifest.json" ] || { echo "no dataset in $DATA: run 'benchmarks/gpu_check.sh prepare' first" >&2; exit 2; }
+# Only small files go to OUT_DIR (the device tool brings back at most 8): the run folders, with their
+# checkpoints, go to WORK, and the quality run's metrics.jsonl is copied out for its curve.
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+SUMMARY=$OUT_DIR/summary.txt
+ERRORS=$OUT_DIR/stderr.txt
+: > "$ERRORS"
+failed=()
+# section N SECONDS COMMAND...: COMMAND's stdout to the summary, its stderr to stderr.txt; a failure or
+# an overrun (exit 124) is written into the summary with the end of its stderr, and the check goes on.
+section() {
+    local n=$1 limit=$2 rc
+    shift 2
+    echo "### section $n" >> "$ERRORS"
+    timeout --kill-after=10 "$limit" "$@" 2> >(tee -a "$ERRORS" | tail -c 20000 > "$WORK/last-stderr") | tee -a "$SUMMARY"
+    rc=${PIPESTATUS[0]}
+    wait
+    if [ "$rc" != 0 ]; then
+        failed+=("$n")
+        { echo "section $n FAILED: exit $rc$([ "$rc" = 124 ] && echo ", over its $limit s")"; tail -n 15 "$WORK/last-stderr"; } | tee -a "$SUMMARY"
+    fi
+}
 
 if [ "$SMOKE" = 1 ]; then  # the same steps, tiny: a check that the script runs, not a measurement
     PRESET=debug; TARGET=4.0; TRAIN_SET=(--set train.max_steps=30 --set train.device="$DEVICE")
     THROUGHPUT=(--presets debug --steps 2 --warmup 1); DDP_STEPS=20; GEN=(--tokens 16 --repeats 1)
+    T_THROUGHPUT=300; T_QUALITY=300; T_DDP=300; T_GENERATION=300
 else
     # shakespeare-gpu is 5,000 steps; the time budget only guards the 8 minutes.
     PRESET=shakespeare-gpu; TARGET=1.47; TRAIN_SET=(--set train.time_budget_s=240)
     THROUGHPUT=(--presets shakespeare-gpu --compile --steps 20); DDP_STEPS=300; GEN=()
+    # Each section's limit (seconds), so that one that hangs leaves the others their time: under 9 minutes in all.
+    T_THROUGHPUT=90; T_QUALITY=300; T_DDP=90; T_GENERATION=45
 fi
 started=$(date +%s)
 {
     echo "# GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
     "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
-} | tee "$OUT_DIR/summary.txt"
+} | tee "$SUMMARY"
 
-echo "## 1. throughput" | tee -a "$OUT_DIR/summary.txt"
-"$PY" benchmarks/bench_train.py throughput --device "$DEVICE" "${THROUGHPUT[@]}" | tee -a "$OUT_DIR/summary.txt"
+echo "## 1. throughput" | tee -a "$SUMMARY"
+section 1 "$T_THROUGHPUT" "$PY" benchmarks/bench_train.py throughput --device "$DEVICE" "${THROUGHPUT[@]}"
 
-echo "## 2. quality: $PRESET to its exact validation loss, time to $TARGET" | tee -a "$OUT_DIR/summary.txt"
-rm -rf "$OUT_DIR/run"
-"$PY" benchmarks/bench_train.py target --dataset "$DATA" --preset "$PRESET" --target "$TARGET" \
-    --device "$DEVICE" --out "$OUT_DIR/run" --json "$OUT_DIR/quality.json" "${TRAIN_SET[@]}" | tee -a "$OUT_DIR/summary.txt"
+echo "## 2. quality: $PRESET to its exact validation loss, time to $TARGET" | tee -a "$SUMMARY"
+section 2 "$T_QUALITY" "$PY" benchmarks/bench_train.py target --dataset "$DATA" --preset "$PRESET" --target "$TARGET" \
+    --device "$DEVICE" --out "$WORK/run" --json "$OUT_DIR/quality.json" "${TRAIN_SET[@]}"
+[ -f "$WORK/run/metrics.jsonl" ] && cp "$WORK/run/metrics.jsonl" "$OUT_DIR/quality-metrics.jsonl"
 
-echo "## 3. DistributedDataParallel: one process under torchrun" | tee -a "$OUT_DIR/summary.txt"
-rm -rf "$OUT_DIR/ddp"
-"$PY" -c "
-import json, sys
+echo "## 3. DistributedDataParallel: one process under torchrun" | tee -a "$SUMMARY"
+ddp() {
+    "$PY" -c "
+import json
 from fundamentallm.presets import preset
 c = preset('$PRESET')
 c = c.replace(train=c.train.replace(max_steps=$DDP_STEPS, time_budget_s=0.0, eval_interval=$DDP_STEPS, device='$DEVICE'))
-json.dump(c.to_dict(), open('$OUT_DIR/ddp-config.json', 'w'))
-"
-NCCL_DEBUG=INFO "$PY" -m torch.distributed.run --standalone --nproc-per-node=1 --max-restarts=0 \
-    -m fundamentallm.launch --dataset "$DATA" --run-dir "$OUT_DIR/ddp" --config "$OUT_DIR/ddp-config.json" \
-    > "$OUT_DIR/ddp.log" 2>&1
-"$PY" - "$OUT_DIR/ddp.log" <<'PYEOF' | tee -a "$OUT_DIR/summary.txt"
+json.dump(c.to_dict(), open('$WORK/ddp-config.json', 'w'))
+" || return
+    NCCL_DEBUG=INFO "$PY" -m torch.distributed.run --standalone --nproc-per-node=1 --max-restarts=0 \
+        -m fundamentallm.launch --dataset "$DATA" --run-dir "$WORK/ddp" --config "$WORK/ddp-config.json" \
+        > "$OUT_DIR/ddp.log" 2>&1 || { tail -n 30 "$OUT_DIR/ddp.log" >&2; return 1; }
+    "$PY" - "$OUT_DIR/ddp.log" <<'PYEOF'
 import json, sys
 text = open(sys.argv[1], encoding="utf-8", errors="replace").read()
 marker = "fundamentallm-train-result "
@@ -96,7 +121,11 @@ nccl = sum("NCCL INFO" in line for line in text.splitlines())
 print(f"1 process, {result['device']}, {result['precision']}: {result['steps']} steps, "
       f"{result['tokens_per_s']:,.0f} tokens/s; NCCL log lines: {nccl} (0 on a CPU: gloo)")
 PYEOF
+}
+export -f ddp; export PY PRESET DDP_STEPS DEVICE WORK DATA OUT_DIR
+section 3 "$T_DDP" bash -c ddp
 
-echo "## 4. sampling with and without the KV cache" | tee -a "$OUT_DIR/summary.txt"
-"$PY" benchmarks/bench_train.py generation --device "$DEVICE" "${GEN[@]}" | tee -a "$OUT_DIR/summary.txt"
-echo "total $(( $(date +%s) - started )) s" | tee -a "$OUT_DIR/summary.txt"
+echo "## 4. sampling with and without the KV cache" | tee -a "$SUMMARY"
+section 4 "$T_GENERATION" "$PY" benchmarks/bench_train.py generation --device "$DEVICE" "${GEN[@]}"
+echo "total $(( $(date +%s) - started )) s; failed sections: ${failed[*]:-none}" | tee -a "$SUMMARY"
+[ ${#failed[@]} = 0 ]
