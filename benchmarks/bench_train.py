@@ -492,7 +492,10 @@ def main() -> None:
     a.add_argument(
         "--shapes",
         nargs="+",
-        default=["16x4x64x40", "16x4x128x48", "16x6x256x64", "64x6x256x64", "16x4x512x48"],
+        # argparse converts given values with `type`, not a list default: parse those here
+        default=[
+            _attention_shape(s) for s in ("16x4x64x40", "16x4x128x48", "16x6x256x64", "64x6x256x64", "16x4x512x48")
+        ],
         type=_attention_shape,
         help="BATCHxHEADSxPOSITIONSxHEAD_DIM",
     )
