@@ -416,19 +416,19 @@ def train_step(
                 _, loss = forward(x, y)
             (loss / config.grad_accum).backward()
         loss_sum += loss.detach()
-    loss_value = dist.mean(float(loss_sum) / config.grad_accum, device)
-    if not math.isfinite(loss_value):
-        state.optimizer.zero_grad(set_to_none=True)
-        raise _NonFinite("training loss", loss_value)
-    # Every process holds the same averaged gradient, so they all see the same norm.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip or math.inf))
-    if not math.isfinite(grad_norm):
-        state.optimizer.zero_grad(set_to_none=True)
-        raise _NonFinite("gradient norm", grad_norm)
-    state.optimizer.step()
+    # Every process holds the same averaged gradient, so they all see the same norm. Clipping runs on
+    # the device; the loss and the norm come back in one read, the step's only wait for the device (on
+    # a GPU each wait leaves it idle while Python queues the next work). Clipping a non-finite gradient
+    # does no harm: the step is refused below and the gradient dropped.
+    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip or math.inf)
+    mean_loss, grad_norm = torch.stack((loss_sum / config.grad_accum, norm.to(loss_sum.dtype))).tolist()
+    loss_value = dist.mean(mean_loss, device)
+    for what, value in (("training loss", loss_value), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):
+            state.optimizer.zero_grad(set_to_none=True)
+            raise _NonFinite(what, value)
+    state.optimizer.step()  # queued: the next step's read waits for it
     state.optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     return loss_value, grad_norm
 
 

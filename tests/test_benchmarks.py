@@ -93,11 +93,42 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     proc = subprocess.run([script, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
-    for part in ("## 1. throughput", "MFU", "## 2. quality", "exact val loss of best.pt", "## 3.", "1 process, cpu"):
+    for part in ("## 1. throughput", "MFU", "the trainer's step", "## 2. quality", "exact val loss of best.pt"):
         assert part in summary, summary
-    assert "speed-up from the cache" in summary
-    quality = json.loads((out / "quality.json").read_text())
-    assert quality["steps"] == 30 and quality["val_loss_sliding"] > 0 and quality["val_loss_nanogpt"] > 0
+    for part in ("## 3.", "1 process, cpu", "in its last progress window", "speed-up from the cache", "## 5."):
+        assert part in summary, summary
+    assert "failed sections: none" in summary
+    for name in ("quality.json", "quality-again.json"):
+        quality = json.loads((out / name).read_text())
+        assert quality["steps"] == 30 and quality["val_loss_sliding"] > 0 and quality["val_loss_nanogpt"] > 0
+        assert 0 < quality["first_step_s"] < quality["wall_s"]
+    # only small files come back from the GPU machine (at most 8): no run folders, no checkpoints
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ddp.log",
+        "quality-again.json",
+        "quality-metrics.jsonl",
+        "quality.json",
+        "stderr.txt",
+        "summary.txt",
+    ]
+
+
+def test_gpu_check_reports_a_failed_section_and_runs_the_rest(tmp_path):
+    # A device that is not there: every section fails, each is reported, and the script exits non-zero.
+    text = tmp_path / "small.txt"
+    text.write_text("".join(prose(i, 3000) for i in range(3)))
+    env = {**os.environ, "PYTHON": sys.executable, "SHAKESPEARE": str(text), "GPU_CHECK_DATA": str(tmp_path / "g")}
+    script = str(ROOT / "benchmarks" / "gpu_check.sh")
+    subprocess.run([script, "prepare"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    env |= {"GPU_CHECK_DEVICE": "cuda:7", "GPU_CHECK_SMOKE": "1"}
+    proc = subprocess.run(
+        [script, str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode != 0
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    for n in (1, 2, 3, 4, 5):
+        assert f"section {n} FAILED" in summary, summary
+    assert "failed sections: 1 2 3 4 5" in summary and "cuda" in summary
 
 
 def test_bench_prepare_one_file_against_another_tree(tmp_path):
