@@ -23,8 +23,14 @@ def resolve_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} was asked for, but PyTorch sees no CUDA GPU")
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {name!r} was asked for, but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s)"
+            )
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError("device 'mps' was asked for, but it is not available")
     return torch.device(name)

@@ -87,3 +87,20 @@ def test_cpu_quick_takes_the_settings_measured_best_for_this_cpu_class(monkeypat
     rows = json.loads(CliRunner().invoke(app, ["config", "--json", "--preset", "cpu-quick"]).output)
     listed = {row["setting"]: row["default"] for row in rows if row["command"] == "train"}
     assert (listed["train.batch_size"], listed["train.muon_lr"]) == (batch, muon_lr)
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:7"])
+def test_an_absent_gpu_is_named_in_a_clear_error(monkeypatch, name):
+    from fundamentallm.errors import ConfigError
+    from fundamentallm.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=f"device '{name}' was asked for, but PyTorch sees no CUDA GPU"):
+        resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    if name == "cuda:7":
+        with pytest.raises(ConfigError, match="device 'cuda:7' was asked for, but PyTorch sees 1 CUDA GPU"):
+            resolve_device(name)
+    else:
+        assert resolve_device(name).type == "cuda"
