@@ -139,15 +139,19 @@ def spell_out_attention(q: torch.Tensor, dropout_p: float) -> bool:
 def explicit_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, keep: list[torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """Causal softmax(Q K^T / sqrt(D)) V for q, k, v (B, H, T, D), the weights in fp32.
+    """Causal softmax(Q K^T / sqrt(D)) V for q, k, v (B, H, T, D).
 
-    `keep`: a list the weights (B, H, T, T) are appended to, for looking at (before dropout)."""
+    The weights are in the scores' dtype: under bf16 autocast the softmax sums in fp32 and rounds its
+    output to bf16 (as a GPU's fused kernels keep them), so the passes over the (B, H, T, T) weights
+    (mask, softmax, dropout and their backward) move half the bytes of fp32 and need no casts.
+
+    `keep`: a list the weights (B, H, T, T) are appended to, in fp32, for looking at (before dropout)."""
     T = q.shape[-2]
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, H, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
-    weights = scores.float().masked_fill(future, float("-inf")).softmax(dim=-1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
     if keep is not None:
-        keep.append(weights)
+        keep.append(weights.float())
     if dropout_p > 0:
         weights = dropout(weights, dropout_p)
     return weights.to(v.dtype) @ v  # (B, H, T, D)
