@@ -38,7 +38,8 @@ def debug() -> RunConfig:
 def cpu_quick() -> RunConfig:
     # Measured on Tiny Shakespeare in 2 minutes (benchmarks/RESULTS.md): 1.66 nats/char on a 2-core AVX2 CPU
     # (fp32); on a 2-core Zen 4 EPYC with AVX-512 BF16, batch 32 and Muon at 0.03 against 16 and 0.02:
-    # 1.546 against 1.567 (mean of 3 seeds, better in each) and 1.2x the tokens per second.
+    # 1.546 against 1.567 (mean of 3 seeds, better in each) and 1.2x the tokens per second; on a 2-core
+    # AMX Xeon 1.468 against 1.480 (mean of 3, better in each), 1.19x the tokens per second.
     from fundamentallm import runtime  # torch: only when this preset is built
 
     hardware_bf16 = runtime.cpu_has_fast_bf16()
