@@ -150,6 +150,27 @@ def test_attention_spelled_out_equals_the_fused_kernel_values_and_gradients():
     assert (explicit_attention(q, k, v, dropout_p=1.0) == 0).all()
 
 
+def test_bf16_attention_keeps_its_weights_in_bf16_and_gives_them_out_in_fp32(monkeypatch):
+    # The (B, H, T, T) weights stay in the scores' dtype through mask, softmax and dropout (half the
+    # bytes of fp32, no casts); what `keep` gets for looking at is fp32 either way.
+    seen: list[torch.dtype] = []
+
+    def recording_dropout(x, p, training=True):
+        seen.append(x.dtype)
+        return x
+
+    monkeypatch.setattr(model_module, "dropout", recording_dropout)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.bfloat16) for _ in range(3))
+    weights: list[torch.Tensor] = []
+    out = explicit_attention(q, k, v, dropout_p=0.1, keep=weights)
+    assert seen == [torch.bfloat16] and out.dtype == torch.bfloat16
+    assert weights[0].dtype == torch.float32
+    # the rounded weights: the values of an fp32 softmax over the same bf16 scores, to bf16's precision
+    reference = explicit_attention(q.float(), k.float(), v.float(), keep=[])
+    assert torch.allclose(out.float(), reference, atol=3e-2)
+
+
 def test_attention_is_spelled_out_where_it_is_faster():
     def q(dtype, positions, device="cpu"):
         return torch.empty(1, 1, positions, 8, dtype=dtype, device=device)
