@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py throughput                     # tokens/s and model FLOP utilisation
     python benchmarks/bench_train.py profile --preset cpu-small     # where a step's time goes, by kind of operator
     python benchmarks/bench_train.py attention                      # fused attention against spelled out, per shape
+    python benchmarks/bench_train.py activations                    # the MLP's non-linearities, fwd + bwd
     python benchmarks/bench_train.py generation                     # characters/s with and without KV cache
     python benchmarks/bench_train.py processes                      # tokens/s training in 1 and 2 processes
     python benchmarks/bench_train.py target --dataset DIR --preset shakespeare-gpu --target 1.47
@@ -31,6 +32,9 @@ machine: what is not a matrix product keeps the matrix units idle.
 attention: causal attention forward and backward at training shapes, PyTorch's fused kernel
 against the model's spelled-out attention, in fp32 and bf16 (under autocast), and which one the
 model picks there. On a new kind of CPU, check that the pick is the faster one.
+
+activations: the MLP's non-linearities (tanh GELU, exact GELU, ReLU squared) forward and backward
+at the MLP shapes of the presets, fp32 and bf16, and each against the tanh GELU.
 
 generation: characters per second generating 512 characters after a 256-character
 prompt at context 256, with and without the KV cache.
@@ -285,6 +289,30 @@ def attention(args: argparse.Namespace) -> None:
             )
 
 
+def activations(args: argparse.Namespace) -> None:
+    """The MLP's non-linearities (`model.ACTIVATIONS`) forward + backward at MLP shapes, per dtype:
+    milliseconds each and against the tanh GELU (`gelu`, the default)."""
+    import torch
+
+    from fundamentallm.model import ACTIVATIONS
+
+    def seconds(fn, x, grad) -> float:
+        times = []
+        for _ in range(args.warmup + args.repeats):
+            start = time.perf_counter()
+            fn(x).backward(grad)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[args.warmup :])
+
+    for dtype in [getattr(torch, name) for name in args.dtypes]:
+        for shape in args.shapes:
+            x = torch.randn(shape, dtype=dtype, requires_grad=True)
+            grad = torch.randn(shape, dtype=dtype)
+            ms = {name: seconds(fn, x, grad) * 1e3 for name, fn in ACTIVATIONS.items()}
+            figures = ", ".join(f"{name} {t:.2f} ms ({ms['gelu'] / t:.2f}x)" for name, t in ms.items())
+            print(f"{str(dtype).removeprefix('torch.')} {'x'.join(map(str, shape))}: {figures}", flush=True)
+
+
 # Where a training step's time goes, by the kind of operator (self time, torch.profiler names).
 PROFILE_KINDS = {
     "matrix products": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear"),
@@ -535,6 +563,17 @@ def main() -> None:
     )
     a.add_argument("--warmup", type=int, default=2)
     a.add_argument("--repeats", type=int, default=7)
+    v = sub.add_parser("activations", help="the MLP's non-linearities fwd + bwd, against the tanh GELU")
+    v.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    v.add_argument(
+        "--shapes",
+        nargs="+",
+        default=[(32, 64, 640), (16, 128, 768), (64, 256, 1536)],  # cpu-quick's, cpu-small's, shakespeare-gpu's MLP
+        type=lambda text: tuple(int(n) for n in text.split("x")),
+        help="BATCHxPOSITIONSxHIDDEN",
+    )
+    v.add_argument("--warmup", type=int, default=3)
+    v.add_argument("--repeats", type=int, default=15)
     g = sub.add_parser("generation", help="characters/s with and without the KV cache")
     g.add_argument("--device", default="auto")
     g.add_argument("--tokens", type=int, default=512)
@@ -565,6 +604,7 @@ def main() -> None:
         "throughput": throughput,
         "profile": profile,
         "attention": attention,
+        "activations": activations,
         "generation": generation,
         "processes": processes,
         "target": target,

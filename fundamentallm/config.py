@@ -426,8 +426,10 @@ class ModelConfig(Config):
     qk_norm: bool = setting(
         False, "RMS-normalise each head's queries and keys (learned gain) before attention: bounded attention logits."
     )
-    activation: Literal["gelu", "relu2"] = setting(
-        "gelu", "The MLP's non-linearity: GELU (tanh approximation) or ReLU squared."
+    activation: Literal["gelu", "gelu_exact", "relu2"] = setting(
+        "gelu",
+        "The MLP's non-linearity: GELU (tanh approximation), GELU exact (erf; the faster one in bf16 on "
+        "AMX CPUs) or ReLU squared.",
     )
 
     def check(self) -> None:

@@ -181,3 +181,6 @@ def test_bench_train_profile_throughput_and_attention_smoke():
         timeout=600,
     )
     assert bad.returncode == 2 and "'16x4x128': expected BATCHxHEADSxPOSITIONSxHEAD_DIM" in bad.stderr
+    lines = _bench_train("activations", "--shapes", "2x3x8", "--warmup", "0", "--repeats", "1").splitlines()
+    assert [line.split(":")[0] for line in lines] == ["float32 2x3x8", "bfloat16 2x3x8"]
+    assert all(f" {name} " in line for line in lines for name in ("gelu", "gelu_exact", "relu2"))

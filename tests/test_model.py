@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fundamentallm import model as model_module
 from fundamentallm.config import ModelConfig
-from fundamentallm.model import SPELLED_OUT_MAX_POSITIONS, CharTransformer, explicit_attention, spell_out_attention
+from fundamentallm.model import MLP, SPELLED_OUT_MAX_POSITIONS, CharTransformer, explicit_attention, spell_out_attention
 from fundamentallm.presets import PRESETS, preset
 
 CONFIGS = {
@@ -131,6 +132,25 @@ def test_qk_norm_and_relu_squared_change_the_computation():
     reference = plain(ids)[0]
     assert not torch.allclose(qk(ids)[0], reference, atol=1e-4)
     assert not torch.allclose(relu2(ids)[0], reference, atol=1e-4)
+
+
+def test_mlp_activation_is_the_one_configured():
+    config = CONFIGS["learned-layernorm"]
+    x = torch.randn(2, 8, config.d_model)
+    expected = {
+        "gelu": lambda h: F.gelu(h, approximate="tanh"),
+        "gelu_exact": lambda h: F.gelu(h, approximate="none"),
+        "relu2": lambda h: F.relu(h).square(),
+    }
+    outputs = {}
+    for name, function in expected.items():
+        torch.manual_seed(0)
+        mlp = MLP(config.replace(activation=name)).eval()
+        outputs[name] = mlp(x)
+        torch.testing.assert_close(outputs[name], mlp.down(function(mlp.up(x))))
+    # the two GELUs are close but not the same function
+    assert not torch.equal(outputs["gelu"], outputs["gelu_exact"])
+    torch.testing.assert_close(outputs["gelu"], outputs["gelu_exact"], atol=1e-2, rtol=0)
 
 
 def test_attention_spelled_out_equals_the_fused_kernel_values_and_gradients():
