@@ -17,7 +17,8 @@ duplicate of an earlier document is dropped and counted. The table lands in
 the corpus hash covers the document ids in order: the same text gives the same directory.
 
 A file larger than `IngestConfig.part_bytes` is never held whole: it is read, decoded,
-normalised and hashed in parts of about that size, each cut between two ASCII bytes (the
+normalised and hashed in parts of about that size (the hash on a helper thread, beside the
+scan of the next part), each cut between two ASCII bytes (the
 first not a carriage return), where no character, no CRLF pair and no NFC composition or
 reordering can span the cut, so each part normalises alone exactly as it would within the
 whole. Each part is one row of the table (`part` 0, 1, ...; every row carries the document's
@@ -100,11 +101,9 @@ class Document:
 _ASCII_BYTES = bytes(range(128))
 
 
-def _histogram(utf8: bytes, byte_counts: np.ndarray | None = None) -> np.ndarray:
-    """Character histogram of UTF-8 text (`byte_counts`: its byte histogram, when already counted)."""
-    if byte_counts is None:
-        byte_counts = count_codepoints(np.frombuffer(utf8, dtype=np.uint8))
-    return _ascii_and_others(byte_counts, utf8)
+def _histogram(utf8: bytes) -> np.ndarray:
+    """Character histogram of UTF-8 text."""
+    return _ascii_and_others(count_codepoints(np.frombuffer(utf8, dtype=np.uint8)), utf8)
 
 
 def _ascii_and_others(byte_counts: np.ndarray, utf8: bytes) -> np.ndarray:
@@ -220,25 +219,29 @@ def safe_cut(buf: np.ndarray) -> int:
     return 0
 
 
-def _raw_parts(f: IO[bytes], part_bytes: int) -> Iterator[tuple[int, bytes]]:
+def _raw_parts(f: IO[bytes], part_bytes: int) -> Iterator[tuple[int, bytes | memoryview]]:
     """(offset in the file, bytes) of consecutive parts of `f` from where it stands, each cut at a
-    `safe_cut` at or before about `part_bytes`; a part with no safe cut grows until one comes."""
+    `safe_cut` at or before about `part_bytes`; a part with no safe cut grows until one comes.
+
+    A part is a view of the block read, not a copy: the next read starts again at the cut (the few
+    bytes after it are read twice).
+    """
     offset = f.tell()
-    carry = b""
+    data = b""
     while True:
-        block = f.read(part_bytes - len(carry) if len(carry) < part_bytes else part_bytes)
-        data = carry + block if carry else block
+        block = f.read(part_bytes)
         if not block:  # end of file
             if data:
                 yield offset, data
             return
+        data = data + block if data else block  # grows only while no safe cut has come
         cut = safe_cut(np.frombuffer(data, dtype=np.uint8))
         if cut == 0:
-            carry = data
             continue
-        yield offset, data[:cut]
+        yield offset, memoryview(data)[:cut] if cut < len(data) else data
         offset += cut
-        carry = data[cut:]
+        f.seek(offset)
+        data = b""
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,36 @@ def _signature(info: os.stat_result) -> tuple[int, int]:
     return info.st_size, info.st_mtime_ns
 
 
+class _BackgroundHash:
+    """sha256 of the bytes given to `update`, in order, computed on a helper thread (hashlib lets go of
+    the GIL for large inputs) while the caller scans the next part. At most one update waits: its bytes
+    are the only ones held beyond the caller's."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+        self._pending: Future[None] | None = None
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._wait()
+        self._pending = self._pool.submit(self._digest.update, data)
+
+    def hexdigest(self) -> str:
+        self._wait()
+        return self._digest.hexdigest()
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def __enter__(self) -> _BackgroundHash:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _scan_parts(
     raw: RawFile, f: IO[bytes], encoding: str, errors: str, checked: bool, spill: IO[bytes], part_bytes: int
 ) -> tuple[list[_Part], str, int] | SkippedSource:
@@ -316,17 +349,32 @@ def _scan_parts(
     Returns the parts, the document id and the number of C0 control bytes; or why it is
     skipped. Raises `_Undecodable` at the first undecodable part under ``errors="strict"``.
     """
-    digest = hashlib.sha256()
+    with _BackgroundHash() as digest:
+        return _scan_parts_into(raw, f, encoding, errors, checked, spill, part_bytes, digest)
+
+
+def _scan_parts_into(
+    raw: RawFile,
+    f: IO[bytes],
+    encoding: str,
+    errors: str,
+    checked: bool,
+    spill: IO[bytes],
+    part_bytes: int,
+    digest: _BackgroundHash,
+) -> tuple[list[_Part], str, int] | SkippedSource:
     parts: list[_Part] = []
     controls = 0
     spill.seek(0)
     spill.truncate()
     plain = encoding == "utf-8" and errors == "strict"
     for offset, data in _raw_parts(f, part_bytes):
-        raw_counts = count_codepoints(np.frombuffer(data, dtype=np.uint8))
+        buf = np.frombuffer(data, dtype=np.uint8)
+        raw_counts = count_codepoints(buf)
         if checked:
             if raw_counts[0]:
-                return SkippedSource(raw.source, f"binary file (NUL byte at offset {offset + data.find(0)})")
+                nul = offset + int(np.flatnonzero(buf == 0)[0])
+                return SkippedSource(raw.source, f"binary file (NUL byte at offset {nul})")
             controls += int(raw_counts[_C0_BYTES].sum())
         if plain and not raw_counts[128:].any() and not raw_counts[13]:
             digest.update(data)
@@ -338,18 +386,15 @@ def _scan_parts(
             parts.append(part)
             continue
         try:
-            text = data.decode(encoding, errors)
+            text = str(data, encoding, errors)
         except UnicodeDecodeError as exc:
             raise _Undecodable(offset, exc) from exc
-        text, cleaned = _clean_text(text)
-        changed = cleaned or not plain
-        utf8 = text.encode("utf-8") if changed else data
+        # Another encoding, or U+FFFD replacements: the UTF-8 text differs from the raw bytes.
+        text = _clean_text(text)[0]
+        utf8 = text.encode("utf-8")
         digest.update(utf8)
-        if changed:
-            parts.append(_Part.of(True, spill.tell(), len(utf8), len(text), _histogram(utf8)))
-            spill.write(utf8)
-        else:  # the raw bytes: their byte histogram is counted already
-            parts.append(_Part.of(False, offset, len(utf8), len(text), _histogram(utf8, raw_counts)))
+        parts.append(_Part.of(True, spill.tell(), len(utf8), len(text), _histogram(utf8)))
+        spill.write(utf8)
     return parts, digest.hexdigest(), controls
 
 
@@ -382,7 +427,9 @@ def mixed_stretches(buf: np.ndarray, has_cr: bool, block: int | None = None) -> 
     return stretches
 
 
-def _scan_mixed(data: bytes, offset: int, raw_counts: np.ndarray, spill: IO[bytes]) -> tuple[_Part, bytes]:
+def _scan_mixed(
+    data: bytes | memoryview, offset: int, raw_counts: np.ndarray, spill: IO[bytes]
+) -> tuple[_Part, bytes | memoryview]:
     """One part of strict UTF-8 holding non-ASCII bytes or carriage returns: only the stretches
     holding them (`mixed_stretches`) are decoded and normalised; the ASCII between them is taken
     as it is. The same text and counts as decoding the whole part; a part that normalisation
