@@ -238,10 +238,17 @@ def test_cpu_dropout_drops_about_p_and_scales_what_it_keeps():
     assert model_module.dropout(low, 0.5).dtype == torch.bfloat16
 
 
-def test_the_random_bytes_of_dropout_masks_are_uniform():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_random_bytes_of_dropout_masks_are_uniform(compiled):
     torch.manual_seed(0)
     n = 2_688_000
-    found = model_module.random_bytes(n, torch.device("cpu"))
+
+    def draw(x: torch.Tensor) -> torch.Tensor:
+        return model_module.random_bytes(x.numel(), x.device)
+
+    if compiled:  # inside torch.compile they come from another op: traced whole (fullgraph: no break)
+        draw = torch.compile(draw, fullgraph=True)
+    found = draw(torch.empty(n))
     assert found.dtype == torch.uint8 and found.shape == (n,)
     counts = torch.bincount(found.long(), minlength=256).double()
     chi2 = (((counts - n / 256) ** 2) / (n / 256)).sum().item()
@@ -249,6 +256,17 @@ def test_the_random_bytes_of_dropout_masks_are_uniform():
     for offset in range(7):  # no position among each draw's bytes is constant or half-random
         assert found[offset::7].float().std() > 70  # uniform bytes: 73.9; bytes of 7 bits: 37
     assert model_module.random_bytes(7, torch.device("cpu")).shape == (7,)
+
+
+def test_compiled_dropout_on_a_cpu_keeps_about_1_minus_p_in_one_graph():
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = torch.compile(lambda t: model_module.dropout(t, 0.25), fullgraph=True)(x)
+    kept = y != 0
+    assert 0.24 < 1 - kept.float().mean().item() < 0.26
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 4 / 3))  # scaled by 1 / (1 - p)
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], torch.tensor(4 / 3))
 
 
 def test_the_model_draws_its_dropout_masks_from_random_bytes_on_a_cpu(monkeypatch):
