@@ -45,6 +45,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+# This tree's package, not the installed one (an editable install points at another checkout when this
+# runs from a worktree), in this process and in the processes it starts.
+sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
 HOST = "127.0.0.1"
 PROMPTS = (
     "The ",

@@ -67,6 +67,10 @@ from pathlib import Path
 from corpus import shakespeare  # same directory
 
 REPO = Path(__file__).resolve().parent.parent
+# This tree's package, not the installed one (an editable install points at another checkout when this
+# runs from a worktree), in this process and in the processes it starts.
+sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
 
 
 def shakespeare_dataset(text: Path, out: Path) -> Path:
