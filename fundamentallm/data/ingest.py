@@ -18,16 +18,16 @@ the corpus hash covers the document ids in order: the same text gives the same d
 
 A file larger than `IngestConfig.part_bytes` is never held whole: it is read, decoded,
 normalised and hashed in parts of about that size (the hash on a helper thread, beside the
-scan of the next part), each cut between two ASCII bytes (the
-first not a carriage return), where no character, no CRLF pair and no NFC composition or
-reordering can span the cut, so each part normalises alone exactly as it would within the
-whole. Each part is one row of the table (`part` 0, 1, ...; every row carries the document's
-id), so the text, its id and everything encoded from it are those of the unparted path. A
-part whose normalised bytes are its raw bytes (the usual case) is read again from the file
-when it is written; a changed one waits in a spill file, because the document's id, and so
-whether it is a duplicate, is known only after its last part. A file with no such cut for
-a long stretch (no two adjacent ASCII characters) grows its part until one comes; a UTF-16
-or UTF-32 file (byte-order mark) is read whole.
+scan of the next part), each cut between two ASCII bytes (the first not a carriage return),
+where no character, no CRLF pair and no NFC composition or reordering can span the cut, so
+each part normalises alone exactly as it would within the whole. Each part is one row of the
+table (`part` 0, 1, ...; every row carries the document's id), so the text, its id and
+everything encoded from it are those of the unparted path. A part whose normalised bytes are
+its raw bytes (the usual case) is read again from the file when it is written; a changed one
+waits in a spill file, because the document's id, and so whether it is a duplicate, is known
+only after its last part. A file with no such cut for a long stretch (no two adjacent ASCII
+characters) grows its part until one comes; a UTF-16 or UTF-32 file (byte-order mark) is read
+whole.
 """
 
 from __future__ import annotations
