@@ -93,6 +93,16 @@ def test_cpu_quick_takes_the_settings_measured_best_for_this_cpu_class(monkeypat
     assert listed["model.activation"] == activation
 
 
+@pytest.mark.parametrize(("fast", "dropout"), [(True, 0.05), (False, 0.0)])
+def test_cpu_small_regularises_where_bf16_is_in_hardware(monkeypatch, fast, dropout):
+    """There 15 minutes see the text many times over and the model overfits without dropout
+    (benchmarks/RESULTS.md); on AVX2 CPUs it sees it a few times and trains without."""
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast)
+    config = preset("cpu-small")
+    assert config.model.dropout == dropout
+    assert (config.model.n_layer, config.model.d_model, config.train.time_budget_s) == (4, 192, 900.0)
+
+
 @pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:7"])
 def test_an_absent_gpu_is_named_in_a_clear_error(monkeypatch, name):
     from fundamentallm.errors import ConfigError
