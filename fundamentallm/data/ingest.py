@@ -39,7 +39,7 @@ import os
 import tempfile
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -311,34 +311,31 @@ def _signature(info: os.stat_result) -> tuple[int, int]:
     return info.st_size, info.st_mtime_ns
 
 
-class _BackgroundHash:
-    """sha256 of the bytes given to `update`, in order, computed on a helper thread (hashlib lets go of
-    the GIL for large inputs) while the caller scans the next part. At most one update waits: its bytes
-    are the only ones held beyond the caller's."""
+class _OneAhead:
+    """Calls run in order on one helper thread while the caller goes on; at most one waits, so only
+    that call's arguments are held beyond the caller's. `wait` for the last one; `close` to stop."""
 
-    def __init__(self) -> None:
-        self._digest = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
-        self._pending: Future[None] | None = None
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: Future[Any] | None = None
 
-    def update(self, data: bytes | memoryview) -> None:
-        self._wait()
-        self._pending = self._pool.submit(self._digest.update, data)
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
 
-    def hexdigest(self) -> str:
-        self._wait()
-        return self._digest.hexdigest()
-
-    def _wait(self) -> None:
+    def wait(self) -> None:
         if self._pending is not None:
             self._pending.result()
             self._pending = None
 
-    def __enter__(self) -> _BackgroundHash:
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> _OneAhead:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.close()
 
 
 def _scan_parts(
@@ -348,54 +345,44 @@ def _scan_parts(
 
     Returns the parts, the document id and the number of C0 control bytes; or why it is
     skipped. Raises `_Undecodable` at the first undecodable part under ``errors="strict"``.
+    The id's hash runs a part behind the scan, on a helper thread (hashlib lets go of the GIL).
     """
-    with _BackgroundHash() as digest:
-        return _scan_parts_into(raw, f, encoding, errors, checked, spill, part_bytes, digest)
-
-
-def _scan_parts_into(
-    raw: RawFile,
-    f: IO[bytes],
-    encoding: str,
-    errors: str,
-    checked: bool,
-    spill: IO[bytes],
-    part_bytes: int,
-    digest: _BackgroundHash,
-) -> tuple[list[_Part], str, int] | SkippedSource:
     parts: list[_Part] = []
     controls = 0
     spill.seek(0)
     spill.truncate()
     plain = encoding == "utf-8" and errors == "strict"
-    for offset, data in _raw_parts(f, part_bytes):
-        buf = np.frombuffer(data, dtype=np.uint8)
-        raw_counts = count_codepoints(buf)
-        if checked:
-            if raw_counts[0]:
-                nul = offset + int(np.flatnonzero(buf == 0)[0])
-                return SkippedSource(raw.source, f"binary file (NUL byte at offset {nul})")
-            controls += int(raw_counts[_C0_BYTES].sum())
-        if plain and not raw_counts[128:].any() and not raw_counts[13]:
-            digest.update(data)
-            parts.append(_Part.of(False, offset, len(data), len(data), raw_counts))
-            continue
-        if plain:
-            part, text_utf8 = _scan_mixed(data, offset, raw_counts, spill)
-            digest.update(text_utf8)
-            parts.append(part)
-            continue
-        try:
-            text = str(data, encoding, errors)
-        except UnicodeDecodeError as exc:
-            raise _Undecodable(offset, exc) from exc
-        # Another encoding, or U+FFFD replacements: the UTF-8 text differs from the raw bytes.
-        text = _clean_text(text)[0]
-        utf8 = text.encode("utf-8")
-        digest.update(utf8)
-        parts.append(_Part.of(True, spill.tell(), len(utf8), len(text), _histogram(utf8)))
-        spill.write(utf8)
-    return parts, digest.hexdigest(), controls
+    digest = hashlib.sha256()
+    with _OneAhead("hash") as hasher:
+        for offset, data in _raw_parts(f, part_bytes):
+            buf = np.frombuffer(data, dtype=np.uint8)
+            raw_counts = count_codepoints(buf)
+            if checked:
+                if raw_counts[0]:
+                    nul = offset + int(np.flatnonzero(buf == 0)[0])
+                    return SkippedSource(raw.source, f"binary file (NUL byte at offset {nul})")
+                controls += int(raw_counts[_C0_BYTES].sum())
+            if plain and not raw_counts[128:].any() and not raw_counts[13]:
+                hasher.submit(digest.update, data)
+                parts.append(_Part.of(False, offset, len(data), len(data), raw_counts))
+                continue
+            if plain:
+                part, text_utf8 = _scan_mixed(data, offset, raw_counts, spill)
+                hasher.submit(digest.update, text_utf8)
+                parts.append(part)
+                continue
+            try:
+                text = str(data, encoding, errors)
+            except UnicodeDecodeError as exc:
+                raise _Undecodable(offset, exc) from exc
+            # Another encoding, or U+FFFD replacements: the UTF-8 text differs from the raw bytes.
+            text = _clean_text(text)[0]
+            utf8 = text.encode("utf-8")
+            hasher.submit(digest.update, utf8)
+            parts.append(_Part.of(True, spill.tell(), len(utf8), len(text), _histogram(utf8)))
+            spill.write(utf8)
+        hasher.wait()
+        return parts, digest.hexdigest(), controls
 
 
 _STRETCH_BLOCK = 1 << 12
@@ -600,8 +587,7 @@ class _DocumentsWriter:
             use_dictionary=["source"],
             write_statistics=["char_count", "byte_count"],
         )
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="documents")
-        self._inflight: Future[None] | None = None
+        self._worker = _OneAhead("documents")
         self._pending: list[_Row] = []
         self._pending_bytes = 0
 
@@ -635,13 +621,7 @@ class _DocumentsWriter:
         table = self._table(self._pending)
         self._pending = []
         self._pending_bytes = 0
-        self._wait()
-        self._inflight = self._pool.submit(self._writer.write_table, table)
-
-    def _wait(self) -> None:
-        if self._inflight is not None:
-            self._inflight.result()
-            self._inflight = None
+        self._worker.submit(self._writer.write_table, table)
 
     @staticmethod
     def _table(rows: list[_Row]) -> pa.Table:
@@ -677,9 +657,9 @@ class _DocumentsWriter:
     def close(self) -> None:
         try:
             self.flush()
-            self._wait()
+            self._worker.wait()
         finally:
-            self._pool.shutdown(wait=True)
+            self._worker.close()
             self._writer.close()
 
 
