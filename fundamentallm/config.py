@@ -431,6 +431,9 @@ class ModelConfig(Config):
         "The MLP's non-linearity: GELU (tanh approximation), exact GELU (erf; on the CPUs measured 2-3x "
         "faster than the tanh form) or ReLU squared.",
     )
+    tie_embeddings: bool = setting(
+        True, "The output layer is the token embedding's transpose (False: a separate output matrix)."
+    )
 
     def check(self) -> None:
         if self.vocab_size < 0:

@@ -4,7 +4,8 @@ Shapes: B batch, T time (sequence), C channels (d_model), H heads, D head size (
 V vocabulary.
 
     ids (B, T) -> token embedding (+ learned positions) -> n_layer x Block -> final norm
-        -> logits (B, T, V) through the token embedding's transpose (tied weights)
+        -> logits (B, T, V) through the token embedding's transpose (tied weights),
+           or through an output matrix of its own (`tie_embeddings = False`)
 
     Block: x = x + Attention(Norm(x)); x = x + MLP(Norm(x))     (pre-norm)
 
@@ -287,6 +288,7 @@ class CharTransformer(nn.Module):
         self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
+        self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -302,11 +304,13 @@ class CharTransformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
-        """Parameter count; with `non_embedding`, token and position embeddings are left out
-        (the token embedding doubles as the output layer, so it is counted once)."""
+        """Parameter count; with `non_embedding`, token and position embeddings and the output
+        matrix are left out (tied, the token embedding is the output layer and is counted once)."""
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
             total -= self.token_embedding.weight.numel()
+            if self.head is not None:
+                total -= self.head.weight.numel()
             if self.config.positions == "learned":
                 total -= self.position_embedding.weight.numel()
         return total
@@ -343,9 +347,10 @@ class CharTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, None if caches is None else caches[i], attention)
         x = self.norm(x)
+        output = self.token_embedding.weight if self.head is None else self.head.weight  # (V, C)
         if targets is None:
-            return F.linear(x, self.token_embedding.weight), None  # (B, T, V)
-        logits = F.linear(x, self.token_embedding.weight)  # (B, T, V)
+            return F.linear(x, output), None  # (B, T, V)
+        logits = F.linear(x, output)  # (B, T, V)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 

@@ -4,12 +4,14 @@ The new run's vocabulary comes from its own training split, so it may differ fro
 checkpoint's (a grown corpus brings new characters, and may lose some). `warm_start` copies the
 source's weights into a model that was just built with its normal initialisation:
 
-- every parameter but the token embedding is copied as it is, so the model settings must equal
-  the source's except those without weights of their own (`REMAPPED_SETTINGS`);
+- every parameter but the token embedding (and the output matrix of an untied model) is copied as
+  it is, so the model settings must equal the source's except those without weights of their own
+  (`REMAPPED_SETTINGS`);
 - the token embedding is copied row by row, by character: a character both vocabularies hold
   takes the source's row, the unknown id takes the source's unknown row, a character new to the
   corpus keeps the row the initialisation gave it, a source character the new vocabulary lacks is
-  dropped. The output layer is the embedding's transpose (tied weights), so it follows.
+  dropped. Tied, the output layer is the embedding's transpose, so it follows; untied
+  (`tie_embeddings = False`), the output matrix's rows are remapped the same way.
 
 Only weights are carried: the optimizer, its state and the schedule start afresh.
 """
@@ -25,6 +27,9 @@ from fundamentallm.config import ModelConfig, differences
 from fundamentallm.data.vocab import UNK_ID, Vocab
 from fundamentallm.errors import CheckpointError
 from fundamentallm.model import CharTransformer
+
+_BY_CHARACTER = ("token_embedding.weight", "head.weight")
+"""Weights with one row per token id, remapped by character."""
 
 REMAPPED_SETTINGS = frozenset({"vocab_size", "dropout"})
 """Model settings that may differ from the source's: the vocabulary's size (the embedding is
@@ -95,9 +100,12 @@ def warm_start(model: CharTransformer, vocab: Vocab, source: Checkpoint) -> Warm
 
     target_ids = [UNK_ID] + [i for i, c in enumerate(vocab.chars, start=1) if c in source_id]
     from_ids = [UNK_ID] + [source_id[c] for c in carried]
-    rows = model.token_embedding.weight.detach().clone()  # (V, C): new characters keep these
-    rows[target_ids] = source_rows[from_ids].to(rows)
-    state = {**source.model_state, "token_embedding.weight": rows}
+    state = dict(source.model_state)
+    for name, own in model.state_dict().items():
+        if name in _BY_CHARACTER and name in state:
+            rows = own.detach().clone()  # (V, C): new characters keep these
+            rows[target_ids] = state[name][from_ids].to(rows)
+            state[name] = rows
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -36,6 +37,16 @@ CONFIGS = {
         positions="rotary",
         qk_norm=True,
         activation="relu2",
+    ),
+    "untied-gelu-exact": ModelConfig(
+        vocab_size=50,
+        context_length=24,
+        n_layer=2,
+        n_head=2,
+        d_model=32,
+        dropout=0.0,
+        activation="gelu_exact",
+        tie_embeddings=False,
     ),
 }
 
@@ -84,8 +95,25 @@ def test_parameter_count_and_tied_weights():
     expected = 65 * d + 256 * d + L * per_block + d  # embeddings, blocks, final LayerNorm
     assert m.num_parameters() == expected
     assert m.num_parameters(non_embedding=True) == m.num_parameters() - 65 * d - 256 * d
-    assert not hasattr(m, "lm_head")  # the output layer is the token embedding
+    assert m.head is None  # the output layer is the token embedding
     assert 10.6e6 < m.num_parameters() < 10.9e6  # the classic "10.6M" configuration
+    untied = CharTransformer(dataclasses.replace(config, tie_embeddings=False))
+    assert untied.num_parameters() == expected + 65 * d
+    assert untied.num_parameters(non_embedding=True) == m.num_parameters(non_embedding=True)
+
+
+def test_an_untied_model_computes_its_logits_with_its_own_output_matrix():
+    torch.manual_seed(0)
+    m = CharTransformer(CONFIGS["untied-gelu-exact"]).eval()
+    hidden = []
+    m.norm.register_forward_hook(lambda _module, _inputs, output: hidden.append(output))
+    ids = torch.randint(0, 50, (2, 10))
+    logits, loss = m(ids, ids)
+    assert torch.allclose(logits, hidden[0] @ m.head.weight.T, atol=1e-6)
+    assert not torch.allclose(logits, hidden[0] @ m.token_embedding.weight.T, atol=1e-2)
+    loss.backward()
+    assert m.head.weight.grad is not None and m.head.weight.grad.abs().sum() > 0
+    assert m.token_embedding.weight.grad.abs().sum() > 0  # still learned as the input embedding
 
 
 def test_kv_cache_matches_full_forward(model):

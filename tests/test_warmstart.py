@@ -84,6 +84,30 @@ def test_embedding_rows_follow_their_characters_and_new_characters_keep_their_in
     )  # 12 source characters, "c" dropped
 
 
+def test_an_untied_output_matrix_is_remapped_by_character_like_the_embedding():
+    source_vocab = Vocab("\n !.abcdefgh")
+    target_vocab = Vocab(sorted(set(source_vocab.chars) - {"c"} | {"x", "é"}))
+    source = _source(source_vocab, tie_embeddings=False)
+    model = _model(target_vocab, seed=7, tie_embeddings=False)
+    fresh = _model(target_vocab, seed=7, tie_embeddings=False)
+
+    warm_start(model, target_vocab, source)
+
+    state = model.state_dict()
+    for name in ("token_embedding.weight", "head.weight"):
+        rows, source_rows, fresh_rows = state[name], source.model_state[name], fresh.state_dict()[name]
+        assert rows.shape == (target_vocab.size, 16)
+        assert torch.equal(rows[UNK_ID], source_rows[UNK_ID]), name
+        for i, char in enumerate(target_vocab.chars, start=1):
+            expected = source_rows[source_vocab.chars.index(char) + 1] if char in source_vocab.chars else fresh_rows[i]
+            assert torch.equal(rows[i], expected), (name, char)
+    # Two matrices, not one: the output rows are the source's output rows, not its embedding's.
+    a = target_vocab.chars.index("a") + 1
+    assert not torch.equal(state["head.weight"][a], state["token_embedding.weight"][a])
+    with pytest.raises(CheckpointError, match=r"model\.tie_embeddings False -> True"):
+        warm_start(_model(target_vocab, seed=7), target_vocab, source)
+
+
 def test_a_source_of_another_shape_is_refused_naming_each_difference_and_changes_nothing():
     vocab = Vocab("abc")
     source = _source(vocab)
