@@ -29,22 +29,25 @@ def test_auto_picks_bf16_exactly_where_the_cpu_multiplies_it_in_hardware(monkeyp
 
 
 @pytest.mark.parametrize(
-    ("amx", "avx512_bf16", "cpuinfo", "fast"),
+    ("amx", "avx512_bf16", "cpuinfo", "unit"),
     [
-        (True, False, "fpu sse2 avx2", True),
-        (False, True, "fpu sse2 avx2", True),
-        (False, False, "fpu sse2 avx2 amx_bf16 amx_tile", True),
-        (False, False, "fpu sse2 avx2 avx512f", False),
+        (True, True, "fpu sse2 avx2", "amx"),
+        (True, False, "fpu sse2 avx2", "amx"),
+        (False, True, "fpu sse2 avx2", "avx512_bf16"),
+        (False, False, "fpu sse2 avx2 avx512_bf16 amx_bf16 amx_tile", "amx"),
+        (False, False, "fpu sse2 avx2 avx512f avx512_bf16", "avx512_bf16"),
+        (False, False, "fpu sse2 avx2 avx512f", ""),
     ],
 )
-def test_fast_bf16_is_read_from_torch_or_cpuinfo(monkeypatch, tmp_path, amx, avx512_bf16, cpuinfo, fast):
+def test_fast_bf16_is_read_from_torch_or_cpuinfo(monkeypatch, tmp_path, amx, avx512_bf16, cpuinfo, unit):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\nflags\t\t: {cpuinfo}\n")
     real_path = runtime.Path
     monkeypatch.setattr(runtime, "Path", lambda p: real_path(info) if p == "/proc/cpuinfo" else real_path(p))
-    assert runtime.cpu_has_fast_bf16() is fast
+    assert runtime.cpu_bf16_unit() == unit
+    assert runtime.cpu_has_fast_bf16() is bool(unit)
 
 
 @pytest.mark.parametrize(("fast", "name"), [(True, "bf16"), (False, "fp32")])
@@ -74,13 +77,14 @@ def test_compiled_code_is_cached_in_the_users_cache_directory_for_every_later_ru
 
 
 @pytest.mark.parametrize(
-    ("fast", "batch", "muon_lr", "activation"), [(True, 32, 0.03, "gelu_exact"), (False, 16, 0.02, "gelu")]
+    ("unit", "batch", "muon_lr", "activation"),
+    [("amx", 64, 0.04, "gelu_exact"), ("avx512_bf16", 32, 0.03, "gelu_exact"), ("", 16, 0.02, "gelu")],
 )
-def test_cpu_quick_takes_the_settings_measured_best_for_this_cpu_class(monkeypatch, fast, batch, muon_lr, activation):
-    """Where bf16 is multiplied in hardware a step costs less, and twice the batch with a higher Muon rate
-    and the exact GELU trained better in 2 minutes (benchmarks/RESULTS.md); elsewhere the preset measured on
-    AVX2 stays."""
-    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast)
+def test_cpu_quick_takes_the_settings_measured_best_for_this_cpu_class(monkeypatch, unit, batch, muon_lr, activation):
+    """Where bf16 is multiplied in hardware a step costs less, and a bigger batch with a higher Muon rate
+    and the exact GELU trained better in 2 minutes (benchmarks/RESULTS.md): twice the batch with AVX-512
+    BF16, four times with AMX; elsewhere the preset measured on AVX2 stays."""
+    monkeypatch.setattr(runtime, "cpu_bf16_unit", lambda: unit)
     config = preset("cpu-quick")
     assert (config.train.batch_size, config.train.muon_lr, config.model.activation) == (batch, muon_lr, activation)
     # The rest is one preset: shape, budget, optimizer.
