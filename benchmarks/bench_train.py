@@ -176,12 +176,13 @@ def _training_setup(name: str, args: argparse.Namespace, device):
     """A preset's model, optimizer and one random batch, as the trainer builds them."""
     import torch
 
+    from fundamentallm.config import parse_override
     from fundamentallm.model import CharTransformer
     from fundamentallm.optim import build_optimizer
     from fundamentallm.presets import preset
     from fundamentallm.runtime import resolve_precision
 
-    config = preset(name)
+    config = preset(name).with_overrides(dict(parse_override(item) for item in args.set or []))
     mc, tc = config.model.replace(vocab_size=66), config.train
     if args.dropout is not None:
         mc = mc.replace(dropout=args.dropout)
@@ -542,6 +543,9 @@ def main() -> None:
     steps.add_argument("--compile", action="store_true")
     steps.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
     steps.add_argument("--dropout", type=float, help="override the preset's dropout")
+    steps.add_argument(
+        "--set", action="append", help="setting override, as for 'fundamentallm train --set' (e.g. model.activation=gelu)"
+    )
     steps.add_argument("--warmup", type=int, default=3)
     t = sub.add_parser("throughput", parents=[steps], help="training tokens/s and model FLOP utilisation")
     t.add_argument("--presets", nargs="+", default=["shakespeare-gpu", "cpu-small"])
