@@ -166,8 +166,9 @@ def test_bench_train_profile_throughput_and_attention_smoke():
     shares = [float(line.rsplit(None, 1)[1].rstrip("%")) for line in out.splitlines() if " ms " in line]
     assert "matrix products" in out and "dropout and random" in out
     assert sum(shares) == pytest.approx(100, abs=1)  # every operator's time in one kind or another
-    out = _bench_train("throughput", "--presets", "debug", *common)
+    out = _bench_train("throughput", "--presets", "debug", "--set", "model.n_layer=1", *common)
     assert "tokens/s" in out and "MFU" in out
+    assert "debug: 1x32," in out  # the override reached the model (the preset has 2 layers)
     lines = _bench_train("attention", "--shapes", "2x2x16x8", "2x2x300x8", *common[:2]).splitlines()
     assert len(lines) == 4 and all("fused / spelled out" in line for line in lines)
     assert lines[2].endswith("spelled out") and lines[3].endswith("fused")  # bf16: 16 positions spelled out, 300 not
