@@ -151,12 +151,12 @@ def explicit_attention(
 
     The weights are in the scores' dtype: under bf16 autocast the softmax sums in fp32 and rounds its
     output to bf16 (as a GPU's fused kernels keep them), so the passes over the (B, H, T, T) weights
-    (mask, softmax, dropout and their backward) move half the bytes of fp32 and need no casts.
+    (softmax, dropout and their backward) move half the bytes of fp32 and need no casts.
 
-    The scores come scaled and causally masked out of one product (`baddbmm` of a (T, T) bias, 0 up
-    to the diagonal and -inf above it): no pass over the (B, H, T, T) scores to mask them and none in
-    the backward pass (the softmax's gradient is already 0 where its weights are), no pass to scale
-    the queries. Forward + backward 1.4-2.0x faster than masking and scaling apart (bf16, AMX Xeon;
+    The scores come scaled and causally masked out of one product (`baddbmm` onto a (T, T) bias, 0 up
+    to the diagonal and -inf above it): no masking pass of its own over the (B, H, T, T) scores and
+    none in the backward pass (the softmax's gradient is already 0 where its weights are), no pass to
+    scale the queries. Forward + backward 1.4-2.0x faster than masking and scaling apart (bf16, AMX Xeon;
     benchmarks/RESULTS.md).
 
     `keep`: a list the weights (B, H, T, T) are appended to, in fp32, for looking at (before dropout)."""
