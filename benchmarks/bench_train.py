@@ -544,7 +544,7 @@ def main() -> None:
     steps.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
     steps.add_argument("--dropout", type=float, help="override the preset's dropout")
     steps.add_argument(
-        "--set", action="append", help="setting override, as for 'fundamentallm train --set' (e.g. model.activation=gelu)"
+        "--set", action="append", help="setting override, as for 'fundamentallm train --set' (e.g. model.n_layer=6)"
     )
     steps.add_argument("--warmup", type=int, default=3)
     t = sub.add_parser("throughput", parents=[steps], help="training tokens/s and model FLOP utilisation")
