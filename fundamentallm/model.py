@@ -354,9 +354,9 @@ class CharTransformer(nn.Module):
             x = block(x, rotary, None if caches is None else caches[i], attention)
         x = self.norm(x)
         output = self.token_embedding.weight if self.head is None else self.head.weight  # (V, C)
-        if targets is None:
-            return F.linear(x, output), None  # (B, T, V)
         logits = F.linear(x, output)  # (B, T, V)
+        if targets is None:
+            return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
