@@ -263,7 +263,7 @@ def attention(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from fundamentallm.model import explicit_attention, spell_out_attention
+    from fundamentallm.model import attention_slices, explicit_attention, spell_out_attention
 
     def fused(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -285,7 +285,10 @@ def attention(args: argparse.Namespace) -> None:
         for shape in args.shapes:
             batch, heads, positions, head_dim = shape
             a, b = seconds(fused, shape, dtype), seconds(explicit_attention, shape, dtype)
-            chosen = "spelled out" if spell_out_attention(torch.empty(shape, dtype=dtype), 0.0) else "fused"
+            queries = torch.empty(shape, dtype=dtype)
+            chosen = "fused"
+            if spell_out_attention(queries, 0.0):
+                chosen = f"spelled out in {attention_slices(queries)} slice(s)"
             print(
                 f"{str(dtype).removeprefix('torch.')} B {batch} H {heads} T {positions} D {head_dim}: "
                 f"fused {a * 1e3:.1f} ms, spelled out {b * 1e3:.1f} ms, fused / spelled out {a / b:.2f}x; "

@@ -198,6 +198,37 @@ def test_attention_spelled_out_equals_the_fused_kernel_values_and_gradients():
     assert (explicit_attention(q, k, v, dropout_p=1.0) == 0).all()
 
 
+def test_attention_in_slices_of_the_batch_and_heads_equals_one_piece(monkeypatch):
+    # Big score tensors are computed a slice of the batch x heads at a time; with a budget of 1 KiB
+    # per slice (one (batch, head)'s 17 x 17 fp32 scores are 1,156 bytes) these come in 6 slices.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
+    whole = explicit_attention(q, k, v)
+    whole_grads = torch.autograd.grad(whole.square().sum(), (q, k, v))
+    monkeypatch.setattr(model_module, "ATTENTION_SLICE_BYTES", 1024)
+    assert model_module.attention_slices(q) == 6
+    sliced = explicit_attention(q, k, v)
+    sliced_grads = torch.autograd.grad(sliced.square().sum(), (q, k, v))
+    torch.testing.assert_close(sliced, whole)
+    for a, b in zip(sliced_grads, whole_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    # dropout acts in every slice; the weights kept for looking at come whole, (B, H, T, T)
+    assert (explicit_attention(q, k, v, dropout_p=1.0) == 0).all()
+    weights: list[torch.Tensor] = []
+    explicit_attention(q, k, v, keep=weights)
+    assert len(weights) == 1 and weights[0].shape == (2, 3, 17, 17)
+
+
+def test_attention_slices_count_the_bytes_of_the_scores():
+    def slices(dtype, batch, heads, positions):
+        return model_module.attention_slices(torch.empty(batch, heads, positions, 8, dtype=dtype))
+
+    assert slices(torch.bfloat16, 16, 4, 128) == 1  # cpu-small's 2 MiB of bf16 scores: one piece
+    assert slices(torch.bfloat16, 64, 6, 256) == 12  # 6 x 384's 48 MiB in 4 MiB slices
+    assert slices(torch.float32, 64, 6, 256) == 24  # fp32 scores: twice the bytes
+    assert slices(torch.float32, 1, 1, 4096) == 1  # never more slices than (batch, head) pairs
+
+
 def test_bf16_attention_keeps_its_weights_in_bf16_and_gives_them_out_in_fp32(monkeypatch):
     # The (B, H, T, T) weights stay in the scores' dtype through mask, softmax and dropout (half the
     # bytes of fp32, no casts); what `keep` gets for looking at is fp32 either way.
