@@ -13,7 +13,7 @@ Options a small model may gain from (each a `ModelConfig` setting, off by defaul
 (queries and keys RMS-normalised per head before attention) and a ReLU-squared MLP.
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`, or is spelled out
-(`explicit_attention`) on a CPU where that is faster (bf16 up to 256 positions, or with dropout).
+(`explicit_attention`) on a CPU where that is faster (bf16 up to 512 positions, or with dropout).
 Dropout on a CPU draws its masks from random bytes (`dropout`), cheaper than `F.dropout` there.
 Positions are learned embeddings or rotary (RoPE, applied to queries and keys). Generation keeps
 a key/value cache per layer so each new character costs one position, not the whole context.
@@ -142,9 +142,11 @@ class Dropout(nn.Module):
 # batched matrix products, which oneDNN runs on the bf16 units, and a softmax) than through PyTorch's
 # fused CPU kernel, whose backward pass is slow in low precision: fwd + bwd 2.3-3.8x faster at 64-128
 # positions, 1.1-1.5x at 256 with batch 16, 0.94x at 256 with batch 64, 0.75x at 512 (AMD EPYC Zen 4,
-# AVX-512 BF16, torch 2.13; benchmarks/RESULTS.md "Attention spelled out"). In fp32 the fused kernel
-# is the faster everywhere measured, so fp32 training (machines without hardware bf16) is unchanged.
-SPELLED_OUT_MAX_POSITIONS = 256
+# AVX-512 BF16, torch 2.13; benchmarks/RESULTS.md "Attention spelled out"). Since the scores are
+# masked inside the product and computed in slices (below): 1.5-4.2x at 64-256 positions, 1.5-1.6x at
+# 512, 0.9-1.0x at 1,024 (AMX Xeon; not re-measured on Zen 4). In fp32 the fused kernel is the faster
+# everywhere measured, so fp32 training (machines without hardware bf16) is unchanged.
+SPELLED_OUT_MAX_POSITIONS = 512
 
 
 def spell_out_attention(q: torch.Tensor, dropout_p: float) -> bool:
