@@ -78,7 +78,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class _KeepMask(torch.autograd.Function):
     """x times a mask, forward and backward; only the mask is saved. The mask is either the boolean keep
     mask (x where it is True, times `scale`: a byte per element, for compiled code, which fuses the
-    two) or, in eager mode, already 0 or `scale` in x's dtype: one multiplication per pass, 1.3-2.6x
+    two) or, in eager mode, already 0 or `scale` in x's dtype: one multiplication per pass, 1.2-2.7x
     faster than `where` and a multiplication (AMX Xeon, benchmarks/RESULTS.md)."""
 
     @staticmethod
@@ -163,8 +163,8 @@ def spell_out_attention(q: torch.Tensor, dropout_p: float) -> bool:
 # product, softmax, dropout and their backward then run on a (b, T, T) block that stays in the core's
 # caches instead of streaming the whole (B, H, T, T) through memory once per pass. Forward + backward
 # at 64 x 6 x 256 x 64 in 12 slices: bf16 1.6x faster, with dropout 0.2 1.4x, fp32 with dropout 1.5x;
-# up to about 4 MB of scores slicing only adds calls (AMX Xeon; benchmarks/RESULTS.md "Attention in
-# slices").
+# up to about 4 MB of scores slicing only adds calls (AMX Xeon; benchmarks/RESULTS.md, "The AMX Xeon,
+# 2026-12-05").
 ATTENTION_SLICE_BYTES = 4 * 2**20
 
 
