@@ -187,6 +187,7 @@ def test_settings_are_checked_before_any_process_starts(tiny_dataset, tmp_path):
 def test_the_pipeline_trains_in_two_processes_and_rank_zero_logs_to_mlflow(prefect_api, mlflow_store, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
 
     from flows.train_pipeline import train_pipeline
     from fundamentallm.tracking import client
@@ -208,6 +209,7 @@ def test_the_pipeline_trains_in_two_processes_and_rank_zero_logs_to_mlflow(prefe
     history = mlflow_client.get_metric_history(summary["mlflow_run_id"], "train_loss")
     assert [m.step for m in history] == [1, 10, 20, 30, 40, 50, 60]  # once per step: rank 0 alone logs
     assert summary["registration"]["version"] == "1"
+    APILogHandler().flush()  # log records are sent in batches: send what is still queued
     with get_client(sync_client=True) as prefect_client:
         logs = prefect_client.read_logs(
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
