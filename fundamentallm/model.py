@@ -100,14 +100,15 @@ def _masked(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def random_bytes(n: int, device: torch.device) -> torch.Tensor:
-    """`n` uniformly random bytes (uint8) from the global generator, seven per 63-bit draw."""
-    count = (n + 6) // 7
+    """`n` uniformly random bytes (uint8) from the global generator: the bytes of 64-bit draws over every
+    int64 value, eight per draw and no copy (inside torch.compile seven per 63-bit draw)."""
     if torch.compiler.is_compiling():  # Tensor.random_ would break the graph; randint is traced
+        count = (n + 6) // 7
         draws = torch.randint(0, 2**63 - 1, (count,), dtype=torch.int64, device=device)  # one value short of 2**63
-    else:
-        draws = torch.empty(count, dtype=torch.int64, device=device).random_()  # [0, 2**63)
-    low = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)  # the seven bytes that are all random
-    return draws.view(torch.uint8).view(-1, 8)[:, low].reshape(-1)[:n]
+        low = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)  # the seven bytes that are all random
+        return draws.view(torch.uint8).view(-1, 8)[:, low].reshape(-1)[:n]
+    draws = torch.empty((n + 7) // 8, dtype=torch.int64, device=device).random_(-(2**63), None)  # all 2**64 values
+    return draws.view(torch.uint8)[:n]
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -117,11 +118,11 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     threshold = round(p * 256)
     if x.device.type != "cpu" or not 0 < threshold < 256:
         return F.dropout(x, p)
-    keep = (random_bytes(x.numel(), x.device) >= threshold).view(x.shape)
+    keep_bytes = random_bytes(x.numel(), x.device).view(x.shape)
     scale = 256 / (256 - threshold)
     if torch.compiler.is_compiling():
-        return _KeepMask.apply(x, keep, scale)
-    return _KeepMask.apply(x, keep.to(x.dtype).mul_(scale), scale)
+        return _KeepMask.apply(x, keep_bytes >= threshold, scale)
+    return _KeepMask.apply(x, _keep_mask(keep_bytes, threshold, x.dtype).mul_(scale), scale)
 
 
 class Dropout(nn.Module):
@@ -187,28 +188,100 @@ def explicit_attention(
     to the diagonal and -inf above it): no masking pass of its own over the (B, H, T, T) scores and
     none in the backward pass (the softmax's gradient is already 0 where its weights are), no pass to
     scale the queries. Forward + backward 1.4-2.0x faster than masking and scaling apart (bf16, AMX Xeon;
-    benchmarks/RESULTS.md). Big score tensors are computed in slices of the batch x heads
-    (`attention_slices`).
+    benchmarks/RESULTS.md). Eagerly, with dropout or with score tensors big enough to be computed in
+    slices of the batch x heads (`attention_slices`), `_SlicedAttention` does it, writing each slice's
+    output and gradients into place; small scores without dropout (one slice) go through autograd,
+    whose per-call overhead is the smaller there (0.93x with `_SlicedAttention` at 16 x 4 x 128 x 48).
 
     `keep`: a list the weights (B, H, T, T) are appended to, in fp32, for looking at (before dropout);
     computed in one piece."""
+    threshold, slices = round(dropout_p * 256), attention_slices(q)
+    if keep is None and not torch.compiler.is_compiling() and (0 < threshold < 256 or (dropout_p == 0 and slices > 1)):
+        return _SlicedAttention.apply(q, k, v, dropout_p, slices)
     B, H, T, D = q.shape
-    slices = 1 if keep is not None else attention_slices(q)
-    causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(diagonal=1)
+    causal = _causal_bias(T, q.dtype, q.device)
     q, k, v = q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D)
+    weights = torch.baddbmm(causal, q, k.mT, alpha=1.0 / math.sqrt(D)).softmax(dim=-1)  # (B * H, T, T)
+    if keep is not None:
+        keep.append(weights.float().view(B, H, T, T))
+    if dropout_p > 0:
+        weights = dropout(weights, dropout_p)
+    return torch.bmm(weights.to(v.dtype), v).view(B, H, T, D)
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        weights = torch.baddbmm(causal, q, k.mT, alpha=1.0 / math.sqrt(D)).softmax(dim=-1)  # (b, T, T)
-        if keep is not None:
-            keep.append(weights.float().view(B, H, T, T))
-        if dropout_p > 0:
-            weights = dropout(weights, dropout_p)
-        return torch.bmm(weights.to(v.dtype), v)  # (b, T, D)
 
-    if slices == 1:
-        return attend(q, k, v).view(B, H, T, D)
-    parts = [attend(*part) for part in zip(q.chunk(slices), k.chunk(slices), v.chunk(slices), strict=True)]
-    return torch.cat(parts).view(B, H, T, D)
+def _causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(T, T): 0 up to the diagonal, -inf above it (the future)."""
+    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu(diagonal=1)
+
+
+class _SlicedAttention(torch.autograd.Function):
+    """`explicit_attention` in eager mode, forward and backward written out a slice of the batch x heads
+    at a time. Against the same operations under autograd: no `cat` of the slices' outputs or of their
+    gradients (each slice writes into one output), dropout keeps elements whose random byte is at least
+    the threshold and its mask is made in one pass (0 or 1 in the weights' dtype, the scale 1 / (1 - p)
+    multiplied into the (T, D)-sized operands instead of the (T, T) weights), the backward pass remakes
+    it from the saved bytes: 3 bytes saved per weight (the weights and a byte) against 6. The weights'
+    gradient goes through PyTorch's own softmax backward kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dropout_p: float, slices: int):  # type: ignore[override]
+        B, H, T, D = q.shape
+        with torch.autocast(q.device.type, enabled=False):  # q, k, v are already in the products' dtype
+            q, k, v = (t.reshape(B * H, T, D) for t in (q, k, v))
+            threshold = round(dropout_p * 256)
+            scale = 256 / (256 - threshold)
+            causal = _causal_bias(T, q.dtype, q.device)
+            keep_bytes = random_bytes(B * H * T * T, q.device).view(B * H, T, T) if threshold else None
+            out = torch.empty_like(q)
+            weights = []
+            for rows in _slice_rows(B * H, slices):
+                w = torch.baddbmm(causal, q[rows], k[rows].mT, alpha=1.0 / math.sqrt(D)).softmax(dim=-1)
+                weights.append(w)
+                if keep_bytes is not None:
+                    w = w * _keep_mask(keep_bytes[rows], threshold, w.dtype)
+                torch.bmm(w, v[rows], out=out[rows])
+                if keep_bytes is not None:
+                    out[rows].mul_(scale)
+        ctx.save_for_backward(q, k, v)
+        ctx.weights, ctx.keep_bytes, ctx.slices = weights, keep_bytes, slices
+        ctx.threshold, ctx.scale = threshold, scale
+        return out.view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        q, k, v = ctx.saved_tensors
+        B, H, T, D = grad.shape
+        alpha = 1.0 / math.sqrt(D)
+        with torch.autocast(q.device.type, enabled=False):
+            grad = grad.reshape(B * H, T, D).to(q.dtype)
+            if ctx.keep_bytes is not None:
+                grad = grad * ctx.scale  # (T, D)-sized: the scale reaches both products below
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            for rows, w in zip(_slice_rows(B * H, ctx.slices), ctx.weights, strict=True):
+                dropped = w
+                if ctx.keep_bytes is not None:
+                    mask = _keep_mask(ctx.keep_bytes[rows], ctx.threshold, w.dtype)
+                    dropped = w * mask
+                torch.bmm(dropped.mT, grad[rows], out=dv[rows])
+                dw = torch.bmm(grad[rows], v[rows].mT)  # (b, T, T)
+                if ctx.keep_bytes is not None:
+                    dw.mul_(mask)
+                ds = torch._softmax_backward_data(dw, w, -1, w.dtype)
+                torch.bmm(ds, k[rows], out=dq[rows]).mul_(alpha)
+                torch.bmm(ds.mT, q[rows], out=dk[rows]).mul_(alpha)
+        ctx.weights = ctx.keep_bytes = None
+        return dq.view(B, H, T, D), dk.view(B, H, T, D), dv.view(B, H, T, D), None, None
+
+
+def _slice_rows(n: int, slices: int) -> list[slice]:
+    """`slices` consecutive ranges covering 0..n, as `torch.chunk` cuts them."""
+    size = math.ceil(n / slices)
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _keep_mask(keep_bytes: torch.Tensor, threshold: int, dtype: torch.dtype) -> torch.Tensor:
+    """1 where the byte keeps its element (at least `threshold`), else 0, in `dtype`: one pass."""
+    return torch.ge(keep_bytes, threshold, out=torch.empty(keep_bytes.shape, dtype=dtype, device=keep_bytes.device))
 
 
 @dataclass

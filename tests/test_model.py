@@ -219,6 +219,34 @@ def test_attention_in_slices_of_the_batch_and_heads_equals_one_piece(monkeypatch
     assert len(weights) == 1 and weights[0].shape == (2, 3, 17, 17)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliced_attention_with_dropout_is_what_autograd_makes_of_the_same_masked_softmax(monkeypatch, dtype):
+    # Eagerly `explicit_attention` runs `_SlicedAttention`, whose backward pass is written out by hand:
+    # against the same operations differentiated by autograd in fp64, the same random bytes deciding
+    # what is dropped, in several slices.
+    monkeypatch.setattr(model_module, "ATTENTION_SLICE_BYTES", 1024)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    upstream = torch.randn(2, 3, 17, 8, dtype=dtype)
+    assert model_module.attention_slices(q) > 1
+    torch.manual_seed(1)
+    out = explicit_attention(q, k, v, dropout_p=0.25)
+    grads = torch.autograd.grad(out, (q, k, v), upstream)
+    torch.manual_seed(1)
+    kept = (model_module.random_bytes(2 * 3 * 17 * 17, q.device).view(2, 3, 17, 17) >= 64).double()
+    assert 0.7 < kept.mean().item() < 0.8  # 64/256 of them dropped
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    future = torch.ones(17, 17, dtype=torch.bool).triu(diagonal=1)
+    scores = (q64 @ k64.mT / math.sqrt(8)).masked_fill(future, float("-inf"))
+    reference = (scores.softmax(dim=-1) * kept * (256 / 192)) @ v64
+    reference_grads = torch.autograd.grad(reference, (q64, k64, v64), upstream.double())
+    tolerance = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.06, "rtol": 0.05}
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    torch.testing.assert_close(out.double(), reference, **tolerance)
+    for found, expected in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(found.double(), expected, **tolerance)
+
+
 def test_attention_slices_count_the_bytes_of_the_scores():
     def slices(dtype, batch, heads, positions):
         return model_module.attention_slices(torch.empty(batch, heads, positions, 8, dtype=dtype))
@@ -318,8 +346,9 @@ def test_the_random_bytes_of_dropout_masks_are_uniform(compiled):
     counts = torch.bincount(found.long(), minlength=256).double()
     chi2 = (((counts - n / 256) ** 2) / (n / 256)).sum().item()
     assert chi2 < 350  # 255 degrees of freedom: the 99.99th percentile is about 350
-    for offset in range(7):  # no position among each draw's bytes is constant or half-random
-        assert found[offset::7].float().std() > 70  # uniform bytes: 73.9; bytes of 7 bits: 37
+    per_draw = 7 if compiled else 8  # eagerly all eight bytes of a 64-bit draw, compiled seven of 63 bits
+    for offset in range(per_draw):  # no position among each draw's bytes is constant or half-random
+        assert found[offset::per_draw].float().std() > 70  # uniform bytes: 73.9; bytes of 7 bits: 37
     assert model_module.random_bytes(7, torch.device("cpu")).shape == (7,)
 
 
