@@ -197,7 +197,8 @@ def explicit_attention(
     computed in one piece."""
     threshold, slices = round(dropout_p * 256), attention_slices(q)
     if keep is None and not torch.compiler.is_compiling() and (0 < threshold < 256 or (dropout_p == 0 and slices > 1)):
-        return _SlicedAttention.apply(q, k, v, dropout_p, slices)
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return _SlicedAttention.apply(q, k, v, dropout_p, slices, backward)
     B, H, T, D = q.shape
     causal = _causal_bias(T, q.dtype, q.device)
     q, k, v = q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D)
@@ -224,7 +225,7 @@ class _SlicedAttention(torch.autograd.Function):
     gradient goes through PyTorch's own softmax backward kernel."""
 
     @staticmethod
-    def forward(ctx, q, k, v, dropout_p: float, slices: int):  # type: ignore[override]
+    def forward(ctx, q, k, v, dropout_p: float, slices: int, backward: bool):  # type: ignore[override]
         B, H, T, D = q.shape
         with torch.autocast(q.device.type, enabled=False):  # q, k, v are already in the products' dtype
             q, k, v = (t.reshape(B * H, T, D) for t in (q, k, v))
@@ -236,7 +237,8 @@ class _SlicedAttention(torch.autograd.Function):
             weights = []
             for rows in _slice_rows(B * H, slices):
                 w = torch.baddbmm(causal, q[rows], k[rows].mT, alpha=1.0 / math.sqrt(D)).softmax(dim=-1)
-                weights.append(w)
+                if backward:  # else (evaluation, no_grad) each slice's weights go once used
+                    weights.append(w)
                 if keep_bytes is not None:
                     w = w * _keep_mask(keep_bytes[rows], threshold, w.dtype)
                 torch.bmm(w, v[rows], out=out[rows])
@@ -270,7 +272,7 @@ class _SlicedAttention(torch.autograd.Function):
                 torch.bmm(ds, k[rows], out=dq[rows]).mul_(alpha)
                 torch.bmm(ds.mT, q[rows], out=dk[rows]).mul_(alpha)
         ctx.weights = ctx.keep_bytes = None
-        return dq.view(B, H, T, D), dk.view(B, H, T, D), dv.view(B, H, T, D), None, None
+        return dq.view(B, H, T, D), dk.view(B, H, T, D), dv.view(B, H, T, D), None, None, None
 
 
 def _slice_rows(n: int, slices: int) -> list[slice]:

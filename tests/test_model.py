@@ -209,6 +209,8 @@ def test_attention_in_slices_of_the_batch_and_heads_equals_one_piece(monkeypatch
     assert model_module.attention_slices(q) == 6
     sliced = explicit_attention(q, k, v)
     sliced_grads = torch.autograd.grad(sliced.square().sum(), (q, k, v))
+    with torch.no_grad():  # evaluation: the same values, nothing kept for a backward pass
+        torch.testing.assert_close(explicit_attention(q, k, v), sliced.detach())
     torch.testing.assert_close(sliced, whole)
     for a, b in zip(sliced_grads, whole_grads, strict=True):
         torch.testing.assert_close(a, b)
