@@ -111,15 +111,22 @@ def random_bytes(n: int, device: torch.device) -> torch.Tensor:
     return draws.view(torch.uint8)[:n]
 
 
+def byte_dropout(p: float) -> tuple[int, float] | None:
+    """Dropout p as random bytes: (the threshold a byte must reach to keep its element, the scale of the
+    kept ones), or None where p is too close to 0 or 1 for bytes to express (F.dropout then)."""
+    threshold = round(p * 256)
+    return (threshold, 256 / (256 - threshold)) if 0 < threshold < 256 else None
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Zero each element of `x` with probability p and scale the rest by 1 / (1 - p)."""
     if not training or p == 0:
         return x
-    threshold = round(p * 256)
-    if x.device.type != "cpu" or not 0 < threshold < 256:
+    in_bytes = byte_dropout(p)
+    if x.device.type != "cpu" or in_bytes is None:
         return F.dropout(x, p)
+    threshold, scale = in_bytes
     keep_bytes = random_bytes(x.numel(), x.device).view(x.shape)
-    scale = 256 / (256 - threshold)
     if torch.compiler.is_compiling():
         return _KeepMask.apply(x, keep_bytes >= threshold, scale)
     return _KeepMask.apply(x, _keep_mask(keep_bytes, threshold, x.dtype).mul_(scale), scale)
@@ -195,10 +202,10 @@ def explicit_attention(
 
     `keep`: a list the weights (B, H, T, T) are appended to, in fp32, for looking at (before dropout);
     computed in one piece."""
-    threshold, slices = round(dropout_p * 256), attention_slices(q)
-    if keep is None and not torch.compiler.is_compiling() and (0 < threshold < 256 or (dropout_p == 0 and slices > 1)):
+    in_bytes, slices = byte_dropout(dropout_p), attention_slices(q)
+    if keep is None and not torch.compiler.is_compiling() and (in_bytes or (dropout_p == 0 and slices > 1)):
         backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        return _SlicedAttention.apply(q, k, v, dropout_p, slices, backward)
+        return _SlicedAttention.apply(q, k, v, in_bytes, slices, backward)
     B, H, T, D = q.shape
     causal = _causal_bias(T, q.dtype, q.device)
     q, k, v = q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D)
@@ -225,14 +232,13 @@ class _SlicedAttention(torch.autograd.Function):
     gradient goes through PyTorch's own softmax backward kernel."""
 
     @staticmethod
-    def forward(ctx, q, k, v, dropout_p: float, slices: int, backward: bool):  # type: ignore[override]
+    def forward(ctx, q, k, v, in_bytes: tuple[int, float] | None, slices: int, backward: bool):  # type: ignore[override]
         B, H, T, D = q.shape
         with torch.autocast(q.device.type, enabled=False):  # q, k, v are already in the products' dtype
             q, k, v = (t.reshape(B * H, T, D) for t in (q, k, v))
-            threshold = round(dropout_p * 256)
-            scale = 256 / (256 - threshold)
+            threshold, scale = in_bytes or (0, 1.0)  # `byte_dropout`'s; no dropout: None
             causal = _causal_bias(T, q.dtype, q.device)
-            keep_bytes = random_bytes(B * H * T * T, q.device).view(B * H, T, T) if threshold else None
+            keep_bytes = random_bytes(B * H * T * T, q.device).view(B * H, T, T) if in_bytes else None
             out = torch.empty_like(q)
             weights = []
             for rows in _slice_rows(B * H, slices):
