@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -307,6 +308,31 @@ def test_a_bf16_training_step_agrees_with_fp32_either_way(monkeypatch, spelled_o
     grad = torch.autograd.grad(loss, net.blocks[0].attn.qkv.weight)[0]
     assert loss.item() == pytest.approx(reference.item(), abs=0.02)
     assert torch.nn.functional.cosine_similarity(grad.flatten(), reference_grad.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_under_cpu_autocast_the_residual_stream_is_bf16(norm):
+    # Under bf16 autocast on a CPU the blocks take and give bf16 (no casts around each matrix product);
+    # the parameters and their gradients stay fp32 and the loss is computed in fp32. Without autocast
+    # the stream is fp32.
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50, context_length=16, n_layer=2, n_head=2, d_model=32, dropout=0.1, norm=norm)
+    net = CharTransformer(config).train()
+    seen = []
+    for block in net.blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    ids = torch.randint(0, 50, (4, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # RMSNorm's gain follows the stream's dtype: no mixed-dtype fallback
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = net(ids, ids)
+        loss.backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2
+    assert loss.dtype == torch.float32
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in net.parameters())
+    seen.clear()
+    net(ids, ids)
+    assert seen == [(torch.float32, torch.float32)] * 2
 
 
 def test_cpu_dropout_drops_about_p_and_scales_what_it_keeps():
