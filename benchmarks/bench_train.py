@@ -180,8 +180,9 @@ def _training_setup(name: str, args: argparse.Namespace, device):
     from fundamentallm.model import CharTransformer
     from fundamentallm.optim import build_optimizer
     from fundamentallm.presets import preset
-    from fundamentallm.runtime import resolve_precision
+    from fundamentallm.runtime import configure_backends, resolve_precision
 
+    configure_backends(device)  # as the trainer does (on a CPU: freed memory reused)
     config = preset(name).with_overrides(dict(parse_override(item) for item in args.set or []))
     mc, tc = config.model.replace(vocab_size=66), config.train
     if args.dropout is not None:

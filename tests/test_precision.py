@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -146,3 +149,41 @@ def test_an_absent_gpu_is_named_in_a_clear_error(monkeypatch, name):
             resolve_device(name)
     else:
         assert resolve_device(name).type == "cuda"
+
+
+_FAULTS = """
+import resource, sys, torch
+from fundamentallm import runtime
+if sys.argv[1] == "reused":
+    assert runtime.reuse_freed_memory()
+for _ in range(12):  # 64 MiB each: above glibc's mmap threshold; written, then freed
+    torch.empty(16 * 2**20).fill_(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.empty(16 * 2**20).fill_(1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc is what is tuned"
+)
+def test_big_tensors_reuse_freed_memory_instead_of_fresh_pages_from_the_kernel():
+    # By default each 64 MiB tensor comes from fresh pages (16,384 page faults each); reused, once the
+    # heap has grown to the pattern (the first few allocations still grow it), none.
+    def faults(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        return int(run.stdout)
+
+    default, reused = faults("default"), faults("reused")
+    assert default > 5 * 16_384 // 2
+    assert reused < default // 20
+
+
+def test_training_on_a_cpu_reuses_freed_memory(monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime, "reuse_freed_memory", lambda: calls.append(True))
+    runtime.configure_backends(CPU)  # what the trainer calls before it builds the model
+    assert calls == [True]
+    runtime.configure_backends(torch.device("meta"))
+    assert calls == [True]
