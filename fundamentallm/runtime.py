@@ -121,15 +121,16 @@ def reuse_freed_memory() -> bool:
     True where it did (Linux with glibc), False elsewhere (nothing changed).
 
     PyTorch allocates CPU tensors with malloc, and glibc serves every request above its mmap threshold
-    (at most 32 MiB) with fresh pages from the kernel and hands them back on free, so each big
-    activation of each training step (a 64 x 256 x 1536 bf16 MLP activation is 48 MiB) is faulted in
-    and zeroed page by page again: large elementwise operations ran at a third of their speed
-    (`F.gelu` on 25M bf16 elements 19.4 -> 5.1 ms, a multiplication 20.0 -> 6.1 ms). With mmap off
-    and a high trim threshold, freed blocks are reused from the heap. Training throughput on an AMX
-    Xeon: 6 x 384 bf16 1.15x, cpu-quick 1.13-1.26x, cpu-small 1.10-1.17x, fp32 1.0-1.04x; peak memory
-    the same (benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-05 (day)"). The setting is the process's:
-    it stays for whatever else the process allocates (memory a process frees is then kept by it, up to
-    `_TRIM_THRESHOLD_BYTES` at the heap's top)."""
+    (128 KiB, rising to at most 32 MiB) with fresh pages from the kernel and hands them back on free,
+    so each big activation of each training step (a 64 x 256 x 1536 bf16 MLP activation is 48 MiB) is
+    faulted in and zeroed page by page again: large elementwise operations ran at a third of their
+    speed (`F.gelu` on 25M bf16 elements 19.4 -> 5.1 ms, a multiplication 20.0 -> 6.1 ms). With mmap
+    off and trimming off, freed blocks are reused from the heap. Training on an AMX Xeon: 6 x 384 bf16
+    1.14-1.19x the tokens/s, cpu-quick 1.13-1.21x (1,935-2,117 steps in 2 minutes against 1,523-1,572),
+    cpu-small 1.10-1.15x, fp32 1.0-1.04x; peak memory the same (benchmarks/RESULTS.md, "The
+    AMX Xeon, 2026-12-05 (day)"). The heap grows to the pattern of sizes the process allocates (a
+    loop of one 64 MiB tensor settles at about 600 MiB) and does not shrink: the setting is the
+    whole process's, for the rest of its life, which suits a process that trains."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
