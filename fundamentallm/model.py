@@ -402,8 +402,8 @@ class Block(nn.Module):
 
 
 def residual_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the residual stream (block inputs and outputs) is kept in: under a CPU's autocast its
-    low-precision dtype (bf16), else x's own (fp32).
+    """The dtype the residual stream (block inputs and outputs) is kept in: training under a CPU's
+    autocast, its low-precision dtype (bf16); else x's own (fp32).
 
     Under autocast every matrix product takes bf16 and gives bf16, so an fp32 stream is cast down before
     each product and its gradients cast again on the way back: six passes over a (B, T, C) tensor per
@@ -416,8 +416,16 @@ def residual_dtype(x: torch.Tensor) -> torch.dtype:
     seeds' noise; a trained cpu-quick model's gradient against fp32 moved from 1.17% to 1.20% relative
     error (benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-05 (day)"). Compiled, the stream stays fp32:
     there the casts are fused into other kernels and the generated code ran 0.94x as fast with a bf16
-    stream (cpu-small). On a GPU it stays fp32 too (not measured there)."""
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling():
+    stream (cpu-small). On a GPU it stays fp32 too (not measured there). Without gradients (evaluation,
+    sampling) it stays fp32 as well: scores and samples keep the numbers they had, which are closer to
+    fp32's (the command line samples in bf16 on such CPUs and the MLflow model in fp32, and the same
+    seed gives the same text from both; with a bf16 stream they drifted apart after some 50 characters)."""
+    if (
+        x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    ):
         return torch.get_autocast_dtype("cpu")
     return x.dtype
 

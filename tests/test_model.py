@@ -312,9 +312,9 @@ def test_a_bf16_training_step_agrees_with_fp32_either_way(monkeypatch, spelled_o
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 def test_under_cpu_autocast_the_residual_stream_is_bf16(norm):
-    # Under bf16 autocast on a CPU the blocks take and give bf16 (no casts around each matrix product);
-    # the parameters and their gradients stay fp32 and the loss is computed in fp32. Without autocast
-    # the stream is fp32.
+    # Training under bf16 autocast on a CPU the blocks take and give bf16 (no casts around each matrix
+    # product); the parameters and their gradients stay fp32 and the loss is computed in fp32. Without
+    # autocast, or without gradients (evaluation, sampling), the stream is fp32.
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=50, context_length=16, n_layer=2, n_head=2, d_model=32, dropout=0.1, norm=norm)
     net = CharTransformer(config).train()
@@ -332,6 +332,10 @@ def test_under_cpu_autocast_the_residual_stream_is_bf16(norm):
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in net.parameters())
     seen.clear()
     net(ids, ids)
+    assert seen == [(torch.float32, torch.float32)] * 2
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation, sampling: fp32 stream
+        net(ids, ids)
     assert seen == [(torch.float32, torch.float32)] * 2
 
 
