@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # bf16 x (autocast's queries and keys, the residual stream on a CPU): the gain in x's dtype too,
-        # which PyTorch's fused kernel needs (mixed dtypes take a slower path, with a warning).
+        # which PyTorch's fused kernel needs (mixed dtypes fall back to a composite path, with a warning).
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
