@@ -111,9 +111,10 @@ def configure_backends(device: torch.device, threads: int = 0) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-# mallopt(3) parameters (glibc's malloc.h); a trim threshold of -1 turns trimming off
+# mallopt(3) parameter numbers (glibc's malloc.h), and the trim threshold's value that turns trimming off
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_NEVER_TRIM = -1
 
 
 def reuse_freed_memory() -> bool:
@@ -125,10 +126,11 @@ def reuse_freed_memory() -> bool:
     so each big activation of each training step (a 64 x 256 x 1536 bf16 MLP activation is 48 MiB) is
     faulted in and zeroed page by page again: large elementwise operations ran at a third of their
     speed (`F.gelu` on 25M bf16 elements 19.4 -> 5.1 ms, a multiplication 20.0 -> 6.1 ms). With mmap
-    off and trimming off, freed blocks are reused from the heap. Training on an AMX Xeon: 6 x 384 bf16
-    1.14-1.19x the tokens/s, cpu-quick 1.13-1.21x (1,935-2,117 steps in 2 minutes against 1,523-1,572),
-    cpu-small 1.10-1.15x, fp32 1.0-1.04x; peak memory the same (benchmarks/RESULTS.md, "The
-    AMX Xeon, 2026-12-05 (day)"). The heap grows to the pattern of sizes the process allocates (a
+    off and trimming off, freed blocks are reused from the heap. Training on an AMX Xeon, against the
+    same code without it: 6 x 384 bf16 1.14-1.16x the tokens/s (and 1.03x more for trimming off rather
+    than at 1 GiB), cpu-quick 1.13-1.26x (1,935-2,117 steps in 2 minutes against 1,523-1,572),
+    cpu-small 1.10-1.17x, fp32 1.0-1.04x; peak memory the same (benchmarks/RESULTS.md, "The AMX
+    Xeon, 2026-12-05 (day)"). The heap grows to the pattern of sizes the process allocates (a
     loop of one 64 MiB tensor settles at about 600 MiB) and does not shrink: the setting is the
     whole process's, for the rest of its life, which suits a process that trains."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
@@ -138,7 +140,7 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    done = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
+    done = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1
     if not done:
         log.debug("mallopt refused: freed memory goes back to the kernel as before")
     return done
