@@ -7,7 +7,7 @@ V vocabulary.
         -> logits (B, T, V) through the token embedding's transpose (tied weights),
            or through an output matrix of its own (`tie_embeddings = False`)
 
-    Block: x = x + Attention(Norm(x)); x = x + MLP(Norm(x))     (pre-norm)
+    Block: x = x + Dropout(Attention(Norm(x))); x = x + Dropout(MLP(Norm(x)))     (pre-norm)
 
 Options a small model may gain from (each a `ModelConfig` setting, off by default): QK-norm
 (queries and keys RMS-normalised per head before attention) and a ReLU-squared MLP.
@@ -134,6 +134,32 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return _KeepMask.apply(x, _keep_mask(keep_bytes, threshold, x.dtype).mul_(scale), scale)
 
 
+class _AddMasked(torch.autograd.Function):
+    """x + h times a mask (0 or the scale, in h's dtype): the residual addition and its dropout in one
+    pass (`torch.addcmul`) instead of a multiplication and an addition; only the mask is saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return torch.addcmul(x, h, mask)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        (mask,) = ctx.saved_tensors
+        return grad, grad * mask, None
+
+
+def add_dropout(x: torch.Tensor, h: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """x + dropout(h, p): a residual addition. Eagerly on a CPU, with x and h of one dtype, the mask
+    multiplies and adds in one pass (`_AddMasked`); the mask is drawn as `dropout` draws it."""
+    in_bytes = byte_dropout(p) if training else None
+    if in_bytes is None or h.device.type != "cpu" or x.dtype != h.dtype or torch.compiler.is_compiling():
+        return x + dropout(h, p, training)
+    threshold, scale = in_bytes
+    keep_bytes = random_bytes(h.numel(), h.device).view(h.shape)
+    return _AddMasked.apply(x, h, _keep_mask(keep_bytes, threshold, h.dtype).mul_(scale))
+
+
 class Dropout(nn.Module):
     """`dropout` as a module: active in training mode only (like nn.Dropout)."""
 
@@ -229,9 +255,10 @@ class _SlicedAttention(torch.autograd.Function):
     at a time. Against the same operations under autograd: no `cat` of the slices' outputs or of their
     gradients (each slice writes into one output), dropout keeps elements whose random byte is at least
     the threshold and its mask is made in one pass (0 or 1 in the weights' dtype, the scale 1 / (1 - p)
-    multiplied into the (T, D)-sized operands instead of the (T, T) weights), the backward pass remakes
-    it from the saved bytes: 3 bytes saved per weight (the weights and a byte) against 6. The weights'
-    gradient goes through PyTorch's own softmax backward kernel."""
+    applied by the products, as is 1 / sqrt(D) in the backward pass: `_scaled_bmm`). The weights are kept
+    with and without dropout (4 bytes per weight in bf16; the mask itself is not, the backward pass
+    needs only the two); without dropout the weights' gradient goes through PyTorch's own softmax
+    backward kernel, with it through the same formula written out for the dropped weights."""
 
     @staticmethod
     def forward(ctx, q, k, v, in_bytes: tuple[int, float] | None, slices: int, backward: bool):  # type: ignore[override]
@@ -245,16 +272,12 @@ class _SlicedAttention(torch.autograd.Function):
             weights = []
             for rows in _slice_rows(B * H, slices):
                 w = torch.baddbmm(causal, q[rows], k[rows].mT, alpha=1.0 / math.sqrt(D)).softmax(dim=-1)
+                dropped = w if keep_bytes is None else w * _keep_mask(keep_bytes[rows], threshold, w.dtype)
                 if backward:  # else (evaluation, no_grad) each slice's weights go once used
-                    weights.append(w)
-                if keep_bytes is not None:
-                    w = w * _keep_mask(keep_bytes[rows], threshold, w.dtype)
-                torch.bmm(w, v[rows], out=out[rows])
-                if keep_bytes is not None:
-                    out[rows].mul_(scale)
+                    weights.append((w, dropped))
+                _scaled_bmm(dropped, v[rows], scale, out[rows])
         ctx.save_for_backward(q, k, v)
-        ctx.weights, ctx.keep_bytes, ctx.slices = weights, keep_bytes, slices
-        ctx.threshold, ctx.scale = threshold, scale
+        ctx.weights, ctx.slices, ctx.scale = weights, slices, scale
         return out.view(B, H, T, D)
 
     @staticmethod
@@ -264,23 +287,32 @@ class _SlicedAttention(torch.autograd.Function):
         alpha = 1.0 / math.sqrt(D)
         with torch.autocast(q.device.type, enabled=False):
             grad = grad.reshape(B * H, T, D).to(q.dtype)
-            if ctx.keep_bytes is not None:
-                grad = grad * ctx.scale  # (T, D)-sized: the scale reaches both products below
+            scale = ctx.scale  # 1 without dropout; it reaches the gradient through both products below
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-            for rows, w in zip(_slice_rows(B * H, ctx.slices), ctx.weights, strict=True):
-                dropped = w
-                if ctx.keep_bytes is not None:
-                    mask = _keep_mask(ctx.keep_bytes[rows], ctx.threshold, w.dtype)
-                    dropped = w * mask
-                torch.bmm(dropped.mT, grad[rows], out=dv[rows])
-                dw = torch.bmm(grad[rows], v[rows].mT)  # (b, T, T)
-                if ctx.keep_bytes is not None:
-                    dw.mul_(mask)
-                ds = torch._softmax_backward_data(dw, w, -1, w.dtype)
-                torch.bmm(ds, k[rows], out=dq[rows]).mul_(alpha)
-                torch.bmm(ds.mT, q[rows], out=dk[rows]).mul_(alpha)
-        ctx.weights = ctx.keep_bytes = None
+            for rows, (w, dropped) in zip(_slice_rows(B * H, ctx.slices), ctx.weights, strict=True):
+                _scaled_bmm(dropped.mT, grad[rows], scale, dv[rows])
+                dw = _scaled_bmm(grad[rows], v[rows].mT, scale)  # (b, T, T): the gradient of the weights
+                if dropped is w:
+                    ds = torch._softmax_backward_data(dw, w, -1, w.dtype)
+                else:
+                    # The softmax's backward pass, y (g - sum(y g)), of g = dw * mask: y g is dropped * dw,
+                    # so ds = e - w sum(e) with e = dropped * dw. Two passes and a row sum; no mask to remake.
+                    e = dw.mul_(dropped)
+                    ds = e.addcmul_(w, e.sum(dim=-1, keepdim=True), value=-1)
+                _scaled_bmm(ds, k[rows], alpha, dq[rows])
+                _scaled_bmm(ds.mT, q[rows], alpha, dk[rows])
+        ctx.weights = None
         return dq.view(B, H, T, D), dk.view(B, H, T, D), dv.view(B, H, T, D), None, None, None
+
+
+def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """scale * (a @ b), batched, into `out` (new if None): the scale applied by the product itself
+    (`baddbmm` with beta 0, which ignores its first operand), not by a pass of its own over the result."""
+    if out is None:
+        out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
+    if scale == 1:
+        return torch.bmm(a, b, out=out)
+    return torch.baddbmm(out, a, b, beta=0, alpha=scale, out=out)
 
 
 def _slice_rows(n: int, slices: int) -> list[slice]:
@@ -311,7 +343,6 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.proj.residual_projection = True  # scaled at initialisation (GPT-2)
         self.dropout = config.dropout
-        self.resid_dropout = Dropout(config.dropout)
         self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim) if config.qk_norm else None
 
@@ -350,7 +381,7 @@ class CausalSelfAttention(nn.Module):
                 mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.proj(y))
+        return self.proj(y)  # the block adds it to the stream through its dropout
 
 
 def _relu2(h: torch.Tensor) -> torch.Tensor:
@@ -367,6 +398,45 @@ ACTIVATIONS = {
 }
 
 
+class _WideInputLinear(torch.autograd.Function):
+    """x @ weight.T without a bias, in x's dtype, for a weight with more inputs than outputs (the MLP's
+    down projection). Its weight gradient, grad.T @ x, is a product whose long shared dimension is the
+    batch's positions and whose first operand is read transposed; computed as (x.T @ grad).T, the
+    wider matrix leads, and oneDNN runs it at 1.65 against 1.1 TFLOP/s (bf16, 16,384 positions, 1,536
+    -> 384; AMX Xeon, benchmarks/RESULTS.md). The input gradient is the usual grad @ weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.to(x.dtype)
+        ctx.save_for_backward(x, w)
+        ctx.weight_dtype = weight.dtype
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = ctx.saved_tensors
+        grad = grad.to(w.dtype).reshape(-1, w.shape[0])  # (N, out)
+        flat = x.reshape(-1, w.shape[1])  # (N, in)
+        grad_x = (grad @ w).view(x.shape)
+        grad_w = (flat.mT @ grad).mT.to(ctx.weight_dtype, memory_format=torch.contiguous_format)
+        return grad_x, grad_w
+
+
+def wide_input_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`; training eagerly on a CPU in bf16, with more inputs than outputs and no bias,
+    through `_WideInputLinear` (its weight gradient computed the faster way round)."""
+    if (
+        layer.bias is None
+        and layer.in_features > layer.out_features
+        and x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    ):
+        return _WideInputLinear.apply(x, layer.weight)
+    return layer(x)
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -374,12 +444,11 @@ class MLP(nn.Module):
         self.up = nn.Linear(config.d_model, hidden, bias=config.bias)
         self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.down.residual_projection = True
-        self.dropout = Dropout(config.dropout)
         self.activation = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.activation(self.up(x))  # (B, T, mlp_ratio * C)
-        return self.dropout(self.down(h))  # (B, T, C)
+        return wide_input_linear(self.down, h)  # (B, T, C); the block adds it to the stream through its dropout
 
 
 class Block(nn.Module):
@@ -389,6 +458,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
+        self.dropout = config.dropout  # of the attention's and the MLP's outputs
 
     def forward(
         self,
@@ -397,8 +467,8 @@ class Block(nn.Module):
         cache: LayerCache | None = None,
         attention: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rotary, cache, attention)
-        return x + self.mlp(self.norm2(x))
+        x = add_dropout(x, self.attn(self.norm1(x), rotary, cache, attention), self.dropout, self.training)
+        return add_dropout(x, self.mlp(self.norm2(x)), self.dropout, self.training)
 
 
 def residual_dtype(x: torch.Tensor) -> torch.dtype:

@@ -182,6 +182,30 @@ def test_mlp_activation_is_the_one_configured():
     torch.testing.assert_close(outputs["gelu"], outputs["gelu_exact"], atol=1e-2, rtol=0)
 
 
+def test_the_mlp_down_projection_in_bf16_training_computes_its_weight_gradient_the_other_way_round():
+    # Training in bf16 on a CPU the down projection (more inputs than outputs) goes through
+    # `_WideInputLinear`: the same output and gradients as nn.Linear under autocast, the weight's
+    # gradient in the weight's dtype and layout; fp32 and no_grad take nn.Linear itself.
+    torch.manual_seed(0)
+    mlp = MLP(CONFIGS["learned-layernorm"])
+    x = torch.randn(3, 8, mlp.up.in_features, requires_grad=True)
+    upstream = torch.randn(3, 8, mlp.down.out_features, dtype=torch.bfloat16)
+    results = []
+    for wide in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = mlp.activation(mlp.up(x))
+            out = mlp(x) if wide else mlp.down(h)
+        assert (out.grad_fn.name() == "_WideInputLinearBackward") == wide
+        results.append((out, *torch.autograd.grad(out, (x, mlp.down.weight, mlp.up.weight), upstream)))
+    assert torch.equal(results[0][0], results[1][0])
+    for found, expected in zip(results[0][1:], results[1][1:], strict=True):
+        assert found.dtype == expected.dtype == torch.float32 and found.is_contiguous()
+        torch.testing.assert_close(found, expected, atol=1e-6, rtol=1e-5)  # the same sums, another order
+    assert mlp(x).grad_fn.name() != "_WideInputLinearBackward"  # fp32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mlp(x).dtype == torch.bfloat16
+
+
 def test_attention_spelled_out_equals_the_fused_kernel_values_and_gradients():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
@@ -361,6 +385,34 @@ def test_cpu_dropout_drops_about_p_and_scales_what_it_keeps():
     kept = dropped != 0
     assert torch.equal(dropped[kept], values[kept] * torch.tensor(1.25, dtype=torch.bfloat16))
     assert not torch.equal(dropped[kept], (values[kept].float() * scale).bfloat16())  # not the exact scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_residual_addition_drops_out_in_one_pass_as_dropout_would(monkeypatch, dtype):
+    # x + dropout(h): eagerly on a CPU one `addcmul`; the same elements kept as `dropout` keeps with the
+    # same seed, the gradient reaching x whole and h through the kept elements only, scaled.
+    torch.manual_seed(0)
+    x, h = (torch.randn(6, 50, 40, dtype=dtype, requires_grad=True) for _ in range(2))
+    upstream = torch.randn(6, 50, 40, dtype=dtype)
+    products = []
+    original = torch.addcmul
+    monkeypatch.setattr(torch, "addcmul", lambda *a, **k: products.append(a[0].shape) or original(*a, **k))
+    torch.manual_seed(1)
+    out = model_module.add_dropout(x, h, 0.2)
+    assert products == [(6, 50, 40)]  # one fused pass: the addition and the mask together
+    grad_x, grad_h = torch.autograd.grad(out, (x, h), upstream)
+    torch.manual_seed(1)
+    dropped = model_module.dropout(h.detach(), 0.2)
+    kept = dropped != 0
+    assert 0.78 < kept.float().mean().item() < 0.82 and out.dtype == dtype
+    tolerance = {} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0.01}  # bf16: one rounding, not two
+    torch.testing.assert_close(out.detach(), x.detach() + dropped, **tolerance)
+    assert torch.equal(grad_x, upstream)
+    scale = torch.tensor(256 / 205, dtype=dtype)  # 51/256 dropped; bf16 holds the scale as 1.25
+    assert torch.equal(grad_h, torch.where(kept, upstream * scale, 0))
+    products.clear()
+    assert torch.equal(model_module.add_dropout(x, h, 0.2, training=False), x + h)
+    assert torch.equal(model_module.add_dropout(x, h, 0.0), x + h) and products == []
 
 
 @pytest.mark.parametrize("compiled", [False, True])
