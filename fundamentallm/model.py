@@ -398,45 +398,6 @@ ACTIVATIONS = {
 }
 
 
-class _WideInputLinear(torch.autograd.Function):
-    """x @ weight.T without a bias, in x's dtype, for a weight with more inputs than outputs (the MLP's
-    down projection). Its weight gradient, grad.T @ x, is a product whose long shared dimension is the
-    batch's positions and whose first operand is read transposed; computed as (x.T @ grad).T, the
-    wider matrix leads, and oneDNN runs it at 1.65 against 1.1 TFLOP/s (bf16, 16,384 positions, 1,536
-    -> 384; AMX Xeon, benchmarks/RESULTS.md). The input gradient is the usual grad @ weight."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        w = weight.to(x.dtype)
-        ctx.save_for_backward(x, w)
-        ctx.weight_dtype = weight.dtype
-        return F.linear(x, w)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, w = ctx.saved_tensors
-        grad = grad.to(w.dtype).reshape(-1, w.shape[0])  # (N, out)
-        flat = x.reshape(-1, w.shape[1])  # (N, in)
-        grad_x = (grad @ w).view(x.shape)
-        grad_w = (flat.mT @ grad).mT.to(ctx.weight_dtype, memory_format=torch.contiguous_format)
-        return grad_x, grad_w
-
-
-def wide_input_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`; training eagerly on a CPU in bf16, with more inputs than outputs and no bias,
-    through `_WideInputLinear` (its weight gradient computed the faster way round)."""
-    if (
-        layer.bias is None
-        and layer.in_features > layer.out_features
-        and x.device.type == "cpu"
-        and x.dtype == torch.bfloat16
-        and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    ):
-        return _WideInputLinear.apply(x, layer.weight)
-    return layer(x)
-
-
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -448,7 +409,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.activation(self.up(x))  # (B, T, mlp_ratio * C)
-        return wide_input_linear(self.down, h)  # (B, T, C); the block adds it to the stream through its dropout
+        return self.down(h)  # (B, T, C); the block adds it to the stream through its dropout
 
 
 class Block(nn.Module):

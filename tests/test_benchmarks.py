@@ -165,6 +165,7 @@ def test_bench_train_profile_throughput_and_attention_smoke():
     assert "phases: forward" in out and "optimizer" in out
     shares = [float(line.rsplit(None, 1)[1].rstrip("%")) for line in out.splitlines() if " ms " in line]
     assert "matrix products" in out and "dropout and random" in out
+    assert "optimizer arithmetic" in out  # the operators under the optimizer's step, by where they run
     assert sum(shares) == pytest.approx(100, abs=1)  # every operator's time in one kind or another
     out = _bench_train("throughput", "--presets", "debug", "--set", "model.n_layer=1", *common)
     assert "tokens/s" in out and "MFU" in out

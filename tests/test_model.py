@@ -182,30 +182,6 @@ def test_mlp_activation_is_the_one_configured():
     torch.testing.assert_close(outputs["gelu"], outputs["gelu_exact"], atol=1e-2, rtol=0)
 
 
-def test_the_mlp_down_projection_in_bf16_training_computes_its_weight_gradient_the_other_way_round():
-    # Training in bf16 on a CPU the down projection (more inputs than outputs) goes through
-    # `_WideInputLinear`: the same output and gradients as nn.Linear under autocast, the weight's
-    # gradient in the weight's dtype and layout; fp32 and no_grad take nn.Linear itself.
-    torch.manual_seed(0)
-    mlp = MLP(CONFIGS["learned-layernorm"])
-    x = torch.randn(3, 8, mlp.up.in_features, requires_grad=True)
-    upstream = torch.randn(3, 8, mlp.down.out_features, dtype=torch.bfloat16)
-    results = []
-    for wide in (True, False):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            h = mlp.activation(mlp.up(x))
-            out = mlp(x) if wide else mlp.down(h)
-        assert (out.grad_fn.name() == "_WideInputLinearBackward") == wide
-        results.append((out, *torch.autograd.grad(out, (x, mlp.down.weight, mlp.up.weight), upstream)))
-    assert torch.equal(results[0][0], results[1][0])
-    for found, expected in zip(results[0][1:], results[1][1:], strict=True):
-        assert found.dtype == expected.dtype == torch.float32 and found.is_contiguous()
-        torch.testing.assert_close(found, expected, atol=1e-6, rtol=1e-5)  # the same sums, another order
-    assert mlp(x).grad_fn.name() != "_WideInputLinearBackward"  # fp32
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert mlp(x).dtype == torch.bfloat16
-
-
 def test_attention_spelled_out_equals_the_fused_kernel_values_and_gradients():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
