@@ -128,10 +128,17 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if x.device.type != "cpu" or in_bytes is None:
         return F.dropout(x, p)
     threshold, scale = in_bytes
-    keep_bytes = random_bytes(x.numel(), x.device).view(x.shape)
     if torch.compiler.is_compiling():
+        keep_bytes = random_bytes(x.numel(), x.device).view(x.shape)
         return _KeepMask.apply(x, keep_bytes >= threshold, scale)
-    return _KeepMask.apply(x, _keep_mask(keep_bytes, threshold, x.dtype).mul_(scale), scale)
+    return _KeepMask.apply(x, _scaled_keep_mask(x, threshold, scale), scale)
+
+
+def _scaled_keep_mask(like: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
+    """Eager dropout's mask for `like`: 0, or `scale` where the element's random byte is at least
+    `threshold`, in like's dtype."""
+    keep_bytes = random_bytes(like.numel(), like.device).view(like.shape)
+    return _keep_mask(keep_bytes, threshold, like.dtype).mul_(scale)
 
 
 class _AddMasked(torch.autograd.Function):
@@ -155,9 +162,7 @@ def add_dropout(x: torch.Tensor, h: torch.Tensor, p: float, training: bool = Tru
     in_bytes = byte_dropout(p) if training else None
     if in_bytes is None or h.device.type != "cpu" or x.dtype != h.dtype or torch.compiler.is_compiling():
         return x + dropout(h, p, training)
-    threshold, scale = in_bytes
-    keep_bytes = random_bytes(h.numel(), h.device).view(h.shape)
-    return _AddMasked.apply(x, h, _keep_mask(keep_bytes, threshold, h.dtype).mul_(scale))
+    return _AddMasked.apply(x, h, _scaled_keep_mask(h, *in_bytes))
 
 
 class Dropout(nn.Module):
