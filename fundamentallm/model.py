@@ -347,7 +347,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.proj.residual_projection = True  # scaled at initialisation (GPT-2)
-        self.dropout = config.dropout
+        self.weights_dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
         self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim) if config.qk_norm else None
 
@@ -368,7 +368,7 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:
             cos, sin = rotary  # (T, D/2) for the positions of this call
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        dropout_p = self.dropout if self.training else 0.0
+        dropout_p = self.weights_dropout if self.training else 0.0
         if attention is not None or (cache is None and spell_out_attention(q, dropout_p)):
             y = explicit_attention(q, k, v, dropout_p, attention)  # (B, H, T, D)
         elif cache is None:

@@ -31,9 +31,9 @@ from fundamentallm.model import CharTransformer
 _BY_CHARACTER = ("token_embedding.weight", "head.weight")
 """Weights with one row per token id, remapped by character."""
 
-REMAPPED_SETTINGS = frozenset({"vocab_size", "dropout"})
+REMAPPED_SETTINGS = frozenset({"vocab_size", "dropout", "attention_dropout"})
 """Model settings that may differ from the source's: the vocabulary's size (the embedding is
-remapped by character) and dropout (it has no weights)."""
+remapped by character) and the dropouts (they have no weights)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def check_source(source: ModelConfig, model: ModelConfig, where: str | Path) -> 
     if changed:
         raise CheckpointError(
             f"{where}: cannot start from its weights: its model differs from the one given ({', '.join(changed)}); "
-            "a warm start needs the same model settings, except vocab_size and dropout"
+            "a warm start needs the same model settings, except vocab_size and the dropouts"
         )
 
 

@@ -437,3 +437,34 @@ def test_the_model_draws_its_dropout_masks_from_random_bytes_on_a_cpu(monkeypatc
     drawn.clear()
     model(ids, ids)
     assert drawn == []
+
+
+@pytest.mark.parametrize(("dropout", "attention_dropout"), [(0.1, 0.0), (0.0, 0.2), (0.1, 0.3)])
+def test_the_attention_weights_take_their_own_dropout_when_one_is_given(monkeypatch, dropout, attention_dropout):
+    """`attention_dropout` masks the (B, H, T, T) attention weights alone, at its own rate; `dropout` the
+    embeddings and the blocks' outputs. None (the default) is the case above: dropout's rate for both."""
+    config = ModelConfig(
+        vocab_size=50,
+        context_length=16,
+        n_layer=2,
+        n_head=4,
+        d_model=32,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+    )
+    model = CharTransformer(config).train()
+    masks, rates = [], []
+    original_bytes, original_attention = model_module.random_bytes, model_module.explicit_attention
+    monkeypatch.setattr(model_module, "random_bytes", lambda n, device: masks.append(n) or original_bytes(n, device))
+
+    def attention(q, k, v, dropout_p=0.0, keep=None):
+        rates.append(dropout_p)
+        return original_attention(q, k, v, dropout_p, keep)
+
+    monkeypatch.setattr(model_module, "explicit_attention", attention)
+    ids = torch.randint(0, 50, (3, 16))
+    model(ids, ids)
+    weights = [3 * 4 * 16 * 16] * 2 if attention_dropout else []
+    outputs = [3 * 16 * 32] * 5 if dropout else []  # the embeddings, then each block's two outputs
+    assert sorted(masks) == sorted(weights + outputs)
+    assert rates in ([], [attention_dropout] * 2)  # where the CPU's path spells attention out

@@ -245,7 +245,7 @@ def test_under_two_processes_a_refused_source_fails_with_one_clear_error(grown_d
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert errors[0].count("rank ") == 1 and errors[0].endswith("except vocab_size and dropout"), errors
+    assert errors[0].count("rank ") == 1 and errors[0].endswith("except vocab_size and the dropouts"), errors
     assert "(model.n_layer 2 -> 3)" in errors[0]
     assert sorted((tmp_path / "run").rglob("*.pt")) == []
 
@@ -273,7 +273,7 @@ def test_a_failing_rank_writes_its_error_line_in_one_piece(grown_dataset, source
     assert code == 1
     assert len(writes) == 1 and writes[0].startswith("rank 0: error: "), writes
     assert writes[0].endswith(
-        "(model.n_layer 2 -> 3); a warm start needs the same model settings, except vocab_size and dropout\n"
+        "(model.n_layer 2 -> 3); a warm start needs the same model settings, except vocab_size and the dropouts\n"
     )
 
 
