@@ -7,6 +7,7 @@ from fundamentallm.config import (
     DataConfig,
     EncodeConfig,
     IngestConfig,
+    RunConfig,
     ValidationConfig,
     flatten,
     load_config_file,
@@ -55,6 +56,21 @@ def test_unknown_keys_are_refused_with_the_known_ones_listed():
 def test_bad_values_fail_at_construction(data, message):
     with pytest.raises(ConfigError, match=message):
         DataConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"dropout": 1.0}, r"ModelConfig\.dropout must be in \[0, 1\); got 1\.0"),
+        ({"attention_dropout": 1.0}, r"ModelConfig\.attention_dropout must be in \[0, 1\) or None; got 1\.0"),
+        ({"attention_dropout": -0.1}, r"ModelConfig\.attention_dropout must be in \[0, 1\) or None; got -0\.1"),
+        ({"attention_dropout": "high"}, "attention_dropout must be a number"),
+    ],
+)
+def test_bad_dropout_rates_fail_at_construction_naming_the_setting(model, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict({"model": model})
+    assert RunConfig.from_dict({"model": {"attention_dropout": None}}).model.attention_dropout is None
 
 
 def test_configs_are_frozen():
