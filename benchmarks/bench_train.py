@@ -6,6 +6,7 @@
     python benchmarks/bench_train.py profile --preset cpu-small     # where a step's time goes, by kind of operator
     python benchmarks/bench_train.py attention                      # fused attention against spelled out, per shape
     python benchmarks/bench_train.py activations                    # the MLP's non-linearities, fwd + bwd
+    python benchmarks/bench_train.py rotary                         # rotary positions' cost, fwd + bwd
     python benchmarks/bench_train.py generation                     # characters/s with and without KV cache
     python benchmarks/bench_train.py processes                      # tokens/s training in 1 and 2 processes
     python benchmarks/bench_train.py target --dataset DIR --preset shakespeare-gpu --target 1.47
@@ -35,6 +36,11 @@ model picks there. On a new kind of CPU, check that the pick is the faster one.
 
 activations: the MLP's non-linearities (tanh GELU, exact GELU, ReLU squared) forward and backward
 at the MLP shapes of the presets, fp32 and bf16, and each against the tanh GELU.
+
+rotary: what rotary positions add to the attention's queries, keys and values, forward and backward:
+from a qkv product's output to the (B x H, T, D) tensors the attention multiplies, with no rotation
+(learned positions), with the rotation as autograd makes it of its formula (what torch.compile
+starts from) and with the model's eager rotation (`model.apply_rotary`), in bf16.
 
 generation: characters per second generating 512 characters after a 256-character
 prompt at context 256, with and without the KV cache.
@@ -325,6 +331,52 @@ def activations(args: argparse.Namespace) -> None:
             print(f"{str(dtype).removeprefix('torch.')} {'x'.join(map(str, shape))}: {figures}", flush=True)
 
 
+def rotary(args: argparse.Namespace) -> None:
+    """Forward + backward from the qkv output (B, T, 3C) to the attention's (B x H, T, D) queries, keys
+    and values: without rotation, with the rotation written out under autograd, with the model's."""
+    import torch
+
+    from fundamentallm.model import apply_rotary, rotary_tables
+
+    B, H, T, D = args.shape
+    C = H * D
+    cos, sin = rotary_tables(D, T)
+
+    def formula(x):  # the rotation as written out (the compiled path's)
+        x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+        c, s = cos.to(x.dtype), sin.to(x.dtype)
+        return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+
+    def heads(qkv, rotate):
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(C, dim=2))
+        if rotate is not None:
+            q, k = rotate(q), rotate(k)
+        return [t.reshape(B * H, T, D) for t in (q, k, v)]
+
+    ways = {
+        "none": None,
+        "autograd": formula,
+        "eager function": lambda x: apply_rotary(x, cos, sin),
+    }
+    qkv = torch.randn(B, T, 3 * C, dtype=getattr(torch, args.dtype), requires_grad=True)
+    grads = [torch.randn(B * H, T, D, dtype=qkv.dtype) for _ in range(3)]
+    ms = {}
+    for name, rotate in ways.items():
+        times = []
+        for _ in range(args.warmup + args.repeats):
+            start = time.perf_counter()
+            torch.autograd.backward(heads(qkv, rotate), grads)
+            times.append(time.perf_counter() - start)
+        ms[name] = statistics.median(times[args.warmup :]) * 1e3
+    extra = {name: ms[name] - ms["none"] for name in ways if name != "none"}
+    print(
+        f"{args.dtype} B {B} H {H} T {T} D {D}: no rotation {ms['none']:.2f} ms; "
+        + "; ".join(f"{name} {ms[name]:.2f} ms (+{extra[name] / 2:.2f} per tensor)" for name in extra)
+        + f"; autograd / eager function, the rotation's own time: {extra['autograd'] / extra['eager function']:.2f}x",
+        flush=True,
+    )
+
+
 # Where a training step's time goes, by the kind of operator (self time, torch.profiler names).
 PROFILE_KINDS = {
     "matrix products": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear"),
@@ -594,6 +646,11 @@ def main() -> None:
     )
     v.add_argument("--warmup", type=int, default=3)
     v.add_argument("--repeats", type=int, default=15)
+    o = sub.add_parser("rotary", help="rotary positions' cost fwd + bwd: autograd's formula against the model's")
+    o.add_argument("--shape", default=(16, 4, 256, 48), type=_attention_shape, help="BATCHxHEADSxPOSITIONSxHEAD_DIM")
+    o.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    o.add_argument("--warmup", type=int, default=3)
+    o.add_argument("--repeats", type=int, default=21)
     g = sub.add_parser("generation", help="characters/s with and without the KV cache")
     g.add_argument("--device", default="auto")
     g.add_argument("--tokens", type=int, default=512)
@@ -625,6 +682,7 @@ def main() -> None:
         "profile": profile,
         "attention": attention,
         "activations": activations,
+        "rotary": rotary,
         "generation": generation,
         "processes": processes,
         "target": target,

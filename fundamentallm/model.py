@@ -10,7 +10,8 @@ V vocabulary.
     Block: x = x + Dropout(Attention(Norm(x))); x = x + Dropout(MLP(Norm(x)))     (pre-norm)
 
 Options a small model may gain from (each a `ModelConfig` setting, off by default): QK-norm
-(queries and keys RMS-normalised per head before attention) and a ReLU-squared MLP.
+(queries and keys RMS-normalised per head before attention), a ReLU-squared MLP, and value
+embeddings (each block adds an embedding of the input characters to its attention's values).
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`, or is spelled out
 (`explicit_attention`) on a CPU where that is faster (bf16 up to 512 positions, or with dropout).
@@ -62,10 +63,48 @@ def rotary_tables(head_dim: int, length: int, base: float = 10000.0) -> tuple[to
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, H, T, D) by position-dependent angles (T, D/2)."""
+    if not torch.compiler.is_compiling():
+        return _Rotation.apply(x, cos, sin)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class _Rotation(torch.autograd.Function):
+    """`apply_rotary` eagerly: x cos' + (x S) sin' with whole-width tables cos' = (cos, cos) and
+    sin' = (sin, sin) (T, D) and S the (D, D) matrix that makes (-x2, x1) of x = (x1, x2), a matrix
+    product (on the matrix units) where a swap of the halves would be a slow gather. Three passes over
+    a contiguous x, whose (T, D) rows the tables cover without a stride, and three back (the inverse
+    rotation: g cos' + (g S^T) sin', sin' being the same on both halves). Under autograd the halves'
+    products, difference, sum and `cat` cost 2.3x the time (forward and backward 1.63 against 0.71 ms per
+    tensor more than no rotation, 16 x 4 x 256 x 48 in bf16, AMX Xeon; `benchmarks/bench_train.py
+    rotary`). Inside torch.compile the formula itself, which the compiler fuses."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        cos, sin = torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((sin, sin), dim=-1).to(x.dtype)
+        swap = _signed_swap(x.shape[-1], x.dtype, x.device)
+        ctx.save_for_backward(cos, sin, swap)
+        return torch.matmul(x, swap).mul_(sin).addcmul_(x, cos)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        cos, sin, swap = ctx.saved_tensors
+        grad = grad.contiguous()
+        return torch.matmul(grad, swap.T).mul_(sin).addcmul_(grad, cos), None, None
+
+
+def _signed_swap(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(dim, dim): x S = (-x2, x1) for x = (x1, x2) along the last dimension (entries 0 and +-1, so
+    the product is exact in any precision). Made afresh per call (microseconds): a cached tensor made
+    under `torch.inference_mode` could not be saved for a later backward pass."""
+    half = dim // 2
+    swap = torch.zeros(dim, dim, dtype=dtype, device=device)
+    swap[half:, :half] = -torch.eye(half, dtype=dtype, device=device)
+    swap[:half, half:] = torch.eye(half, dtype=dtype, device=device)
+    return swap
 
 
 # Dropout on a CPU draws its masks from random bytes, seven from each 64-bit draw of the generator:
@@ -357,9 +396,13 @@ class CausalSelfAttention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         cache: LayerCache | None = None,
         attention: list[torch.Tensor] | None = None,
+        values: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`values` (B, T, C): this block's value embedding of the input characters, added to the values."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        if values is not None:
+            v = v + values.to(v.dtype)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -432,8 +475,10 @@ class Block(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         cache: LayerCache | None = None,
         attention: list[torch.Tensor] | None = None,
+        values: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = add_dropout(x, self.attn(self.norm1(x), rotary, cache, attention), self.dropout, self.training)
+        attended = self.attn(self.norm1(x), rotary, cache, attention, values)
+        x = add_dropout(x, attended, self.dropout, self.training)
         return add_dropout(x, self.mlp(self.norm2(x)), self.dropout, self.training)
 
 
@@ -479,6 +524,10 @@ class CharTransformer(nn.Module):
             cos, sin = rotary_tables(config.d_model // config.n_head, config.context_length)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
+        # Value embeddings: every block's table side by side, (V, n_layer * C), looked up once per pass.
+        self.value_embedding = (
+            nn.Embedding(config.vocab_size, config.n_layer * config.d_model) if config.value_embeddings else None
+        )
         self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
@@ -498,11 +547,13 @@ class CharTransformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
-        """Parameter count; with `non_embedding`, token and position embeddings and the output
+        """Parameter count; with `non_embedding`, token, position and value embeddings and the output
         matrix are left out (tied, the token embedding is the output layer and is counted once)."""
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
             total -= self.token_embedding.weight.numel()
+            if self.value_embedding is not None:
+                total -= self.value_embedding.weight.numel()
             if self.head is not None:
                 total -= self.head.weight.numel()
             if self.config.positions == "learned":
@@ -513,6 +564,13 @@ class CharTransformer(nn.Module):
         if self.config.positions != "rotary":
             return None
         return self.rotary_cos[start : start + length], self.rotary_sin[start : start + length]
+
+    def _value_embeddings(self, ids: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """Each block's value embedding of `ids` (B, T): (B, T, C) views of one lookup, or Nones. `split`
+        (its gradient one `cat`), not slicing: a slice's gradient is a zero (B, T, L * C) tensor per block."""
+        if self.value_embedding is None:
+            return [None] * len(self.blocks)
+        return list(self.value_embedding(ids).to(dtype).split(self.config.d_model, dim=-1))
 
     def forward(
         self,
@@ -538,8 +596,9 @@ class CharTransformer(nn.Module):
             x = x + self.position_embedding(torch.arange(start, start + T, device=ids.device))  # (T, C) broadcast
         x = self.dropout(x.to(residual_dtype(x)))
         rotary = self._rotary(start, T)
+        values = self._value_embeddings(ids, x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, None if caches is None else caches[i], attention)
+            x = block(x, rotary, None if caches is None else caches[i], attention, values[i])
         x = self.norm(x)
         output = self.token_embedding.weight if self.head is None else self.head.weight  # (V, C)
         logits = F.linear(x, output)  # (B, T, V)

@@ -4,14 +4,15 @@ The new run's vocabulary comes from its own training split, so it may differ fro
 checkpoint's (a grown corpus brings new characters, and may lose some). `warm_start` copies the
 source's weights into a model that was just built with its normal initialisation:
 
-- every parameter but the token embedding (and the output matrix of an untied model) is copied as
-  it is, so the model settings must equal the source's except those without weights of their own
-  (`REMAPPED_SETTINGS`);
+- every parameter but the token embedding (and the output matrix of an untied model, and the value
+  embeddings) is copied as it is, so the model settings must equal the source's except those without
+  weights of their own (`REMAPPED_SETTINGS`);
 - the token embedding is copied row by row, by character: a character both vocabularies hold
   takes the source's row, the unknown id takes the source's unknown row, a character new to the
   corpus keeps the row the initialisation gave it, a source character the new vocabulary lacks is
   dropped. Tied, the output layer is the embedding's transpose, so it follows; untied
-  (`tie_embeddings = False`), the output matrix's rows are remapped the same way.
+  (`tie_embeddings = False`), the output matrix's rows are remapped the same way, as are the value
+  embeddings' (`value_embeddings = True`).
 
 Only weights are carried: the optimizer, its state and the schedule start afresh.
 """
@@ -28,7 +29,7 @@ from fundamentallm.data.vocab import UNK_ID, Vocab
 from fundamentallm.errors import CheckpointError
 from fundamentallm.model import CharTransformer
 
-_BY_CHARACTER = ("token_embedding.weight", "head.weight")
+_BY_CHARACTER = ("token_embedding.weight", "head.weight", "value_embedding.weight")
 """Weights with one row per token id, remapped by character."""
 
 REMAPPED_SETTINGS = frozenset({"vocab_size", "dropout", "attention_dropout"})

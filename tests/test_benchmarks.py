@@ -187,3 +187,5 @@ def test_bench_train_profile_throughput_and_attention_smoke():
     lines = _bench_train("activations", "--shapes", "2x3x8", "--warmup", "0", "--repeats", "1").splitlines()
     assert [line.split(":")[0] for line in lines] == ["float32 2x3x8", "bfloat16 2x3x8"]
     assert all(f" {name} " in line for line in lines for name in ("gelu", "gelu_exact", "relu2"))
+    out = _bench_train("rotary", "--shape", "2x2x16x8", "--dtype", "float32", "--warmup", "0", "--repeats", "1")
+    assert out.startswith("float32 B 2 H 2 T 16 D 8: no rotation ") and "eager function" in out

@@ -39,6 +39,16 @@ CONFIGS = {
         qk_norm=True,
         activation="relu2",
     ),
+    "rotary-value-embeddings": ModelConfig(
+        vocab_size=50,
+        context_length=24,
+        n_layer=3,
+        n_head=2,
+        d_model=32,
+        dropout=0.0,
+        positions="rotary",
+        value_embeddings=True,
+    ),
     "untied-gelu-exact": ModelConfig(
         vocab_size=50,
         context_length=24,
@@ -115,6 +125,66 @@ def test_an_untied_model_computes_its_logits_with_its_own_output_matrix():
     loss.backward()
     assert m.head.weight.grad is not None and m.head.weight.grad.abs().sum() > 0
     assert m.token_embedding.weight.grad.abs().sum() > 0  # still learned as the input embedding
+
+
+def test_value_embeddings_add_each_blocks_own_table_to_its_values():
+    torch.manual_seed(0)
+    config = CONFIGS["learned-layernorm"].replace(n_layer=3)
+    plain = CharTransformer(config).eval()
+    with_values = CharTransformer(config.replace(value_embeddings=True)).eval()
+    assert with_values.value_embedding.weight.shape == (50, 3 * 32)  # one table per block, side by side
+    assert with_values.num_parameters() == plain.num_parameters() + 50 * 3 * 32
+    assert with_values.num_parameters(non_embedding=True) == plain.num_parameters(non_embedding=True)
+    with_values.load_state_dict(plain.state_dict(), strict=False)  # the same weights but the tables
+    ids = torch.randint(0, 50, (2, 16))
+    reference = plain(ids)[0]
+    with torch.no_grad():
+        with_values.value_embedding.weight.zero_()
+    assert torch.allclose(with_values(ids)[0], reference, atol=1e-6)  # zero tables add nothing
+    outputs: dict[str, list[torch.Tensor]] = {"plain": [], "with_values": []}
+    for name, m in (("plain", plain), ("with_values", with_values)):
+        for block in m.blocks:
+            block.register_forward_hook(lambda _m, _i, out, name=name: outputs[name].append(out))
+    plain(ids)
+    for i in range(3):  # block i's table reaches block i first: the blocks before it are unchanged
+        with torch.no_grad():
+            with_values.value_embedding.weight.zero_()
+            with_values.value_embedding.weight[:, i * 32 : (i + 1) * 32].normal_()
+        outputs["with_values"].clear()
+        with_values(ids)
+        for j in range(3):
+            same = torch.allclose(outputs["with_values"][j], outputs["plain"][j], atol=1e-6)
+            assert same == (j < i), (i, j)
+    with_values.train()
+    _logits, loss = with_values(ids, ids)
+    loss.backward()
+    grad = with_values.value_embedding.weight.grad
+    for i in range(3):  # every block's table learns, and only the rows of characters seen
+        assert grad[:, i * 32 : (i + 1) * 32].abs().sum() > 0, i
+    unseen = sorted(set(range(50)) - set(ids.flatten().tolist()))
+    assert unseen and grad[unseen].abs().sum() == 0
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_eager_rotary_is_what_autograd_makes_of_the_rotation(contiguous):
+    torch.manual_seed(0)
+    B, H, T, D = 2, 3, 7, 8
+    cos, sin = (t.double() for t in model_module.rotary_tables(D, T))
+    x = torch.randn(B, T, H, D, dtype=torch.float64).transpose(1, 2)  # (B, H, T, D) as the attention's view
+    x = (x.contiguous() if contiguous else x).requires_grad_()
+
+    def reference(x):  # pairs (x1, x2) rotated by each position's angles, written out
+        x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+    rotated = model_module.apply_rotary(x, cos, sin)
+    assert rotated.grad_fn.name().startswith("_Rotation")  # eager: the function, not autograd's operations
+    assert torch.allclose(rotated, reference(x), atol=1e-12)
+    weights = torch.randn_like(rotated)
+    (got,) = torch.autograd.grad((rotated * weights).sum(), x)
+    (expected,) = torch.autograd.grad((reference(x) * weights).sum(), x)
+    assert torch.allclose(got, expected, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: model_module.apply_rotary(t, cos, sin), (x,))
 
 
 def test_kv_cache_matches_full_forward(model):

@@ -98,13 +98,15 @@ def test_a_muon_step_moves_each_matrix_by_its_own_orthogonalised_momentum():
 
 
 def test_muon_covers_block_matrices_and_adamw_the_rest():
-    model = CharTransformer(ModelConfig(vocab_size=30, context_length=16, n_layer=2, n_head=2, d_model=16))
+    config = ModelConfig(vocab_size=30, context_length=16, n_layer=2, n_head=2, d_model=16, value_embeddings=True)
+    model = CharTransformer(config)
     optimizers = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
     adam, muon = optimizers.optimizers
     assert isinstance(muon, Muon)
     muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in muon_params) == (name.startswith("blocks.") and p.dim() == 2), name
+    assert id(model.value_embedding.weight) not in muon_params  # a table of rows per character, not a map
     optimizers.set_lr_factor(0.5)
     assert muon.param_groups[0]["lr"] == 0.01 and adam.param_groups[0]["lr"] == 0.0005
 

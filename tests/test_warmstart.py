@@ -108,6 +108,27 @@ def test_an_untied_output_matrix_is_remapped_by_character_like_the_embedding():
         warm_start(_model(target_vocab, seed=7), target_vocab, source)
 
 
+def test_value_embeddings_are_remapped_by_character_like_the_embedding():
+    source_vocab = Vocab("\n !.abcdefgh")
+    target_vocab = Vocab(sorted(set(source_vocab.chars) - {"c"} | {"x", "é"}))
+    source = _source(source_vocab, value_embeddings=True)
+    model = _model(target_vocab, seed=7, value_embeddings=True)
+    fresh = _model(target_vocab, seed=7, value_embeddings=True)
+
+    warm_start(model, target_vocab, source)
+
+    rows, source_rows = model.value_embedding.weight.detach(), source.model_state["value_embedding.weight"]
+    assert rows.shape == (target_vocab.size, 2 * 16)  # a table per block
+    assert torch.equal(rows[UNK_ID], source_rows[UNK_ID])
+    for i, char in enumerate(target_vocab.chars, start=1):
+        if char in source_vocab.chars:
+            assert torch.equal(rows[i], source_rows[source_vocab.chars.index(char) + 1]), char
+        else:
+            assert torch.equal(rows[i], fresh.value_embedding.weight[i].detach()), char
+    with pytest.raises(CheckpointError, match=r"model\.value_embeddings True -> False"):
+        warm_start(_model(target_vocab, seed=7), target_vocab, source)
+
+
 def test_a_source_of_another_shape_is_refused_naming_each_difference_and_changes_nothing():
     vocab = Vocab("abc")
     source = _source(vocab)
