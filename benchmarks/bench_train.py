@@ -369,10 +369,12 @@ def rotary(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - start)
         ms[name] = statistics.median(times[args.warmup :]) * 1e3
     extra = {name: ms[name] - ms["none"] for name in ways if name != "none"}
+    own = extra["eager function"]  # too small to time at tiny shapes: no ratio then
+    ratio = f"{extra['autograd'] / own:.2f}x" if own > 0 else "n/a"
     print(
         f"{args.dtype} B {B} H {H} T {T} D {D}: no rotation {ms['none']:.2f} ms; "
         + "; ".join(f"{name} {ms[name]:.2f} ms (+{extra[name] / 2:.2f} per tensor)" for name in extra)
-        + f"; autograd / eager function, the rotation's own time: {extra['autograd'] / extra['eager function']:.2f}x",
+        + f"; autograd / eager function, the rotation's own time: {ratio}",
         flush=True,
     )
 
