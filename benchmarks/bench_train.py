@@ -336,16 +336,11 @@ def rotary(args: argparse.Namespace) -> None:
     and values: without rotation, with the rotation written out under autograd, with the model's."""
     import torch
 
-    from fundamentallm.model import apply_rotary, rotary_tables
+    from fundamentallm.model import apply_rotary, rotary_formula, rotary_tables
 
     B, H, T, D = args.shape
     C = H * D
     cos, sin = rotary_tables(D, T)
-
-    def formula(x):  # the rotation as written out (the compiled path's)
-        x1, x2 = x[..., : D // 2], x[..., D // 2 :]
-        c, s = cos.to(x.dtype), sin.to(x.dtype)
-        return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
 
     def heads(qkv, rotate):
         q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(C, dim=2))
@@ -355,7 +350,7 @@ def rotary(args: argparse.Namespace) -> None:
 
     ways = {
         "none": None,
-        "autograd": formula,
+        "autograd": lambda x: rotary_formula(x, cos, sin),  # the compiled path's formula
         "eager function": lambda x: apply_rotary(x, cos, sin),
     }
     qkv = torch.randn(B, T, 3 * C, dtype=getattr(torch, args.dtype), requires_grad=True)

@@ -65,6 +65,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, H, T, D) by position-dependent angles (T, D/2)."""
     if not torch.compiler.is_compiling():
         return _Rotation.apply(x, cos, sin)
+    return rotary_formula(x, cos, sin)
+
+
+def rotary_formula(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` written out as the halves' products (what torch.compile fuses; under autograd eagerly
+    the slower way, `_Rotation`)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
