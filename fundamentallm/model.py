@@ -246,18 +246,29 @@ def spell_out_attention(q: torch.Tensor, dropout_p: float) -> bool:
 
 
 # Scores over this many bytes are computed a slice of the (batch x heads) at a time: each slice's
-# product, softmax, dropout and their backward then run on a (b, T, T) block that stays in the core's
-# caches instead of streaming the whole (B, H, T, T) through memory once per pass. Forward + backward
-# at 64 x 6 x 256 x 64 in 12 slices: bf16 1.6x faster, with dropout 0.2 1.4x, fp32 with dropout 1.5x;
+# product, softmax, dropout and their backward then run on a block that stays in the core's caches
+# instead of streaming the whole (B, H, T, T) through memory once per pass. Forward + backward at
+# 64 x 6 x 256 x 64 in 12 slices: bf16 1.6x faster, with dropout 0.2 1.4x, fp32 with dropout 1.5x;
 # up to about 4 MB of scores slicing only adds calls (AMX Xeon; benchmarks/RESULTS.md, "The AMX Xeon,
 # 2026-12-05").
 ATTENTION_SLICE_BYTES = 4 * 2**20
 
+# Within a slice the queries are taken this many at a time, each block against the keys up to its
+# last query only: the rest of its scores are the future, all masked. At 256 positions the tiles
+# cover 62.5% of the (T, T) scores (the products, softmax, dropout masks and their random bytes, the
+# backward passes), at 128 75%. Forward + backward of one layer's attention at cpu-small's 16 x 4 x
+# 256 x 48 with dropout 0.05 1.6x faster than whole rows of keys (blocks of 128: 1.3x), at 64 x 6 x
+# 256 x 64 with dropout 0.2 1.17x; cpu-small's training step 1.05x the tokens/s, 6 x 384's 1.02x (AMX
+# Xeon; benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-06 (morning)"). Blocks of 32 were slower.
+QUERY_BLOCK = 64
+
 
 def attention_slices(q: torch.Tensor) -> int:
-    """How many slices of its (batch x heads) `explicit_attention` computes queries (B, H, T, D) in."""
+    """How many slices of its (batch x heads) `explicit_attention` computes queries (B, H, T, D) in: so
+    that a slice's scores for one block of queries against every key fit `ATTENTION_SLICE_BYTES`."""
     B, H, T, _D = q.shape
-    return max(1, min(B * H, math.ceil(B * H * T * T * q.element_size() / ATTENTION_SLICE_BYTES)))
+    block_bytes = B * H * min(T, QUERY_BLOCK) * T * q.element_size()
+    return max(1, min(B * H, math.ceil(block_bytes / ATTENTION_SLICE_BYTES)))
 
 
 def explicit_attention(
@@ -273,15 +284,17 @@ def explicit_attention(
     to the diagonal and -inf above it): no masking pass of its own over the (B, H, T, T) scores and
     none in the backward pass (the softmax's gradient is already 0 where its weights are), no pass to
     scale the queries. Forward + backward 1.4-2.0x faster than masking and scaling apart (bf16, AMX Xeon;
-    benchmarks/RESULTS.md). Eagerly, with dropout or with score tensors big enough to be computed in
-    slices of the batch x heads (`attention_slices`), `_SlicedAttention` does it, writing each slice's
-    output and gradients into place; small scores without dropout (one slice) go through autograd,
-    whose per-call overhead is the smaller there (0.93x with `_SlicedAttention` at 16 x 4 x 128 x 48).
+    benchmarks/RESULTS.md). Eagerly, with dropout, with more positions than a block of queries
+    (`QUERY_BLOCK`) or with score tensors big enough to be computed in slices of the batch x heads
+    (`attention_slices`), `_SlicedAttention` does it a tile at a time, writing each tile's output and
+    gradients into place; small scores without dropout (one tile) go through autograd, whose per-call
+    overhead is the smaller there (0.93x with `_SlicedAttention` at 16 x 4 x 128 x 48 in one piece).
 
     `keep`: a list the weights (B, H, T, T) are appended to, in fp32, for looking at (before dropout);
     computed in one piece."""
     in_bytes, slices = byte_dropout(dropout_p), attention_slices(q)
-    if keep is None and not torch.compiler.is_compiling() and (in_bytes or (dropout_p == 0 and slices > 1)):
+    tiled = slices > 1 or q.shape[-2] > QUERY_BLOCK
+    if keep is None and not torch.compiler.is_compiling() and (in_bytes or (dropout_p == 0 and tiled)):
         backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         return _SlicedAttention.apply(q, k, v, in_bytes, slices, backward)
     B, H, T, D = q.shape
@@ -301,14 +314,17 @@ def _causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 class _SlicedAttention(torch.autograd.Function):
-    """`explicit_attention` in eager mode, forward and backward written out a slice of the batch x heads
-    at a time. Against the same operations under autograd: no `cat` of the slices' outputs or of their
-    gradients (each slice writes into one output), dropout keeps elements whose random byte is at least
-    the threshold and its mask is made in one pass (0 or 1 in the weights' dtype, the scale 1 / (1 - p)
-    applied by the products, as is 1 / sqrt(D) in the backward pass: `_scaled_bmm`). The weights are kept
-    with and without dropout (4 bytes per weight in bf16; the mask itself is not, the backward pass
-    needs only the two); without dropout the weights' gradient goes through PyTorch's own softmax
-    backward kernel, with it through the same formula written out for the dropped weights."""
+    """`explicit_attention` in eager mode, forward and backward written out a tile at a time (`_tiles`: a
+    slice of the batch x heads, a block of queries, the keys up to its last query). Against the same
+    operations under autograd: no scores for the future beyond each block's diagonal part, no `cat` of
+    the tiles' outputs or of their gradients (each tile writes into place; the keys' and values'
+    gradients add up over the blocks of queries that see them), each tile draws its own random bytes
+    and dropout keeps elements whose random byte is at least the threshold, its mask made in one pass
+    (0 or 1 in the weights' dtype, the scale 1 / (1 - p) applied by the products, as is 1 / sqrt(D) in
+    the backward pass: `_scaled_bmm`). The weights are kept with and without dropout (4 bytes per
+    weight in bf16; the mask itself is not, the backward pass needs only the two); without dropout the
+    weights' gradient goes through PyTorch's own softmax backward kernel, with it through the same
+    formula written out for the dropped weights."""
 
     @staticmethod
     def forward(ctx, q, k, v, in_bytes: tuple[int, float] | None, slices: int, backward: bool):  # type: ignore[override]
@@ -317,15 +333,21 @@ class _SlicedAttention(torch.autograd.Function):
             q, k, v = (t.reshape(B * H, T, D) for t in (q, k, v))
             threshold, scale = in_bytes or (0, 1.0)  # `byte_dropout`'s; no dropout: None
             causal = _causal_bias(T, q.dtype, q.device)
-            keep_bytes = random_bytes(B * H * T * T, q.device).view(B * H, T, T) if in_bytes else None
             out = torch.empty_like(q)
             weights = []
-            for rows in _slice_rows(B * H, slices):
-                w = torch.baddbmm(causal, q[rows], k[rows].mT, alpha=1.0 / math.sqrt(D)).softmax(dim=-1)
-                dropped = w if keep_bytes is None else w * _keep_mask(keep_bytes[rows], threshold, w.dtype)
-                if backward:  # else (evaluation, no_grad) each slice's weights go once used
+            for rows, start, end in _tiles(B * H, T, slices):
+                w = torch.baddbmm(
+                    causal[start:end, :end], q[rows, start:end], k[rows, :end].mT, alpha=1.0 / math.sqrt(D)
+                )
+                w = w.softmax(dim=-1)
+                if in_bytes:
+                    keep_bytes = random_bytes(w.numel(), q.device).view(w.shape)
+                    dropped = w * _keep_mask(keep_bytes, threshold, w.dtype)
+                else:
+                    dropped = w
+                if backward:  # else (evaluation, no_grad) each tile's weights go once used
                     weights.append((w, dropped))
-                _scaled_bmm(dropped, v[rows], scale, out[rows])
+                _scaled_bmm(dropped, v[rows, :end], scale, out[rows, start:end])
         ctx.save_for_backward(q, k, v)
         ctx.weights, ctx.slices, ctx.scale = weights, slices, scale
         return out.view(B, H, T, D)
@@ -338,10 +360,11 @@ class _SlicedAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             grad = grad.reshape(B * H, T, D).to(q.dtype)
             scale = ctx.scale  # 1 without dropout; it reaches the gradient through both products below
-            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-            for rows, (w, dropped) in zip(_slice_rows(B * H, ctx.slices), ctx.weights, strict=True):
-                _scaled_bmm(dropped.mT, grad[rows], scale, dv[rows])
-                dw = _scaled_bmm(grad[rows], v[rows].mT, scale)  # (b, T, T): the gradient of the weights
+            dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            for (rows, start, end), (w, dropped) in zip(_tiles(B * H, T, ctx.slices), ctx.weights, strict=True):
+                dv_part, dk_part, g = dv[rows, :end], dk[rows, :end], grad[rows, start:end]
+                torch.baddbmm(dv_part, dropped.mT, g, alpha=scale, out=dv_part)
+                dw = _scaled_bmm(g, v[rows, :end].mT, scale)  # (b, t, end): the gradient of the weights
                 if dropped is w:
                     ds = torch._softmax_backward_data(dw, w, -1, w.dtype)
                 else:
@@ -349,8 +372,8 @@ class _SlicedAttention(torch.autograd.Function):
                     # so ds = e - w sum(e) with e = dropped * dw. Two passes and a row sum; no mask to remake.
                     e = dw.mul_(dropped)
                     ds = e.addcmul_(w, e.sum(dim=-1, keepdim=True), value=-1)
-                _scaled_bmm(ds, k[rows], alpha, dq[rows])
-                _scaled_bmm(ds.mT, q[rows], alpha, dk[rows])
+                _scaled_bmm(ds, k[rows, :end], alpha, dq[rows, start:end])
+                torch.baddbmm(dk_part, ds.mT, q[rows, start:end], alpha=alpha, out=dk_part)
         ctx.weights = None
         return dq.view(B, H, T, D), dk.view(B, H, T, D), dv.view(B, H, T, D), None, None, None
 
@@ -363,6 +386,12 @@ def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tenso
     if scale == 1:
         return torch.bmm(a, b, out=out)
     return torch.baddbmm(out, a, b, beta=0, alpha=scale, out=out)
+
+
+def _tiles(n: int, T: int, slices: int) -> list[tuple[slice, int, int]]:
+    """(rows, start, end): each slice of the batch x heads (`attention_slices` of them) with each block of
+    queries start..end (`QUERY_BLOCK`), which attends to the keys 0..end only."""
+    return [(rows, s, min(s + QUERY_BLOCK, T)) for rows in _slice_rows(n, slices) for s in range(0, T, QUERY_BLOCK)]
 
 
 def _slice_rows(n: int, slices: int) -> list[slice]:

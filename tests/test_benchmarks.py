@@ -170,10 +170,13 @@ def test_bench_train_profile_throughput_and_attention_smoke():
     out = _bench_train("throughput", "--presets", "debug", "--set", "model.n_layer=1", *common)
     assert "tokens/s" in out and "MFU" in out
     assert "debug: 1x32," in out  # the override reached the model (the preset has 2 layers)
-    lines = _bench_train("attention", "--shapes", "2x2x16x8", "2x2x600x8", *common[:2]).splitlines()
-    assert len(lines) == 4 and all("fused / spelled out" in line for line in lines)
-    # bf16: 16 positions spelled out (in one slice: a few bytes of scores), 600 not
-    assert lines[2].endswith("spelled out in 1 slice(s)") and lines[3].endswith("fused")
+    lines = _bench_train("attention", "--shapes", "2x2x16x8", "2x2x100x8", "2x2x600x8", *common[:2]).splitlines()
+    assert len(lines) == 6 and all("fused / spelled out" in line for line in lines)
+    # bf16: 16 and 100 positions spelled out (one slice: a few bytes of scores; 100 queries in two
+    # blocks of 64), 600 not
+    assert lines[3].endswith("spelled out in 1 tile(s): 1 slice(s) x 1 block(s) of queries")
+    assert lines[4].endswith("spelled out in 2 tile(s): 1 slice(s) x 2 block(s) of queries")
+    assert lines[5].endswith("fused")
     defaults = _bench_train("attention", "--dtypes", "float32", "--warmup", "0", "--repeats", "1").splitlines()
     assert len(defaults) == 5 and "B 64 H 6 T 256 D 64" in defaults[3]  # the default shapes, parsed
     bad = subprocess.run(

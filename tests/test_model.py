@@ -278,13 +278,17 @@ def test_attention_in_slices_of_the_batch_and_heads_equals_one_piece(monkeypatch
     whole_grads = torch.autograd.grad(whole.square().sum(), (q, k, v))
     monkeypatch.setattr(model_module, "ATTENTION_SLICE_BYTES", 1024)
     assert model_module.attention_slices(q) == 6
-    sliced = explicit_attention(q, k, v)
-    sliced_grads = torch.autograd.grad(sliced.square().sum(), (q, k, v))
-    with torch.no_grad():  # evaluation: the same values, nothing kept for a backward pass
-        torch.testing.assert_close(explicit_attention(q, k, v), sliced.detach())
-    torch.testing.assert_close(sliced, whole)
-    for a, b in zip(sliced_grads, whole_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    # and then in blocks of 5 queries too, each against the keys up to its last query (1 KiB: 2 slices)
+    for query_block, slices in ((64, 6), (5, 2)):
+        monkeypatch.setattr(model_module, "QUERY_BLOCK", query_block)
+        assert model_module.attention_slices(q) == slices
+        sliced = explicit_attention(q, k, v)
+        sliced_grads = torch.autograd.grad(sliced.square().sum(), (q, k, v))
+        with torch.no_grad():  # evaluation: the same values, nothing kept for a backward pass
+            torch.testing.assert_close(explicit_attention(q, k, v), sliced.detach())
+        torch.testing.assert_close(sliced, whole)
+        for a, b in zip(sliced_grads, whole_grads, strict=True):
+            torch.testing.assert_close(a, b)
     # dropout acts in every slice; the weights kept for looking at come whole, (B, H, T, T)
     assert (explicit_attention(q, k, v, dropout_p=1.0) == 0).all()
     weights: list[torch.Tensor] = []
@@ -297,17 +301,28 @@ def test_sliced_attention_with_dropout_is_what_autograd_makes_of_the_same_masked
     # Eagerly `explicit_attention` runs `_SlicedAttention`, whose backward pass is written out by hand:
     # against the same operations differentiated by autograd in fp64, the same random bytes deciding
     # what is dropped, in several slices.
-    monkeypatch.setattr(model_module, "ATTENTION_SLICE_BYTES", 1024)
+    # Each tile (a slice of the batch x heads, a block of queries and the keys up to its last query)
+    # draws its own bytes, in the order of `_tiles`.
+    monkeypatch.setattr(model_module, "ATTENTION_SLICE_BYTES", 512)
+    monkeypatch.setattr(model_module, "QUERY_BLOCK", 5)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 8, dtype=dtype, requires_grad=True) for _ in range(3))
     upstream = torch.randn(2, 3, 17, 8, dtype=dtype)
-    assert model_module.attention_slices(q) > 1
+    slices = model_module.attention_slices(q)
+    tiles = model_module._tiles(2 * 3, 17, slices)
+    assert len({rows.start for rows, _, _ in tiles}) > 1  # several slices of the 6 (batch, head) pairs
+    assert {(start, end) for _, start, end in tiles} == {(0, 5), (5, 10), (10, 15), (15, 17)}  # query blocks
     torch.manual_seed(1)
     out = explicit_attention(q, k, v, dropout_p=0.25)
     grads = torch.autograd.grad(out, (q, k, v), upstream)
     torch.manual_seed(1)
-    kept = (model_module.random_bytes(2 * 3 * 17 * 17, q.device).view(2, 3, 17, 17) >= 64).double()
-    assert 0.7 < kept.mean().item() < 0.8  # 64/256 of them dropped
+    kept = torch.zeros(2 * 3, 17, 17, dtype=torch.float64)  # the future's stays 0: its weights are 0
+    for rows, start, end in tiles:
+        shape = kept[rows, start:end, :end].shape
+        kept[rows, start:end, :end] = (model_module.random_bytes(shape.numel(), q.device).view(shape) >= 64).double()
+    kept = kept.view(2, 3, 17, 17)
+    past = torch.ones(17, 17, dtype=torch.bool).tril()
+    assert 0.7 < kept[:, :, past].mean().item() < 0.8  # 64/256 of them dropped
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     future = torch.ones(17, 17, dtype=torch.bool).triu(diagonal=1)
     scores = (q64 @ k64.mT / math.sqrt(8)).masked_fill(future, float("-inf"))
@@ -324,10 +339,12 @@ def test_attention_slices_count_the_bytes_of_the_scores():
     def slices(dtype, batch, heads, positions):
         return model_module.attention_slices(torch.empty(batch, heads, positions, 8, dtype=dtype))
 
-    assert slices(torch.bfloat16, 16, 4, 128) == 1  # cpu-small's 2 MiB of bf16 scores: one piece
-    assert slices(torch.bfloat16, 64, 6, 256) == 12  # 6 x 384's 48 MiB in 4 MiB slices
-    assert slices(torch.float32, 64, 6, 256) == 24  # fp32 scores: twice the bytes
+    # the scores of one block of queries (`QUERY_BLOCK`, 64) against all the keys
+    assert slices(torch.bfloat16, 16, 4, 256) == 1  # cpu-small's: 64 x 256 bf16 scores a (batch, head), 2 MiB
+    assert slices(torch.bfloat16, 64, 6, 256) == 3  # 6 x 384's 12 MiB in 4 MiB slices
+    assert slices(torch.float32, 64, 6, 256) == 6  # fp32 scores: twice the bytes
     assert slices(torch.float32, 1, 1, 4096) == 1  # never more slices than (batch, head) pairs
+    assert slices(torch.bfloat16, 64, 6, 32) == 1  # fewer positions than a block: all of them
 
 
 def test_bf16_attention_keeps_its_weights_in_bf16_and_gives_them_out_in_fp32(monkeypatch):
