@@ -467,13 +467,34 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y)  # the block adds it to the stream through its dropout
 
 
+class _ReluSquared(torch.autograd.Function):
+    """relu(h)^2, forward and backward: only relu(h) is saved (autograd's relu then square saves h and
+    relu(h) and runs four passes back), and the gradient 2 relu(h) g is one pass (`addcmul`)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        r = F.relu(h)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (r,) = ctx.saved_tensors
+        return torch.addcmul(torch.zeros((), dtype=grad.dtype, device=grad.device), grad, r, value=2)
+
+
 def _relu2(h: torch.Tensor) -> torch.Tensor:
-    return F.relu(h).square()
+    if torch.compiler.is_compiling():
+        return F.relu(h).square()  # the compiler fuses it
+    return _ReluSquared.apply(h)
 
 
 # The MLP's non-linearities (`ModelConfig.activation`). On CPUs the exact GELU is the fast one: 2.3-2.7x
 # faster than the tanh form forward and backward, fp32 and bf16 (AMX Xeon; benchmarks/bench_train.py
-# activations).
+# activations). ReLU squared as one function (`_ReluSquared`): cpu-small's step on an AMX Xeon
+# 1.00-1.10x the tokens/s of the exact GELU (autograd's relu then square: 0.96-1.01x); 15 minutes of
+# cpu-small with it ended where the exact GELU did (benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-06
+# (morning)").
 ACTIVATIONS = {
     "gelu": functools.partial(F.gelu, approximate="tanh"),
     "gelu_exact": functools.partial(F.gelu, approximate="none"),

@@ -252,6 +252,24 @@ def test_mlp_activation_is_the_one_configured():
     torch.testing.assert_close(outputs["gelu"], outputs["gelu_exact"], atol=1e-2, rtol=0)
 
 
+def test_relu2_is_one_function_whose_gradient_is_twice_the_relu():
+    # relu(h)^2 runs as `_ReluSquared` (only relu(h) kept for the backward pass), in fp64 against the
+    # numerical gradient and in bf16 against autograd's relu-then-square.
+    h = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(model_module._relu2, (h,))
+    out = model_module._relu2(h)
+    assert type(out.grad_fn).__name__ == "_ReluSquaredBackward"
+    grad = torch.randn_like(h)
+    (found,) = torch.autograd.grad(out, h, grad)
+    torch.testing.assert_close(found, 2 * F.relu(h) * grad)
+    x = torch.randn(64, 48, dtype=torch.bfloat16, requires_grad=True)
+    upstream = torch.randn(64, 48, dtype=torch.bfloat16)
+    (fused,) = torch.autograd.grad(model_module._relu2(x), x, upstream)
+    (reference,) = torch.autograd.grad(F.relu(x).square(), x, upstream)
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, reference)
+
+
 def test_attention_spelled_out_equals_the_fused_kernel_values_and_gradients():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
