@@ -492,9 +492,9 @@ def _relu2(h: torch.Tensor) -> torch.Tensor:
 # The MLP's non-linearities (`ModelConfig.activation`). On CPUs the exact GELU is the fast one: 2.3-2.7x
 # faster than the tanh form forward and backward, fp32 and bf16 (AMX Xeon; benchmarks/bench_train.py
 # activations). ReLU squared as one function (`_ReluSquared`): cpu-small's step on an AMX Xeon
-# 1.00-1.10x the tokens/s of the exact GELU (autograd's relu then square: 0.96-1.01x); 15 minutes of
-# cpu-small with it ended where the exact GELU did (benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-06
-# (morning)").
+# 1.00-1.10x the tokens/s of the exact GELU (autograd's relu then square: 0.96-1.01x), but 15 minutes
+# of cpu-small with it ended 0.007 higher on the mean of two seeds (benchmarks/RESULTS.md, "The AMX
+# Xeon, 2026-12-06 (morning)").
 ACTIVATIONS = {
     "gelu": functools.partial(F.gelu, approximate="tanh"),
     "gelu_exact": functools.partial(F.gelu, approximate="none"),

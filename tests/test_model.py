@@ -362,7 +362,7 @@ def test_attention_slices_count_the_bytes_of_the_scores():
     assert slices(torch.bfloat16, 64, 6, 256) == 3  # 6 x 384's 12 MiB in 4 MiB slices
     assert slices(torch.float32, 64, 6, 256) == 6  # fp32 scores: twice the bytes
     assert slices(torch.float32, 1, 1, 4096) == 1  # never more slices than (batch, head) pairs
-    assert slices(torch.bfloat16, 64, 6, 32) == 1  # fewer positions than a block: all of them
+    assert slices(torch.bfloat16, 4096, 8, 16) == 4  # fewer positions than a block: 16 x 16 scores a pair
 
 
 def test_bf16_attention_keeps_its_weights_in_bf16_and_gives_them_out_in_fp32(monkeypatch):
