@@ -468,8 +468,9 @@ class CausalSelfAttention(nn.Module):
 
 
 class _ReluSquared(torch.autograd.Function):
-    """relu(h)^2, forward and backward: only relu(h) is saved (autograd's relu then square saves h and
-    relu(h) and runs four passes back), and the gradient 2 relu(h) g is one pass (`addcmul`)."""
+    """relu(h)^2, forward and backward: relu(h) is saved and the gradient 2 relu(h) g is one pass
+    (`addcmul`), where autograd's relu then square runs three (square's two multiplications, then
+    relu's own backward)."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor) -> torch.Tensor:
