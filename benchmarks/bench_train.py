@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -274,7 +273,7 @@ def attention(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from fundamentallm.model import QUERY_BLOCK, attention_slices, explicit_attention, spell_out_attention
+    from fundamentallm.model import _tiles, attention_slices, explicit_attention, spell_out_attention
 
     def fused(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -299,8 +298,9 @@ def attention(args: argparse.Namespace) -> None:
             queries = torch.empty(shape, dtype=dtype)
             chosen = "fused"
             if spell_out_attention(queries, 0.0):
-                slices, blocks = attention_slices(queries), math.ceil(positions / QUERY_BLOCK)
-                chosen = f"spelled out in {slices * blocks} tile(s): {slices} slice(s) x {blocks} block(s) of queries"
+                tiles = _tiles(batch * heads, positions, attention_slices(queries))  # the model's own tiling
+                slices, blocks = len({rows.start for rows, _, _ in tiles}), len({start for _, start, _ in tiles})
+                chosen = f"spelled out in {len(tiles)} tile(s): {slices} slice(s) x {blocks} block(s) of queries"
             print(
                 f"{str(dtype).removeprefix('torch.')} B {batch} H {heads} T {positions} D {head_dim}: "
                 f"fused {a * 1e3:.1f} ms, spelled out {b * 1e3:.1f} ms, fused / spelled out {a / b:.2f}x; "
