@@ -617,6 +617,16 @@ class CharTransformer(nn.Module):
                 total -= self.position_embedding.weight.numel()
         return total
 
+    def set_dropout(self, enabled: bool) -> None:
+        """Switch the dropouts on at the configured rates (`ModelConfig.dropout`, `attention_dropout`) or off
+        (late dropout: `TrainConfig.late_dropout`). Only training mode drops anything either way."""
+        config = self.config
+        weights = config.dropout if config.attention_dropout is None else config.attention_dropout
+        self.dropout.p = config.dropout if enabled else 0.0
+        for block in self.blocks:
+            block.dropout = config.dropout if enabled else 0.0
+            block.attn.weights_dropout = weights if enabled else 0.0
+
     def _rotary(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.config.positions != "rotary":
             return None

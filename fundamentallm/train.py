@@ -545,6 +545,7 @@ class Trainer:
         self.sinks: list[TrainCallback] = []
         self.stop = _StopFlag()
         self.last_eval_step = -1
+        self.dropout_on: bool | None = None  # late_dropout's switch; None: not set yet
 
     def elapsed(self) -> float:
         """Seconds of this run so far, earlier sessions of a resumed run included (this process's clock)."""
@@ -568,8 +569,10 @@ class Trainer:
                 reason = stop_reason(tc, progress, elapsed)
                 if reason:
                     break
-                lr = learning_rate(tc, progress.step, schedule_progress(tc, progress.step, elapsed))
+                share = schedule_progress(tc, progress.step, elapsed)
+                lr = learning_rate(tc, progress.step, share)
                 self.state.optimizer.set_lr_factor(lr / tc.lr)
+                self._switch_dropout(share)
                 started = time.perf_counter()
                 try:
                     loss, grad_norm = train_step(
@@ -598,6 +601,17 @@ class Trainer:
                         f"{name} received: saved {self.run.latest} at step {progress.step}; resume with --resume"
                     )
         return self._finish(reason)
+
+    def _switch_dropout(self, share: float) -> None:
+        """`late_dropout`: no dropout until that share of the schedule, the model's own from there (a
+        resumed run switches by its progress too). Every process sees the same share (`shared_elapsed`)."""
+        late = self.config.train.late_dropout
+        if not late or (share >= late) == self.dropout_on:
+            return
+        self.dropout_on = share >= late
+        self.state.model.set_dropout(self.dropout_on)
+        if self.dropout_on and self.dist.is_main:
+            log.info("dropout on from step %d (late_dropout %g)", self.state.progress.step, late)
 
     def _open_logs(self) -> None:
         if not self.dist.is_main:

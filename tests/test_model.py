@@ -544,6 +544,33 @@ def test_the_model_draws_its_dropout_masks_from_random_bytes_on_a_cpu(monkeypatc
     assert drawn == []
 
 
+def test_dropout_switched_off_draws_no_masks_and_on_again_draws_them_at_the_configured_rates(monkeypatch):
+    """Late dropout (`TrainConfig.late_dropout`): the trainer switches the model's dropouts off, then on."""
+    config = ModelConfig(
+        vocab_size=50, context_length=16, n_layer=2, n_head=4, d_model=32, dropout=0.1, attention_dropout=0.2
+    )
+    model = CharTransformer(config).train()
+    drawn, rates = [], []
+    original_bytes, original_attention = model_module.random_bytes, model_module.explicit_attention
+    monkeypatch.setattr(model_module, "random_bytes", lambda n, device: drawn.append(n) or original_bytes(n, device))
+
+    def attention(q, k, v, dropout_p=0.0, keep=None):
+        rates.append(dropout_p)
+        return original_attention(q, k, v, dropout_p, keep)
+
+    monkeypatch.setattr(model_module, "explicit_attention", attention)
+    ids = torch.randint(0, 50, (3, 16))
+    model.set_dropout(False)
+    first, _ = model(ids)
+    again, _ = model(ids)
+    assert drawn == [] and rates == [] and torch.equal(first, again)  # training mode, nothing dropped (fp32: fused)
+    model.set_dropout(True)
+    model(ids)
+    assert sorted(drawn) == sorted([3 * 4 * 16 * 16] * 2 + [3 * 16 * 32] * 5)  # as when built with dropout
+    assert rates == [0.2, 0.2]  # the attention weights' own rate again (with dropout: spelled out)
+    assert model.dropout.p == 0.1 and all(block.dropout == 0.1 for block in model.blocks)
+
+
 @pytest.mark.parametrize(("dropout", "attention_dropout"), [(0.1, 0.0), (0.0, 0.2), (0.1, 0.3)])
 def test_the_attention_weights_take_their_own_dropout_when_one_is_given(monkeypatch, dropout, attention_dropout):
     """`attention_dropout` masks the (B, H, T, T) attention weights alone, at its own rate; `dropout` the

@@ -82,6 +82,34 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_dataset, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_late_dropout_trains_without_dropout_until_its_share_of_the_schedule_also_when_resumed(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    from fundamentallm import train as training
+
+    rates = []
+    real_step = training.train_step
+
+    def watched(forward, model, state, *rest):
+        m = state.model
+        rates.append((m.dropout.p, m.blocks[0].dropout, m.blocks[-1].attn.weights_dropout))
+        return real_step(forward, model, state, *rest)
+
+    monkeypatch.setattr(training, "train_step", watched)
+    config = debug_config(max_steps=8, late_dropout=0.5, log_interval=1, eval_interval=4, checkpoint_interval=4)
+    config = config.replace(model=config.model.replace(dropout=0.1, attention_dropout=0.2))
+    straight = train(tiny_dataset, config, tmp_path / "straight")
+    assert rates == [(0.0, 0.0, 0.0)] * 4 + [(0.1, 0.1, 0.2)] * 4  # on from half-way: step 5 of 8
+    rates.clear()
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_dataset, config, tmp_path / "resumed", callbacks=[InterruptAt(3)])
+    resumed = train(tiny_dataset, config, tmp_path / "resumed", resume=True)
+    assert rates == [(0.0, 0.0, 0.0)] * 4 + [(0.1, 0.1, 0.2)] * 4  # 3 steps, then 5 after the resume
+    assert resumed.final_train_loss == straight.final_train_loss  # the same switch, the same masks
+    with pytest.raises(ConfigError, match="late_dropout"):
+        debug_config(late_dropout=1.0)
+
+
 def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tiny_dataset, tmp_path):
     config = debug_config(max_steps=5)
     train(tiny_dataset, config, tmp_path / "run")
