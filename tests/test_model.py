@@ -544,12 +544,9 @@ def test_the_model_draws_its_dropout_masks_from_random_bytes_on_a_cpu(monkeypatc
     assert drawn == []
 
 
-def test_dropout_switched_off_draws_no_masks_and_on_again_draws_them_at_the_configured_rates(monkeypatch):
-    """Late dropout (`TrainConfig.late_dropout`): the trainer switches the model's dropouts off, then on."""
-    config = ModelConfig(
-        vocab_size=50, context_length=16, n_layer=2, n_head=4, d_model=32, dropout=0.1, attention_dropout=0.2
-    )
-    model = CharTransformer(config).train()
+def _record_dropout(monkeypatch) -> tuple[list[int], list[float]]:
+    """Record the model's dropout work: the sizes of the random byte draws (one per mask) and the rates the
+    spelled-out attention is called with."""
     drawn, rates = [], []
     original_bytes, original_attention = model_module.random_bytes, model_module.explicit_attention
     monkeypatch.setattr(model_module, "random_bytes", lambda n, device: drawn.append(n) or original_bytes(n, device))
@@ -559,6 +556,16 @@ def test_dropout_switched_off_draws_no_masks_and_on_again_draws_them_at_the_conf
         return original_attention(q, k, v, dropout_p, keep)
 
     monkeypatch.setattr(model_module, "explicit_attention", attention)
+    return drawn, rates
+
+
+def test_dropout_switched_off_draws_no_masks_and_on_again_draws_them_at_the_configured_rates(monkeypatch):
+    """Late dropout (`TrainConfig.late_dropout`): the trainer switches the model's dropouts off, then on."""
+    config = ModelConfig(
+        vocab_size=50, context_length=16, n_layer=2, n_head=4, d_model=32, dropout=0.1, attention_dropout=0.2
+    )
+    model = CharTransformer(config).train()
+    drawn, rates = _record_dropout(monkeypatch)
     ids = torch.randint(0, 50, (3, 16))
     model.set_dropout(False)
     first, _ = model(ids)
@@ -585,15 +592,7 @@ def test_the_attention_weights_take_their_own_dropout_when_one_is_given(monkeypa
         attention_dropout=attention_dropout,
     )
     model = CharTransformer(config).train()
-    masks, rates = [], []
-    original_bytes, original_attention = model_module.random_bytes, model_module.explicit_attention
-    monkeypatch.setattr(model_module, "random_bytes", lambda n, device: masks.append(n) or original_bytes(n, device))
-
-    def attention(q, k, v, dropout_p=0.0, keep=None):
-        rates.append(dropout_p)
-        return original_attention(q, k, v, dropout_p, keep)
-
-    monkeypatch.setattr(model_module, "explicit_attention", attention)
+    masks, rates = _record_dropout(monkeypatch)
     ids = torch.randint(0, 50, (3, 16))
     model(ids, ids)
     weights = [3 * 4 * 16 * 16] * 2 if attention_dropout else []
