@@ -483,8 +483,8 @@ class TrainConfig(Config):
         "Share of the schedule (of the time budget, else of max_steps) trained without dropout: the model's "
         "dropouts (model.dropout, model.attention_dropout) turn on from there ('late dropout', against "
         "overfitting in runs that see the text many times; the early steps, far from overfitting, run faster "
-        "without the masks). 0: dropout from the start. cpu-small takes 0.3 on an AMX CPU: there 1.05-1.11x the "
-        "tokens/s, 1.3852 nats/char on the mean of four seeds against 1.3886 with dropout throughout "
+        "without the masks). 0: dropout from the start. cpu-small takes 0.3 on an AMX CPU: there 1.00-1.11x the "
+        "tokens/s, 1.3853 nats/char on the mean of five seeds against 1.3904 with dropout throughout "
         "(benchmarks/RESULTS.md).",
     )
     schedule: Literal["cosine", "wsd"] = setting(

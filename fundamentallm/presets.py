@@ -94,8 +94,8 @@ def cpu_small() -> RunConfig:
     # step, 0.9x the tokens per second): 1.3845 / 1.3880, lower in each seed, and 0.013-0.015 lower in
     # nanoGPT's non-overlapping windows (1.4023 / 1.4039), where every window starts without context.
     # Then no dropout for the first 30% of the time (`late_dropout`; those steps run 1.3x faster): 1.3942 /
-    # 1.3807 / 1.3781 / 1.3878 against 1.3900 / 1.3898 / 1.3761 / 1.3985 (seeds 1337-1340, the same day),
-    # mean 1.3852 against 1.3886, 1.05-1.11x the tokens per second.
+    # 1.3807 / 1.3781 / 1.3878 / 1.3857 against 1.3900 / 1.3898 / 1.3761 / 1.3985 / 1.3976 (seeds
+    # 1337-1341, the same day), mean 1.3853 against 1.3904, 1.00-1.11x the tokens per second.
     from fundamentallm import runtime  # torch: only when this preset is built
 
     dropout = 0.05 if runtime.cpu_has_fast_bf16() else 0.0
