@@ -449,6 +449,11 @@ class ModelConfig(Config):
         "with them ended 0.012 nats/char higher in 15 minutes at 0.93x the tokens/s (AMX Xeon, one seed).",
     )
 
+    @property
+    def weights_dropout(self) -> float:
+        """The attention weights' dropout rate: `attention_dropout`, or `dropout` where that is None."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
+
     def check(self) -> None:
         if self.vocab_size < 0:
             self._fail("vocab_size", "must not be negative")

@@ -421,7 +421,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.proj.residual_projection = True  # scaled at initialisation (GPT-2)
-        self.weights_dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
+        self.weights_dropout = config.weights_dropout
         self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim) if config.qk_norm else None
 
@@ -621,11 +621,10 @@ class CharTransformer(nn.Module):
         """Switch the dropouts on at the configured rates (`ModelConfig.dropout`, `attention_dropout`) or off
         (late dropout: `TrainConfig.late_dropout`). Only training mode drops anything either way."""
         config = self.config
-        weights = config.dropout if config.attention_dropout is None else config.attention_dropout
         self.dropout.p = config.dropout if enabled else 0.0
         for block in self.blocks:
             block.dropout = config.dropout if enabled else 0.0
-            block.attn.weights_dropout = weights if enabled else 0.0
+            block.attn.weights_dropout = config.weights_dropout if enabled else 0.0
 
     def _rotary(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.config.positions != "rotary":
