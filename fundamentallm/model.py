@@ -272,7 +272,12 @@ def attention_slices(q: torch.Tensor) -> int:
 
 
 def explicit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, keep: list[torch.Tensor] | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    keep: list[torch.Tensor] | None = None,
+    packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal softmax(Q K^T / sqrt(D)) V for q, k, v (B, H, T, D).
 
@@ -291,12 +296,18 @@ def explicit_attention(
     overhead is the smaller there (0.93x with `_SlicedAttention` at 16 x 4 x 128 x 48 in one piece).
 
     `keep`: a list the weights (B, H, T, T) are appended to, in fp32, for looking at (before dropout);
-    computed in one piece."""
+    computed in one piece. `packed`: the (B, T, 3 x H x D) tensor that q, k and v are the per-head views
+    of, side by side (the attention's qkv product split in three, each viewed as heads), if they are:
+    `_SlicedAttention` then returns that tensor's gradient whole, where autograd would copy the three
+    views' gradients back into their layout and concatenate them."""
     in_bytes, slices = byte_dropout(dropout_p), attention_slices(q)
     tiled = slices > 1 or q.shape[-2] > QUERY_BLOCK
     if keep is None and not torch.compiler.is_compiling() and (in_bytes or (dropout_p == 0 and tiled)):
         backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        return _SlicedAttention.apply(q, k, v, in_bytes, slices, backward)
+        if packed is not None:
+            B, H, T, D = q.shape
+            assert packed.shape == (B, T, 3 * H * D), f"packed {tuple(packed.shape)} is not q, k and v side by side"
+        return _SlicedAttention.apply(q, k, v, packed, in_bytes, slices, backward)
     B, H, T, D = q.shape
     causal = _causal_bias(T, q.dtype, q.device)
     q, k, v = q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D)
@@ -324,20 +335,35 @@ class _SlicedAttention(torch.autograd.Function):
     the backward pass: `_scaled_bmm`). The weights are kept with and without dropout (4 bytes per
     weight in bf16; the mask itself is not, the backward pass needs only the two); without dropout the
     weights' gradient goes through PyTorch's own softmax backward kernel, with it through the same
-    formula written out for the dropped weights."""
+    formula written out for the dropped weights.
+
+    Layouts: the queries, their gradient, the output and the output's gradient are held per block of
+    queries, each block (B x H, block, D) in one piece, so that a tile's products read and write them
+    where they are (a batched matrix product on a CPU copies an operand, or an `out`, whose matrices
+    are not one piece with a single stride between them, as a block's rows of a (B x H, T, D) tensor
+    are not); the keys and values whole, (B x H, T, D), their tiles' prefixes still copied by the
+    products. The output is returned as the (B, H, T, D) view of a (B, T, H, D) tensor, the layout the
+    output projection reads, and the gradients of q, k and v are written into one (B, T, 3, H, D)
+    tensor: with `packed` its gradient whole, else the three views of it. From the qkv product's output
+    to the projection's input, forward + backward, 1.15x faster than with the queries and the output
+    whole; the training step 1.02-1.03x (AMX Xeon, benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-06
+    (afternoon)")."""
 
     @staticmethod
-    def forward(ctx, q, k, v, in_bytes: tuple[int, float] | None, slices: int, backward: bool):  # type: ignore[override]
+    def forward(ctx, q, k, v, packed, in_bytes: tuple[int, float] | None, slices: int, backward: bool):  # type: ignore[override]
         B, H, T, D = q.shape
         with torch.autocast(q.device.type, enabled=False):  # q, k, v are already in the products' dtype
-            q, k, v = (t.reshape(B * H, T, D) for t in (q, k, v))
+            blocks = _query_blocks(T)
+            queries = [q[:, :, start:end].reshape(B * H, end - start, D) for start, end in blocks]
+            k, v = k.reshape(B * H, T, D), v.reshape(B * H, T, D)
             threshold, scale = in_bytes or (0, 1.0)  # `byte_dropout`'s; no dropout: None
             causal = _causal_bias(T, q.dtype, q.device)
-            out = torch.empty_like(q)
+            outs = [torch.empty_like(block) for block in queries]
             weights = []
             for rows, start, end in _tiles(B * H, T, slices):
+                block = start // QUERY_BLOCK
                 w = torch.baddbmm(
-                    causal[start:end, :end], q[rows, start:end], k[rows, :end].mT, alpha=1.0 / math.sqrt(D)
+                    causal[start:end, :end], queries[block][rows], k[rows, :end].mT, alpha=1.0 / math.sqrt(D)
                 )
                 w = w.softmax(dim=-1)
                 if in_bytes:
@@ -347,22 +373,27 @@ class _SlicedAttention(torch.autograd.Function):
                     dropped = w
                 if backward:  # else (evaluation, no_grad) each tile's weights go once used
                     weights.append((w, dropped))
-                _scaled_bmm(dropped, v[rows, :end], scale, out[rows, start:end])
-        ctx.save_for_backward(q, k, v)
-        ctx.weights, ctx.slices, ctx.scale = weights, slices, scale
-        return out.view(B, H, T, D)
+                _scaled_bmm(dropped, v[rows, :end], scale, outs[block][rows])
+            out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
+            for (start, end), block_out in zip(blocks, outs, strict=True):
+                out[:, start:end].copy_(block_out.view(B, H, end - start, D).transpose(1, 2))
+        ctx.save_for_backward(k, v, *queries)
+        ctx.weights, ctx.slices, ctx.scale, ctx.packed = weights, slices, scale, packed is not None
+        return out.transpose(1, 2)  # (B, H, T, D)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        q, k, v = ctx.saved_tensors
+        k, v, *queries = ctx.saved_tensors
         B, H, T, D = grad.shape
         alpha = 1.0 / math.sqrt(D)
-        with torch.autocast(q.device.type, enabled=False):
-            grad = grad.reshape(B * H, T, D).to(q.dtype)
+        with torch.autocast(k.device.type, enabled=False):
+            blocks = _query_blocks(T)
+            grads = [grad[:, :, start:end].reshape(B * H, end - start, D).to(k.dtype) for start, end in blocks]
             scale = ctx.scale  # 1 without dropout; it reaches the gradient through both products below
-            dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            dqs, dk, dv = [torch.empty_like(block) for block in queries], torch.zeros_like(k), torch.zeros_like(v)
             for (rows, start, end), (w, dropped) in zip(_tiles(B * H, T, ctx.slices), ctx.weights, strict=True):
-                dv_part, dk_part, g = dv[rows, :end], dk[rows, :end], grad[rows, start:end]
+                block = start // QUERY_BLOCK
+                dv_part, dk_part, g = dv[rows, :end], dk[rows, :end], grads[block][rows]
                 torch.baddbmm(dv_part, dropped.mT, g, alpha=scale, out=dv_part)
                 dw = _scaled_bmm(g, v[rows, :end].mT, scale)  # (b, t, end): the gradient of the weights
                 if dropped is w:
@@ -372,10 +403,18 @@ class _SlicedAttention(torch.autograd.Function):
                     # so ds = e - w sum(e) with e = dropped * dw. Two passes and a row sum; no mask to remake.
                     e = dw.mul_(dropped)
                     ds = e.addcmul_(w, e.sum(dim=-1, keepdim=True), value=-1)
-                _scaled_bmm(ds, k[rows, :end], alpha, dq[rows, start:end])
-                torch.baddbmm(dk_part, ds.mT, q[rows, start:end], alpha=alpha, out=dk_part)
+                _scaled_bmm(ds, k[rows, :end], alpha, dqs[block][rows])
+                torch.baddbmm(dk_part, ds.mT, queries[block][rows], alpha=alpha, out=dk_part)
+            dqkv = torch.empty(B, T, 3, H, D, dtype=k.dtype, device=k.device)
+            dq, dk_heads, dv_heads = (dqkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views
+            for (start, end), block_dq in zip(blocks, dqs, strict=True):
+                dq[:, :, start:end].copy_(block_dq.view(B, H, end - start, D))
+            dk_heads.copy_(dk.view(B, H, T, D))
+            dv_heads.copy_(dv.view(B, H, T, D))
         ctx.weights = None
-        return dq.view(B, H, T, D), dk.view(B, H, T, D), dv.view(B, H, T, D), None, None, None
+        if ctx.packed:
+            return None, None, None, dqkv.view(B, T, 3 * H * D), None, None, None
+        return dq, dk_heads, dv_heads, None, None, None, None
 
 
 def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -390,8 +429,13 @@ def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tenso
 
 def _tiles(n: int, T: int, slices: int) -> list[tuple[slice, int, int]]:
     """(rows, start, end): each slice of the batch x heads (`attention_slices` of them) with each block of
-    queries start..end (`QUERY_BLOCK`), which attends to the keys 0..end only."""
-    return [(rows, s, min(s + QUERY_BLOCK, T)) for rows in _slice_rows(n, slices) for s in range(0, T, QUERY_BLOCK)]
+    queries start..end (`_query_blocks`), which attends to the keys 0..end only."""
+    return [(rows, start, end) for rows in _slice_rows(n, slices) for start, end in _query_blocks(T)]
+
+
+def _query_blocks(T: int) -> list[tuple[int, int]]:
+    """(start, end) of each block of `QUERY_BLOCK` positions (the last may be shorter)."""
+    return [(start, min(start + QUERY_BLOCK, T)) for start in range(0, T, QUERY_BLOCK)]
 
 
 def _slice_rows(n: int, slices: int) -> list[slice]:
@@ -435,7 +479,9 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """`values` (B, T, C): this block's value embedding of the input characters, added to the values."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        qkv = self.qkv(x)  # (B, T, 3C)
+        q, k, v = qkv.split(C, dim=2)  # 3 x (B, T, C)
+        packed = qkv if values is None and self.q_norm is None and rotary is None else None  # q, k, v views of it
         if values is not None:
             v = v + values.to(v.dtype)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -448,7 +494,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout_p = self.weights_dropout if self.training else 0.0
         if attention is not None or (cache is None and spell_out_attention(q, dropout_p)):
-            y = explicit_attention(q, k, v, dropout_p, attention)  # (B, H, T, D)
+            y = explicit_attention(q, k, v, dropout_p, attention, packed)  # (B, H, T, D)
         elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # (B, H, T, D)
         else:

@@ -353,6 +353,58 @@ def test_sliced_attention_with_dropout_is_what_autograd_makes_of_the_same_masked
         torch.testing.assert_close(found.double(), expected, **tolerance)
 
 
+def test_attention_from_the_qkv_product_gives_it_its_gradient_whole(monkeypatch):
+    # q, k and v are per-head views of one (B, T, 3C) tensor (the model's qkv product, split in three):
+    # passed as `packed`, the tiled attention returns that tensor's gradient itself, the same values as
+    # through the three views, without autograd's concatenation of their gradients.
+    monkeypatch.setattr(model_module, "ATTENTION_SLICE_BYTES", 512)
+    monkeypatch.setattr(model_module, "QUERY_BLOCK", 5)  # blocks of 5, 5, 5 and 2 queries, in slices
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 17, 3 * 24, requires_grad=True)
+    upstream = torch.randn(2, 3, 17, 8)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(2, 17, 3, 8).transpose(1, 2)  # (B, H, T, D)
+
+    found = {}
+    for packed in (qkv, None):
+        q, k, v = (heads(t) for t in qkv.split(24, dim=2))
+        torch.manual_seed(1)
+        out = explicit_attention(q, k, v, dropout_p=0.25, packed=packed)
+        with torch.profiler.profile() as profile:
+            (grad,) = torch.autograd.grad(out, qkv, upstream)
+        concatenated = any(e.key == "aten::cat" for e in profile.key_averages())
+        found[packed is not None] = (out, grad, concatenated)
+        assert out.transpose(1, 2).is_contiguous()  # (B, T, H, D) behind the view: what the projection reads
+    (packed_out, packed_grad, packed_cat), (views_out, views_grad, views_cat) = found[True], found[False]
+    assert torch.equal(packed_out, views_out) and torch.equal(packed_grad, views_grad)
+    assert views_cat and not packed_cat
+    with pytest.raises(AssertionError, match="side by side"):
+        explicit_attention(q, k, v, dropout_p=0.25, packed=qkv[:, :, :48])
+
+
+def test_the_model_passes_its_attention_the_qkv_product_where_q_k_and_v_are_views_of_it():
+    # On a CPU with dropout (the tiled attention) the qkv product's gradient comes whole: no concatenation
+    # in the backward pass. Value embeddings add to the values, which are then no view of it.
+    for value_embeddings, concatenates in ((False, False), (True, True)):
+        config = ModelConfig(
+            vocab_size=50,
+            context_length=16,
+            n_layer=2,
+            n_head=4,
+            d_model=32,
+            dropout=0.1,
+            value_embeddings=value_embeddings,
+        )
+        torch.manual_seed(0)
+        model = CharTransformer(config).train()
+        ids = torch.randint(0, 50, (3, 16))
+        _, loss = model(ids, ids)
+        with torch.profiler.profile() as profile:
+            loss.backward()
+        assert any(e.key == "aten::cat" for e in profile.key_averages()) == concatenates
+
+
 def test_attention_slices_count_the_bytes_of_the_scores():
     def slices(dtype, batch, heads, positions):
         return model_module.attention_slices(torch.empty(batch, heads, positions, 8, dtype=dtype))
@@ -551,9 +603,9 @@ def _record_dropout(monkeypatch) -> tuple[list[int], list[float]]:
     original_bytes, original_attention = model_module.random_bytes, model_module.explicit_attention
     monkeypatch.setattr(model_module, "random_bytes", lambda n, device: drawn.append(n) or original_bytes(n, device))
 
-    def attention(q, k, v, dropout_p=0.0, keep=None):
+    def attention(q, k, v, dropout_p=0.0, keep=None, packed=None):
         rates.append(dropout_p)
-        return original_attention(q, k, v, dropout_p, keep)
+        return original_attention(q, k, v, dropout_p, keep, packed)
 
     monkeypatch.setattr(model_module, "explicit_attention", attention)
     return drawn, rates
