@@ -386,16 +386,8 @@ def test_attention_from_the_qkv_product_gives_it_its_gradient_whole(monkeypatch)
 def test_the_model_passes_its_attention_the_qkv_product_where_q_k_and_v_are_views_of_it():
     # On a CPU with dropout (the tiled attention) the qkv product's gradient comes whole: no concatenation
     # in the backward pass. Value embeddings add to the values, which are then no view of it.
-    for value_embeddings, concatenates in ((False, False), (True, True)):
-        config = ModelConfig(
-            vocab_size=50,
-            context_length=16,
-            n_layer=2,
-            n_head=4,
-            d_model=32,
-            dropout=0.1,
-            value_embeddings=value_embeddings,
-        )
+    plain = ModelConfig(vocab_size=50, context_length=16, n_layer=2, n_head=4, d_model=32, dropout=0.1)
+    for config, concatenates in ((plain, False), (plain.replace(value_embeddings=True), True)):
         torch.manual_seed(0)
         model = CharTransformer(config).train()
         ids = torch.randint(0, 50, (3, 16))
