@@ -300,15 +300,14 @@ def explicit_attention(
     of, side by side (the attention's qkv product split in three, each viewed as heads), if they are:
     `_SlicedAttention` then returns that tensor's gradient whole, where autograd would copy the three
     views' gradients back into their layout and concatenate them."""
+    B, H, T, D = q.shape
+    if packed is not None and packed.shape != (B, T, 3 * H * D):
+        raise ValueError(f"packed {tuple(packed.shape)} is not q, k and v {tuple(q.shape)} side by side")
     in_bytes, slices = byte_dropout(dropout_p), attention_slices(q)
     tiled = slices > 1 or q.shape[-2] > QUERY_BLOCK
     if keep is None and not torch.compiler.is_compiling() and (in_bytes or (dropout_p == 0 and tiled)):
         backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if packed is not None:
-            B, H, T, D = q.shape
-            assert packed.shape == (B, T, 3 * H * D), f"packed {tuple(packed.shape)} is not q, k and v side by side"
         return _SlicedAttention.apply(q, k, v, packed, in_bytes, slices, backward)
-    B, H, T, D = q.shape
     causal = _causal_bias(T, q.dtype, q.device)
     q, k, v = q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D)
     weights = torch.baddbmm(causal, q, k.mT, alpha=1.0 / math.sqrt(D)).softmax(dim=-1)  # (B * H, T, T)
