@@ -134,7 +134,13 @@ def quality(args: argparse.Namespace) -> None:
                 f"val loss {figures.loss:.4f} nats/char, ppl {figures.perplexity:.3f}, "
                 f"{figures.bits_per_char:.4f} bpc, {figures.bits_per_byte:.4f} bpb "
                 f"(sliding; unigram {figures.unigram_bits_per_char:.3f}, uniform {figures.uniform_bits_per_char:.3f} "
-                f"bits); nanogpt protocol {nanogpt.loss:.4f} nats/char",
+                f"bits); nanogpt protocol {nanogpt.loss:.4f} nats/char"
+                + (
+                    f"; calibrated: temperature {trained['temperature']:.3f}, held-out loss "
+                    f"{trained['calibration_loss_before']:.4f} -> {trained['calibration_loss_after']:.4f}"
+                    if trained.get("calibration_loss_before")
+                    else ""
+                ),
                 flush=True,
             )
     losses = [r["exact"]["loss"] for r in results]

@@ -428,6 +428,12 @@ def train(
         f"({result.tokens_per_s:,.0f} tok/s, {result.device}, {result.precision}); stopped: {result.stop_reason}"
     )
     console.print(f"checkpoints: {result.best_checkpoint} (best), {result.latest_checkpoint} (latest)")
+    if result.calibration_loss_before:
+        console.print(
+            f"calibrated: latest's logits divided by {result.temperature:.3f}, fitted on the held-out "
+            f"{config.train.calibration:g} of the train split (loss there {result.calibration_loss_before:.4f} -> "
+            f"{result.calibration_loss_after:.4f} nats/char)"
+        )
     if evaluation:
         _print_eval(evaluation, "validation (exact, whole split)")
 

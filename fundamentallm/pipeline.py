@@ -383,10 +383,14 @@ def train_stage(
         on_progress=on_progress,
     )
     tracker.set_tags({"device": result.device, "precision": result.precision, "vocab_hash": result.vocab_hash})
-    tracker.log_metrics(
-        {"steps": result.steps, "train_seconds": result.train_seconds, "parameters": result.parameters},
-        step=result.steps,
-    )
+    metrics = {"steps": result.steps, "train_seconds": result.train_seconds, "parameters": result.parameters}
+    if result.calibration_loss_before:  # train.calibration: the temperature folded into the checkpoints
+        metrics |= {
+            "temperature": result.temperature,
+            "calibration_loss_before": result.calibration_loss_before,
+            "calibration_loss_after": result.calibration_loss_after,
+        }
+    tracker.log_metrics(metrics, step=result.steps)
     png = plot_losses(run.metrics, run.path / "loss.png")
     run.publish(png)
     tracker.log_artifact(png, "plots")

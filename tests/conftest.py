@@ -633,3 +633,26 @@ def shared_stack(request, tmp_path_factory):
         extra["FUNDAMENTALLM_PREFECT_DATABASE_URL"] = cluster.url("prefect")
         extra["FUNDAMENTALLM_MLFLOW_DATABASE_URL"] = cluster.url("mlflow")
     yield from start_services(tmp_path_factory.mktemp("shared-stack"), **extra)
+
+
+class RecordingTracker:
+    """A tracker that keeps what it is given."""
+
+    def __init__(self):
+        self.metrics: dict[str, float] = {}
+        self.artifacts: list[tuple[str, str | None]] = []
+
+    def log_params(self, params):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def set_tags(self, tags):
+        pass
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append((Path(path).name, artifact_path))
+
+    def log_dataset(self, dataset):
+        pass

@@ -7,13 +7,12 @@ import math
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import debug_config, prose
+from conftest import RecordingTracker, debug_config, prose
 from typer.testing import CliRunner
 
 from fundamentallm import runtime
@@ -269,29 +268,6 @@ def test_probs_shows_the_next_character_distribution(run):
     assert result.output.count("next character after") == 2
     assert "next character after 'the kin'" in result.output
     assert f"{top[0][1]:.1%}" in result.output
-
-
-class RecordingTracker:
-    """A tracker that keeps what it is given."""
-
-    def __init__(self):
-        self.metrics: dict[str, float] = {}
-        self.artifacts: list[tuple[str, str | None]] = []
-
-    def log_params(self, params):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.update(metrics)
-
-    def set_tags(self, tags):
-        pass
-
-    def log_artifact(self, path, artifact_path=None):
-        self.artifacts.append((Path(path).name, artifact_path))
-
-    def log_dataset(self, dataset):
-        pass
 
 
 def test_the_pipeline_stage_logs_the_files_and_the_class_figures(run, tmp_path):
