@@ -131,23 +131,13 @@ def test_the_train_command_says_what_calibration_did(tiny_dataset, tmp_path):
 
     from fundamentallm.cli import app
 
-    args = ["train", str(tiny_dataset), "--preset", "debug", "--out", str(tmp_path / "run"), "--max-steps", "30"]
-    result = CliRunner().invoke(app, [*args, "--no-eval", "--set", "train.calibration=0.1"])
+    def command(out, steps, *more):
+        args = ["train", str(tiny_dataset), "--preset", "debug", "--out", str(out), "--max-steps", str(steps)]
+        return CliRunner().invoke(app, [*args, "--no-eval", *more])
+
+    result = command(tmp_path / "run", 30, "--set", "train.calibration=0.1")
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # the console wraps long lines
     assert "calibrated: latest's logits divided by" in said and "held-out 0.1 of the train split (loss there" in said
-    plain = CliRunner().invoke(
-        app,
-        [
-            "train",
-            str(tiny_dataset),
-            "--preset",
-            "debug",
-            "--out",
-            str(tmp_path / "p"),
-            "--max-steps",
-            "5",
-            "--no-eval",
-        ],
-    )
+    plain = command(tmp_path / "plain", 5)
     assert plain.exit_code == 0 and "calibrated" not in plain.output
