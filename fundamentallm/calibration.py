@@ -91,6 +91,8 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> Calibration:
 def fold_temperature(model_state: dict[str, torch.Tensor], temperature: float) -> dict[str, torch.Tensor]:
     """The weights with the final norm's gain and bias divided by `temperature`: the logits are a linear
     function of that norm's output (tied or untied output matrix alike), so they come out divided by it."""
+    if "norm.weight" not in model_state:
+        raise ValueError("no final norm gain (norm.weight) in the weights to fold the temperature into")
     state = dict(model_state)
     for name in ("norm.weight", "norm.bias"):
         if name in state:

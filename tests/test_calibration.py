@@ -54,6 +54,9 @@ def test_folding_the_temperature_into_the_final_norm_divides_the_logits_by_it(ch
     after, _ = folded(ids)
     assert torch.allclose(after, before / 1.3, atol=1e-5)
     assert fold_temperature(model.state_dict(), 1.3).keys() == model.state_dict().keys()
+    prefixed = {f"_orig_mod.{name}": value for name, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match="final norm gain"):  # never a silent no-op
+        fold_temperature(prefixed, 1.3)
 
 
 def test_held_out_logits_score_the_positions_the_sliding_evaluation_scores(monkeypatch):
