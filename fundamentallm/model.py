@@ -117,16 +117,15 @@ def _signed_swap(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Te
 # F.dropout draws a float per element (bernoulli_, about 14 ns each on AMD EPYC Zen 4), which made
 # the masks 19% of a 6 x 384 training step there. A byte keeps its element when it is at least
 # round(p * 256), so p is taken to the nearest multiple of 1/256 (at most 1/512 off) and the kept
-# values are scaled by 256 / (256 - that threshold): the expectation is unchanged (in eager bf16 the
-# scale is rounded to a bf16 number, 1.25 for 1.2488 at p = 0.2: within 0.4%). The same inside
+# values are scaled by 256 / (256 - that threshold): the expectation is unchanged. The same inside
 # torch.compile on a CPU: there the generated code draws a random number per element slowly (the
 # compiled cpu-small step with dropout 0.1 took 166 ms with F.dropout, 110 ms with random bytes, against
 # 111 ms eager; AMX Xeon, benchmarks/RESULTS.md). On a GPU, F.dropout as it is.
 class _KeepMask(torch.autograd.Function):
-    """x times a mask, forward and backward; only the mask is saved. The mask is either the boolean keep
-    mask (x where it is True, times `scale`: a byte per element, for compiled code, which fuses the
-    two) or, in eager mode, already 0 or `scale` in x's dtype: one multiplication per pass, 1.2-2.7x
-    faster than `where` and a multiplication (AMX Xeon, benchmarks/RESULTS.md)."""
+    """x times a mask times `scale`, forward and backward; only the mask is saved. The mask is either the
+    boolean keep mask (x where it is True, times `scale`: a byte per element, for compiled code, which
+    fuses the two) or, in eager mode, 0 or 1 in x's dtype, which multiplies with the scale in one pass
+    (`_masked`): 1.2-2.7x faster than `where` and a multiplication (AMX Xeon, benchmarks/RESULTS.md)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -141,9 +140,13 @@ class _KeepMask(torch.autograd.Function):
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """x * mask * scale: `where` for a boolean mask, else one pass (the scale applied in the product's own
+    arithmetic, in fp32 for bf16, so it is not rounded to the mask's dtype)."""
     if mask.dtype == torch.bool:
         return torch.where(mask, x, 0).mul_(scale)
-    return x * mask  # 0 or the scale already
+    if scale == 1:
+        return x * mask
+    return torch.addcmul(torch.zeros((), dtype=x.dtype, device=x.device), x, mask, value=scale)
 
 
 def random_bytes(n: int, device: torch.device) -> torch.Tensor:
@@ -176,29 +179,32 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if torch.compiler.is_compiling():
         keep_bytes = random_bytes(x.numel(), x.device).view(x.shape)
         return _KeepMask.apply(x, keep_bytes >= threshold, scale)
-    return _KeepMask.apply(x, _scaled_keep_mask(x, threshold, scale), scale)
+    return _KeepMask.apply(x, _eager_keep_mask(x, threshold), scale)
 
 
-def _scaled_keep_mask(like: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
-    """Eager dropout's mask for `like`: 0, or `scale` where the element's random byte is at least
-    `threshold`, in like's dtype."""
+def _eager_keep_mask(like: torch.Tensor, threshold: int) -> torch.Tensor:
+    """Eager dropout's mask for `like`: 1 where the element's random byte is at least `threshold`, else 0,
+    in like's dtype. The scale of the kept elements is applied where the mask is used, in the same
+    pass (a mask made 0 or the scale took one more pass over it: about 1 ms per (64, 256, 384) bf16
+    mask, 13 a step at 6 x 384; AMX Xeon, benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-06 (late evening)")."""
     keep_bytes = random_bytes(like.numel(), like.device).view(like.shape)
-    return _keep_mask(keep_bytes, threshold, like.dtype).mul_(scale)
+    return _keep_mask(keep_bytes, threshold, like.dtype)
 
 
 class _AddMasked(torch.autograd.Function):
-    """x + h times a mask (0 or the scale, in h's dtype): the residual addition and its dropout in one
+    """x + h times a 0/1 mask times `scale` (in h's dtype): the residual addition and its dropout in one
     pass (`torch.addcmul`) instead of a multiplication and an addition; only the mask is saved."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(mask)
-        return torch.addcmul(x, h, mask)
+        ctx.scale = scale
+        return torch.addcmul(x, h, mask, value=scale)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         (mask,) = ctx.saved_tensors
-        return grad, grad * mask, None
+        return grad, _masked(grad, mask, ctx.scale), None, None
 
 
 def add_dropout(x: torch.Tensor, h: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -207,7 +213,8 @@ def add_dropout(x: torch.Tensor, h: torch.Tensor, p: float, training: bool = Tru
     in_bytes = byte_dropout(p) if training else None
     if in_bytes is None or h.device.type != "cpu" or x.dtype != h.dtype or torch.compiler.is_compiling():
         return x + dropout(h, p, training)
-    return _AddMasked.apply(x, h, _scaled_keep_mask(h, *in_bytes))
+    threshold, scale = in_bytes
+    return _AddMasked.apply(x, h, _eager_keep_mask(h, threshold), scale)
 
 
 class Dropout(nn.Module):

@@ -504,12 +504,16 @@ def test_cpu_dropout_drops_about_p_and_scales_what_it_keeps():
     assert model_module.dropout(x, 0.2, training=False) is x and model_module.dropout(x, 0.0) is x
     low = torch.ones(1000, dtype=torch.bfloat16)
     assert model_module.dropout(low, 0.5).dtype == torch.bfloat16
-    # in bf16 (eager) the mask holds the scale as a bf16 number, 1.25 for 51/256's 1.2488, and multiplies
-    values = torch.randn(10_000, dtype=torch.bfloat16)
+    # in bf16 (eager) the mask is 0 or 1 and the scale multiplies in fp32 arithmetic: the kept values are
+    # scaled by 51/256's exact 1.2488, not by the nearest bf16 number (1.25), and rounded once
+    values = torch.randn(10_000, dtype=torch.bfloat16, requires_grad=True)
     dropped = model_module.dropout(values, 0.2)
     kept = dropped != 0
-    assert torch.equal(dropped[kept], values[kept] * torch.tensor(1.25, dtype=torch.bfloat16))
-    assert not torch.equal(dropped[kept], (values[kept].float() * scale).bfloat16())  # not the exact scale
+    exact = (values.detach()[kept].float() * scale).bfloat16()
+    assert torch.equal(dropped[kept], exact)
+    assert not torch.equal(dropped[kept], values.detach()[kept] * torch.tensor(1.25, dtype=torch.bfloat16))
+    dropped.backward(torch.ones_like(dropped))
+    assert torch.equal(values.grad, torch.where(kept, torch.tensor(scale).bfloat16(), 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -533,8 +537,8 @@ def test_the_residual_addition_drops_out_in_one_pass_as_dropout_would(monkeypatc
     tolerance = {} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0.01}  # bf16: one rounding, not two
     torch.testing.assert_close(out.detach(), x.detach() + dropped, **tolerance)
     assert torch.equal(grad_x, upstream)
-    scale = torch.tensor(256 / 205, dtype=dtype)  # 51/256 dropped; bf16 holds the scale as 1.25
-    assert torch.equal(grad_h, torch.where(kept, upstream * scale, 0))
+    scale = 256 / 205  # 51/256 dropped; applied in fp32 arithmetic, not rounded to bf16 first
+    assert torch.equal(grad_h, torch.where(kept, (upstream.float() * scale).to(dtype), 0))
     products.clear()
     assert torch.equal(model_module.add_dropout(x, h, 0.2, training=False), x + h)
     assert torch.equal(model_module.add_dropout(x, h, 0.0), x + h) and products == []
