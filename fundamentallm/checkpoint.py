@@ -63,6 +63,9 @@ class Checkpoint:
     optimizer_state: dict[str, Any] | None = None
     rng: dict[str, Any] = field(default_factory=dict)
     corpus_hash: str = ""
+    calibration: dict[str, float] = field(default_factory=dict)
+    """Set once `train.calibration`'s temperature is folded into these weights (`Calibration`'s fields:
+    temperature, loss_before, loss_after, positions); empty for weights as training left them."""
     path: Path | None = None
 
     @property
@@ -90,6 +93,7 @@ class Checkpoint:
             "vocab": list(self.vocab.chars),
             "vocab_hash": self.vocab.hash,
             "dataset_corpus_hash": self.corpus_hash,
+            "calibration": self.calibration,
         }
 
     @classmethod
@@ -120,6 +124,7 @@ class Checkpoint:
             optimizer_state=raw.get("optimizer"),
             rng=rng,
             corpus_hash=str(raw.get("dataset_corpus_hash", "")),
+            calibration=dict(raw.get("calibration") or {}),
             path=path,
         )
 

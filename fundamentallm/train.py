@@ -704,6 +704,10 @@ class Trainer:
         # Early stopping can end a resumed run that never improved on the checkpoint it resumed from.
         if self.dist.any(self.dist.is_main and not self.run.best.exists(), self.device):
             self._save(self.run.best)
+        return self._conclude()
+
+    def _conclude(self) -> TrainResult:
+        """After the last checkpoints are saved: calibration (if configured), then result.json."""
         calibration = self._calibrate(self.held_out) if self.held_out is not None and self.dist.is_main else None
         result = self._result()
         if calibration is not None:
@@ -722,16 +726,23 @@ class Trainer:
 
     def _calibrate(self, held_out: torch.Tensor) -> Calibration:
         """`train.calibration`: fit the output temperature of best.pt and of latest.pt (they may hold
-        different weights) on the held-out tokens and fold it into each. Returns latest.pt's."""
+        different weights) on the held-out tokens and fold it into each. Returns latest.pt's.
+
+        A checkpoint records the calibration folded into it (`Checkpoint.calibration`), so one that
+        already has it (the run stopped between calibrating best.pt and latest.pt, and was resumed) is
+        not divided by its temperature twice."""
         fitted = {}
         for path in (self.run.best, self.run.latest):
             checkpoint = load_checkpoint(path)
+            if checkpoint.calibration:
+                fitted[path] = Calibration(**checkpoint.calibration)
+                log.info("%s is calibrated already (temperature %.3f)", path.name, fitted[path].temperature)
+                continue
             model = checkpoint.build_model(self.device)
             logits, targets = held_out_logits(model, held_out, model.config.context_length, self.device)
             fit = fit_temperature(logits, targets)
-            save_checkpoint(
-                path, replace(checkpoint, model_state=fold_temperature(checkpoint.model_state, fit.temperature))
-            )
+            folded = fold_temperature(checkpoint.model_state, fit.temperature)
+            save_checkpoint(path, replace(checkpoint, model_state=folded, calibration=asdict(fit)))
             self.run.publish(path)
             log.info(
                 "calibrated %s: temperature %.3f on %s held-out characters (loss %.4f -> %.4f nats/char)",
@@ -745,7 +756,8 @@ class Trainer:
         return fitted[self.run.latest]
 
     def _complete(self) -> TrainResult:
-        """A resumed run that had already finished: nothing is trained or written."""
+        """A resumed run that had already finished: nothing is trained. If it stopped after saving its last
+        checkpoint but before writing its result (killed while calibrating, say), that is done now."""
         progress = self.state.progress
         log.warning(
             "%s is complete (stopped by %s at step %d); nothing was trained. Raise the step limit or the time "
@@ -755,7 +767,10 @@ class Trainer:
             progress.step,
         )
         saved = self.run.path / RESULT
-        return TrainResult.from_dict(read_json(saved)) if saved.is_file() else self._result()
+        if saved.is_file():
+            return TrainResult.from_dict(read_json(saved))
+        self._open_logs()
+        return self._conclude()
 
     def _result(self) -> TrainResult:
         progress = self.state.progress

@@ -144,3 +144,36 @@ def test_the_train_command_says_what_calibration_did(tiny_dataset, tmp_path):
     assert "calibrated: latest's logits divided by" in said and "held-out 0.1 of the train split (loss there" in said
     plain = command(tmp_path / "plain", 5)
     assert plain.exit_code == 0 and "calibrated" not in plain.output
+
+
+class _Died(Exception):
+    """Stands for the process dying at that point."""
+
+
+@pytest.mark.heavy
+def test_a_run_stopped_while_calibrating_is_calibrated_once_when_resumed(tiny_dataset, tmp_path, monkeypatch):
+    import fundamentallm.train as train_module
+
+    original = train_module.save_checkpoint
+
+    def die_before_latest_is_calibrated(path, checkpoint):
+        if checkpoint.calibration and path.name == "latest.pt":
+            raise _Died
+        original(path, checkpoint)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", die_before_latest_is_calibrated)
+    config, run = debug_config(max_steps=60, calibration=0.1), tmp_path / "run"
+    with pytest.raises(_Died):
+        train(tiny_dataset, config, run)
+    best = load_checkpoint(run / "best.pt")
+    assert best.calibration["temperature"] != 1.0 and not load_checkpoint(run / "latest.pt").calibration
+    assert not (run / "result.json").exists()
+    monkeypatch.undo()
+    result = train(tiny_dataset, config, run, resume=True)  # finished training: only the rest of the ending
+    assert result.steps == 60 and result.temperature != 1.0 and (run / "result.json").is_file()
+    latest = load_checkpoint(run / "latest.pt")
+    assert latest.calibration["temperature"] == result.temperature
+    assert latest.calibration["loss_after"] == result.calibration_loss_after
+    again = load_checkpoint(run / "best.pt")
+    assert again.calibration == best.calibration  # best.pt is not divided by its temperature a second time
+    assert all(torch.equal(again.model_state[name], best.model_state[name]) for name in best.model_state)
