@@ -80,28 +80,29 @@ def test_compiled_code_is_cached_in_the_users_cache_directory_for_every_later_ru
 
 
 @pytest.mark.parametrize(
-    ("unit", "batch", "muon_lr", "momentum", "activation"),
+    ("unit", "batch", "muon_lr", "momentum", "activation", "calibration"),
     [
-        ("amx", 64, 0.04, 0.9, "gelu_exact"),
-        ("avx512_bf16", 32, 0.03, 0.95, "gelu_exact"),
-        ("", 16, 0.02, 0.95, "gelu"),
+        ("amx", 64, 0.04, 0.9, "gelu_exact", 0.02),
+        ("avx512_bf16", 32, 0.03, 0.95, "gelu_exact", 0.0),
+        ("", 16, 0.02, 0.95, "gelu", 0.0),
     ],
 )
 def test_cpu_quick_takes_the_settings_measured_best_for_this_cpu_class(
-    monkeypatch, unit, batch, muon_lr, momentum, activation
+    monkeypatch, unit, batch, muon_lr, momentum, activation, calibration
 ):
     """Where bf16 is multiplied in hardware a step costs less, and a bigger batch with a higher Muon rate
     and the exact GELU trained better in 2 minutes (benchmarks/RESULTS.md): twice the batch with AVX-512
-    BF16, four times with AMX (and there, with fewer steps, less of Muon's momentum); elsewhere the preset
-    measured on AVX2 stays."""
+    BF16, four times with AMX (and there, with fewer steps, less of Muon's momentum, and the output
+    temperature fitted on held-out text); elsewhere the preset measured on AVX2 stays."""
     monkeypatch.setattr(runtime, "cpu_bf16_unit", lambda: unit)
     config = preset("cpu-quick")
     train = config.train
-    assert (train.batch_size, train.muon_lr, train.muon_momentum, config.model.activation) == (
+    assert (train.batch_size, train.muon_lr, train.muon_momentum, config.model.activation, train.calibration) == (
         batch,
         muon_lr,
         momentum,
         activation,
+        calibration,
     )
     # The rest is one preset: shape, budget, optimizer.
     assert (config.model.n_layer, config.model.d_model, config.model.context_length) == (3, 160, 64)
