@@ -146,7 +146,13 @@ def _masked(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
         return torch.where(mask, x, 0).mul_(scale)
     if scale == 1:
         return x * mask
-    return torch.addcmul(torch.zeros((), dtype=x.dtype, device=x.device), x, mask, value=scale)
+    return scaled_product(x, mask, scale)
+
+
+def scaled_product(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * a * b in one pass (`addcmul` onto a 0-d zero), the scale in the kernel's own arithmetic
+    (fp32 for bf16) rather than a second pass or a rounded tensor."""
+    return torch.addcmul(torch.zeros((), dtype=a.dtype, device=a.device), a, b, value=scale)
 
 
 def random_bytes(n: int, device: torch.device) -> torch.Tensor:
@@ -533,7 +539,7 @@ class _ReluSquared(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (r,) = ctx.saved_tensors
-        return torch.addcmul(torch.zeros((), dtype=grad.dtype, device=grad.device), grad, r, value=2)
+        return scaled_product(grad, r, 2)
 
 
 def _relu2(h: torch.Tensor) -> torch.Tensor:
