@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py quality --budget 15m --preset cpu-small
     python benchmarks/bench_train.py throughput                     # tokens/s and model FLOP utilisation
     python benchmarks/bench_train.py profile --preset cpu-small     # where a step's time goes, by kind of operator
+    python benchmarks/bench_train.py paired --preset shakespeare-gpu --toggle fundamentallm.model.QUERY_BLOCK=128
     python benchmarks/bench_train.py attention                      # fused attention against spelled out, per shape
     python benchmarks/bench_train.py activations                    # the MLP's non-linearities, fwd + bwd
     python benchmarks/bench_train.py rotary                         # rotary positions' cost, fwd + bwd
@@ -29,6 +30,13 @@ forward pass, the backward pass and the optimizer, and the operators' own time g
 (matrix products, fused attention, softmax and masking, norms, activations, dropout, casts, the
 loss, optimizer arithmetic), then the top operators. The first thing to run on a new kind of
 machine: what is not a matrix product keeps the matrix units idle.
+
+paired: one setting of the code changed against as it is, in one process: training steps of one
+preset alternate between the module-level setting as it is and as ``--toggle MODULE.NAME=VALUE``
+sets it (the order switching every pair), and the ratio of each pair's times is taken. Both halves
+of a pair run under the same load, so the median ratio holds on a shared machine where separate
+runs of ``throughput`` swing by 2-5%, more than the change being judged. Only settings the code
+reads at each call are toggled this way (those read when the model is built are not).
 
 attention: causal attention forward and backward at training shapes, PyTorch's fused kernel
 against the model's spelled-out attention, in fp32 and bf16 (under autocast), and which one the
@@ -273,6 +281,60 @@ def _trainer_step_seconds(name, model, forward, optimizer, batch, precision, mc,
     return (time.perf_counter() - start) / args.steps
 
 
+def paired(args: argparse.Namespace) -> None:
+    """Training steps on the CPU alternating between a module-level setting as it is and as `--toggle`
+    sets it; the ratio of each pair's times, median and range."""
+    import ast
+    import importlib
+
+    from fundamentallm.runtime import resolve_device
+
+    target, _, text = args.toggle.partition("=")
+    module_name, _, name = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+        original = getattr(module, name)
+    except (ImportError, AttributeError, ValueError):
+        sys.exit(f"paired: --toggle {args.toggle!r}: no module-level setting {target!r} (MODULE.NAME=VALUE)")
+    try:
+        changed = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        sys.exit(f"paired: --toggle {args.toggle!r}: {text!r} is not a Python literal")
+    device = resolve_device("cpu")
+    _model, forward, optimizer, x, y, precision, mc = _training_setup(args.preset, args, device)
+    times: dict[str, list[float]] = {"as is": [], "changed": []}
+
+    def step(value, key: str) -> None:
+        setattr(module, name, value)
+        start = time.perf_counter()
+        try:
+            _train_step(forward, optimizer, x, y, precision, device)
+        except Exception as error:
+            sys.exit(f"paired: a step with {target} = {value!r} failed: {type(error).__name__}: {error}")
+        times[key].append(time.perf_counter() - start)
+
+    try:
+        for _ in range(args.warmup):  # both settings warmed up
+            step(original, "as is")
+            step(changed, "changed")
+        times = {"as is": [], "changed": []}
+        for i in range(args.pairs):
+            order = [(original, "as is"), (changed, "changed")]
+            for value, key in order if i % 2 == 0 else order[::-1]:
+                step(value, key)
+    finally:
+        setattr(module, name, original)
+    ratios = sorted(a / b for a, b in zip(times["as is"], times["changed"], strict=True))
+    tokens = x.shape[0] * mc.context_length
+    as_is, changed_s = statistics.median(times["as is"]), statistics.median(times["changed"])
+    print(
+        f"{args.preset}: {mc.n_layer}x{mc.d_model}, {precision.name}; {target} = {original!r} (as is) against "
+        f"{changed!r} (changed), {args.pairs} pairs of steps: as is {tokens / as_is:,.0f} tokens/s, changed "
+        f"{tokens / changed_s:,.0f} tokens/s; changed / as is, median of the pairs {statistics.median(ratios):.3f}x "
+        f"(pairs {ratios[0]:.3f}-{ratios[-1]:.3f}, {sum(r > 1 for r in ratios)} of {len(ratios)} faster)"
+    )
+
+
 def attention(args: argparse.Namespace) -> None:
     """Causal attention forward + backward, PyTorch's fused kernel against `explicit_attention`,
     under the autocast each precision trains with: where `model.SPELLED_OUT_MAX_POSITIONS` comes from."""
@@ -280,6 +342,9 @@ def attention(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
     from fundamentallm.model import _tiles, attention_slices, explicit_attention, spell_out_attention
+    from fundamentallm.runtime import configure_backends
+
+    configure_backends(torch.device("cpu"))  # as the trainer does (freed memory reused)
 
     def fused(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -297,7 +362,7 @@ def attention(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - start)
         return statistics.median(times[args.warmup :])
 
-    for dtype in [getattr(torch, name) for name in args.dtypes]:
+    for dtype in [_torch_dtype(name) for name in args.dtypes]:
         for shape in args.shapes:
             batch, heads, positions, head_dim = shape
             a, b = seconds(fused, shape, dtype), seconds(explicit_attention, shape, dtype)
@@ -321,6 +386,9 @@ def activations(args: argparse.Namespace) -> None:
     import torch
 
     from fundamentallm.model import ACTIVATIONS
+    from fundamentallm.runtime import configure_backends
+
+    configure_backends(torch.device("cpu"))  # as the trainer does (freed memory reused)
 
     def seconds(fn, x, grad) -> float:
         times = []
@@ -330,7 +398,7 @@ def activations(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - start)
         return statistics.median(times[args.warmup :])
 
-    for dtype in [getattr(torch, name) for name in args.dtypes]:
+    for dtype in [_torch_dtype(name) for name in args.dtypes]:
         for shape in args.shapes:
             x = torch.randn(shape, dtype=dtype, requires_grad=True)
             grad = torch.randn(shape, dtype=dtype)
@@ -585,6 +653,22 @@ def target(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def _dtype_name(text: str) -> str:
+    """A dtype as `--dtypes` takes it (fp32 or float32, bf16 or bfloat16): torch's name for it."""
+    if text not in DTYPE_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[text]
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
+
+
 def _attention_shape(text: str) -> tuple[int, int, int, int]:
     parts = text.split("x")
     if len(parts) != 4 or not all(part.isdigit() and int(part) > 0 for part in parts):
@@ -626,8 +710,19 @@ def main() -> None:
     f.add_argument("--preset", default="cpu-small")
     f.add_argument("--steps", type=int, default=5)
     f.add_argument("--top", type=int, default=15, help="operators listed, by self time")
+    pr = sub.add_parser(
+        "paired", parents=[steps], help="a module-level setting changed against as it is, steps alternating"
+    )
+    pr.add_argument("--preset", default="shakespeare-gpu")
+    pr.add_argument(
+        "--toggle",
+        required=True,
+        help="MODULE.NAME=VALUE, a module-level setting the code reads at each call and its changed value "
+        "(a Python literal), e.g. fundamentallm.model.QUERY_BLOCK=128",
+    )
+    pr.add_argument("--pairs", type=int, default=16, help="pairs of steps timed (after --warmup pairs)")
     a = sub.add_parser("attention", help="causal attention fwd + bwd: fused kernel against spelled out")
-    a.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    a.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], type=_dtype_name, help="fp32, bf16")
     a.add_argument(
         "--shapes",
         nargs="+",
@@ -641,7 +736,7 @@ def main() -> None:
     a.add_argument("--warmup", type=int, default=2)
     a.add_argument("--repeats", type=int, default=7)
     v = sub.add_parser("activations", help="the MLP's non-linearities fwd + bwd, against the tanh GELU")
-    v.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    v.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], type=_dtype_name, help="fp32, bf16")
     v.add_argument(
         "--shapes",
         nargs="+",
@@ -685,6 +780,7 @@ def main() -> None:
         "quality": quality,
         "throughput": throughput,
         "profile": profile,
+        "paired": paired,
         "attention": attention,
         "activations": activations,
         "rotary": rotary,

@@ -192,3 +192,29 @@ def test_bench_train_profile_throughput_and_attention_smoke():
     assert all(f" {name} " in line for line in lines for name in ("gelu", "gelu_exact", "relu2"))
     out = _bench_train("rotary", "--shape", "2x2x16x8", "--dtype", "float32", "--warmup", "0", "--repeats", "1")
     assert out.startswith("float32 B 2 H 2 T 16 D 8: no rotation ") and "eager function" in out
+
+
+def test_bench_train_paired_alternates_a_setting_and_names_it_when_a_step_fails():
+    # Steps of one preset alternate between a module-level setting as it is and changed. A value the
+    # code cannot run with (query blocks of 0 positions, read by the spelled-out attention that dropout
+    # takes) fails the changed steps: the toggle reaches the code; the error names the setting.
+    common = ["--preset", "debug", "--dropout", "0.1", "--warmup", "1", "--pairs", "2"]
+    out = _bench_train("paired", *common, "--toggle", "fundamentallm.model.QUERY_BLOCK=8")
+    assert "fundamentallm.model.QUERY_BLOCK = 64 (as is) against 8 (changed), 2 pairs of steps" in out
+    assert "changed / as is, median of the pairs" in out
+    for toggle, message in (
+        ("fundamentallm.model.QUERY_BLOCK=0", "a step with fundamentallm.model.QUERY_BLOCK = 0 failed: ValueError"),
+        ("fundamentallm.model.NO_SUCH_SETTING=1", "no module-level setting 'fundamentallm.model.NO_SUCH_SETTING'"),
+        ("fundamentallm.model.QUERY_BLOCK=sixty", "'sixty' is not a Python literal"),
+    ):
+        bad = subprocess.run(
+            [sys.executable, "benchmarks/bench_train.py", "paired", *common, "--toggle", toggle],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert bad.returncode == 1 and message in bad.stderr, bad.stderr
+    # the dtypes' short names, as --precision spells them
+    lines = _bench_train("attention", "--dtypes", "bf16", "--shapes", "2x2x16x8", "--warmup", "0", "--repeats", "1")
+    assert lines.startswith("bfloat16 B 2 H 2 T 16 D 8: ")
