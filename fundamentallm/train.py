@@ -630,7 +630,8 @@ class Trainer:
         if self.dropout_on and self.dist.is_main:
             log.info("dropout on from step %d (late_dropout %g)", self.state.progress.step, late)
 
-    def _open_logs(self) -> None:
+    def _open_logs(self, training: bool = True) -> None:
+        """The run directory's config and metrics sinks; `training`: announce the training about to start."""
         if not self.dist.is_main:
             return
         self.run.path.mkdir(parents=True, exist_ok=True)
@@ -639,6 +640,8 @@ class Trainer:
             log.info("dropped metrics logged after step %d by the interrupted run", step)
         atomic_write_json(self.run.path / CONFIG, {"config": self.config.to_dict(), "dataset": self.dataset})
         self.sinks = [JsonlLogger(self.run.metrics), *self.callbacks]
+        if not training:
+            return
         log.info(
             "training %s parameters on %s (%s)%s",
             f"{self.state.model.num_parameters():,}",
@@ -769,7 +772,11 @@ class Trainer:
         saved = self.run.path / RESULT
         if saved.is_file():
             return TrainResult.from_dict(read_json(saved))
-        self._open_logs()
+        log.info(
+            "%s stopped before writing its result: finishing it (calibration, if set, then result.json)",
+            self.run.location,
+        )
+        self._open_logs(training=False)
         return self._conclude()
 
     def _result(self) -> TrainResult:

@@ -151,7 +151,7 @@ class _Died(Exception):
 
 
 @pytest.mark.heavy
-def test_a_run_stopped_while_calibrating_is_calibrated_once_when_resumed(tiny_dataset, tmp_path, monkeypatch):
+def test_a_run_stopped_while_calibrating_is_calibrated_once_when_resumed(tiny_dataset, tmp_path, monkeypatch, caplog):
     import fundamentallm.train as train_module
 
     original = train_module.save_checkpoint
@@ -163,13 +163,22 @@ def test_a_run_stopped_while_calibrating_is_calibrated_once_when_resumed(tiny_da
 
     monkeypatch.setattr(train_module, "save_checkpoint", die_before_latest_is_calibrated)
     config, run = debug_config(max_steps=60, calibration=0.1), tmp_path / "run"
-    with pytest.raises(_Died):
+    with pytest.raises(_Died), caplog.at_level("INFO", logger="fundamentallm"):
         train(tiny_dataset, config, run)
+    assert any(r.getMessage().startswith("training ") for r in caplog.records)  # the first run announces training
+    caplog.clear()
     best = load_checkpoint(run / "best.pt")
     assert best.calibration["temperature"] != 1.0 and not load_checkpoint(run / "latest.pt").calibration
     assert not (run / "result.json").exists()
     monkeypatch.undo()
-    result = train(tiny_dataset, config, run, resume=True)  # finished training: only the rest of the ending
+    with caplog.at_level("INFO", logger="fundamentallm"):
+        result = train(tiny_dataset, config, run, resume=True)  # finished training: only the rest of the ending
+    said = [r.getMessage() for r in caplog.records]
+    assert any(
+        line.endswith("stopped before writing its result: finishing it (calibration, if set, then result.json)")
+        for line in said
+    )
+    assert not any(line.startswith("training ") for line in said)  # nothing is trained, and it says so
     assert result.steps == 60 and result.temperature != 1.0 and (run / "result.json").is_file()
     latest = load_checkpoint(run / "latest.pt")
     assert latest.calibration["temperature"] == result.temperature
