@@ -289,6 +289,8 @@ def paired(args: argparse.Namespace) -> None:
 
     from fundamentallm.runtime import resolve_device
 
+    if args.compile:  # torch.compile bakes the values of module settings into its code, guarded: each toggle recompiles
+        sys.exit("paired: eager steps only (--compile would recompile at every change of the setting)")
     target, _, text = args.toggle.partition("=")
     module_name, _, name = target.rpartition(".")
     try:

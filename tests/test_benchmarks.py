@@ -206,9 +206,10 @@ def test_bench_train_paired_alternates_a_setting_and_names_it_when_a_step_fails(
         ("fundamentallm.model.QUERY_BLOCK=0", "a step with fundamentallm.model.QUERY_BLOCK = 0 failed: ValueError"),
         ("fundamentallm.model.NO_SUCH_SETTING=1", "no module-level setting 'fundamentallm.model.NO_SUCH_SETTING'"),
         ("fundamentallm.model.QUERY_BLOCK=sixty", "'sixty' is not a Python literal"),
+        ("fundamentallm.model.QUERY_BLOCK=8 --compile", "eager steps only"),
     ):
         bad = subprocess.run(
-            [sys.executable, "benchmarks/bench_train.py", "paired", *common, "--toggle", toggle],
+            [sys.executable, "benchmarks/bench_train.py", "paired", *common, "--toggle", *toggle.split()],
             cwd=ROOT,
             capture_output=True,
             text=True,
