@@ -402,11 +402,18 @@ class _SlicedAttention(torch.autograd.Function):
             blocks = _query_blocks(T)
             grads = [grad[:, :, start:end].reshape(B * H, end - start, D).to(k.dtype) for start, end in blocks]
             scale = ctx.scale  # 1 without dropout; it reaches the gradient through both products below
-            dqs, dk, dv = [torch.empty_like(block) for block in queries], torch.zeros_like(k), torch.zeros_like(v)
-            for (rows, start, end), (w, dropped) in zip(_tiles(B * H, T, ctx.slices), ctx.weights, strict=True):
-                block = start // QUERY_BLOCK
+            dqs, dk, dv = [torch.empty_like(block) for block in queries], torch.empty_like(k), torch.empty_like(v)
+            # Each slice's last block of queries sees every key: taken first, its products write the keys'
+            # and values' gradients whole (nothing to zero and add to); the earlier blocks add to prefixes.
+            # The 6 x 384 step 1.003-1.011x (benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-06 (late night)").
+            tiles = list(zip(_tiles(B * H, T, ctx.slices), ctx.weights, strict=True))
+            for (rows, start, end), (w, dropped) in reversed(tiles):
+                block, whole = start // QUERY_BLOCK, end == T
                 dv_part, dk_part, g = dv[rows, :end], dk[rows, :end], grads[block][rows]
-                torch.baddbmm(dv_part, dropped.mT, g, alpha=scale, out=dv_part)
+                if whole:
+                    _scaled_bmm(dropped.mT, g, scale, dv_part)
+                else:
+                    torch.baddbmm(dv_part, dropped.mT, g, alpha=scale, out=dv_part)
                 dw = _scaled_bmm(g, v[rows, :end].mT, scale)  # (b, t, end): the gradient of the weights
                 if dropped is w:
                     ds = torch._softmax_backward_data(dw, w, -1, w.dtype)
@@ -416,7 +423,10 @@ class _SlicedAttention(torch.autograd.Function):
                     e = dw.mul_(dropped)
                     ds = e.addcmul_(w, e.sum(dim=-1, keepdim=True), value=-1)
                 _scaled_bmm(ds, k[rows, :end], alpha, dqs[block][rows])
-                torch.baddbmm(dk_part, ds.mT, queries[block][rows], alpha=alpha, out=dk_part)
+                if whole:
+                    _scaled_bmm(ds.mT, queries[block][rows], alpha, dk_part)
+                else:
+                    torch.baddbmm(dk_part, ds.mT, queries[block][rows], alpha=alpha, out=dk_part)
             dqkv = torch.empty(B, T, 3, H, D, dtype=k.dtype, device=k.device)
             dq, dk_heads, dv_heads = (dqkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views
             for (start, end), block_dq in zip(blocks, dqs, strict=True):
