@@ -319,7 +319,8 @@ def paired(args: argparse.Namespace) -> None:
         for _ in range(args.warmup):  # both settings warmed up
             step(original, "as is")
             step(changed, "changed")
-        times = {"as is": [], "changed": []}
+        for kept in times.values():
+            kept.clear()  # the warm-up's times
         for i in range(args.pairs):
             order = [(original, "as is"), (changed, "changed")]
             for value, key in order if i % 2 == 0 else order[::-1]:

@@ -144,8 +144,6 @@ def _masked(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     arithmetic, in fp32 for bf16, so it is not rounded to the mask's dtype)."""
     if mask.dtype == torch.bool:
         return torch.where(mask, x, 0).mul_(scale)
-    if scale == 1:
-        return x * mask
     return scaled_product(x, mask, scale)
 
 
@@ -408,12 +406,9 @@ class _SlicedAttention(torch.autograd.Function):
             # The 6 x 384 step 1.003-1.011x (benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-06 (late night)").
             tiles = list(zip(_tiles(B * H, T, ctx.slices), ctx.weights, strict=True))
             for (rows, start, end), (w, dropped) in reversed(tiles):
-                block, whole = start // QUERY_BLOCK, end == T
+                block, add = start // QUERY_BLOCK, int(end < T)  # beta 0 (last block): empty_like's contents ignored
                 dv_part, dk_part, g = dv[rows, :end], dk[rows, :end], grads[block][rows]
-                if whole:
-                    _scaled_bmm(dropped.mT, g, scale, dv_part)
-                else:
-                    torch.baddbmm(dv_part, dropped.mT, g, alpha=scale, out=dv_part)
+                torch.baddbmm(dv_part, dropped.mT, g, beta=add, alpha=scale, out=dv_part)
                 dw = _scaled_bmm(g, v[rows, :end].mT, scale)  # (b, t, end): the gradient of the weights
                 if dropped is w:
                     ds = torch._softmax_backward_data(dw, w, -1, w.dtype)
@@ -423,10 +418,7 @@ class _SlicedAttention(torch.autograd.Function):
                     e = dw.mul_(dropped)
                     ds = e.addcmul_(w, e.sum(dim=-1, keepdim=True), value=-1)
                 _scaled_bmm(ds, k[rows, :end], alpha, dqs[block][rows])
-                if whole:
-                    _scaled_bmm(ds.mT, queries[block][rows], alpha, dk_part)
-                else:
-                    torch.baddbmm(dk_part, ds.mT, queries[block][rows], alpha=alpha, out=dk_part)
+                torch.baddbmm(dk_part, ds.mT, queries[block][rows], beta=add, alpha=alpha, out=dk_part)
             dqkv = torch.empty(B, T, 3, H, D, dtype=k.dtype, device=k.device)
             dq, dk_heads, dv_heads = (dqkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views
             for (start, end), block_dq in zip(blocks, dqs, strict=True):
