@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fundamentallm import model as model_module
+from fundamentallm import native
 from fundamentallm.config import ModelConfig
 from fundamentallm.model import MLP, SPELLED_OUT_MAX_POSITIONS, CharTransformer, explicit_attention, spell_out_attention
 from fundamentallm.presets import PRESETS, preset
@@ -314,15 +315,28 @@ def test_attention_in_slices_of_the_batch_and_heads_equals_one_piece(monkeypatch
     assert len(weights) == 1 and weights[0].shape == (2, 3, 17, 17)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sliced_attention_with_dropout_is_what_autograd_makes_of_the_same_masked_softmax(monkeypatch, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "softmax"),
+    [(torch.float32, "pytorch"), (torch.bfloat16, "pytorch"), (torch.bfloat16, "native"), (torch.bfloat16, "generic")],
+)
+def test_sliced_attention_with_dropout_is_what_autograd_makes_of_the_same_masked_softmax(monkeypatch, dtype, softmax):
     # Eagerly `explicit_attention` runs `_SlicedAttention`, whose backward pass is written out by hand:
     # against the same operations differentiated by autograd in fp64, the same random bytes deciding
     # what is dropped, in several slices.
     # Each tile (a slice of the batch x heads, a block of queries and the keys up to its last query)
-    # draws its own bytes, in the order of `_tiles`.
+    # draws its own bytes, in the order of `_tiles`. In bf16 the softmax and dropout are the C kernels'
+    # (fundamentallm/native.py: this CPU's variant, and the plain-C one other CPUs build), whose keep bytes
+    # are a hash of each element's place in its tile and two seeds per tile drawn as random bytes; with
+    # NATIVE_ATTENTION off, PyTorch's operators and a random byte per element.
     monkeypatch.setattr(model_module, "ATTENTION_SLICE_BYTES", 512)
     monkeypatch.setattr(model_module, "QUERY_BLOCK", 5)
+    kernels = None
+    if softmax == "pytorch":
+        monkeypatch.setattr(model_module, "NATIVE_ATTENTION", False)
+    else:
+        kernels = native.attention_kernels(generic=softmax == "generic")
+        assert kernels is not None and (kernels.variant == "generic") == (softmax == "generic")
+        monkeypatch.setattr(model_module, "native_attention", lambda q: kernels)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 8, dtype=dtype, requires_grad=True) for _ in range(3))
     upstream = torch.randn(2, 3, 17, 8, dtype=dtype)
@@ -335,9 +349,17 @@ def test_sliced_attention_with_dropout_is_what_autograd_makes_of_the_same_masked
     grads = torch.autograd.grad(out, (q, k, v), upstream)
     torch.manual_seed(1)
     kept = torch.zeros(2 * 3, 17, 17, dtype=torch.float64)  # the future's stays 0: its weights are 0
-    for rows, start, end in tiles:
-        shape = kept[rows, start:end, :end].shape
-        kept[rows, start:end, :end] = (model_module.random_bytes(shape.numel(), q.device).view(shape) >= 64).double()
+    if kernels is None:
+        for rows, start, end in tiles:
+            shape = kept[rows, start:end, :end].shape
+            keep_bytes = model_module.random_bytes(shape.numel(), q.device).view(shape)
+            kept[rows, start:end, :end] = (keep_bytes >= 64).double()
+    else:
+        seeds = model_module.random_bytes(8 * len(tiles), q.device).view(torch.int32).view(-1, 2).tolist()
+        for (rows, start, end), (seed1, seed2) in zip(tiles, seeds, strict=True):
+            shape = kept[rows, start:end, :end].shape
+            keep_bytes = [kernels.keep_byte(i, seed1 & 0xFFFFFFFF, seed2 & 0xFFFFFFFF) for i in range(shape.numel())]
+            kept[rows, start:end, :end] = (torch.tensor(keep_bytes).view(shape) >= 64).double()
     kept = kept.view(2, 3, 17, 17)
     past = torch.ones(17, 17, dtype=torch.bool).tril()
     assert 0.7 < kept[:, :, past].mean().item() < 0.8  # 64/256 of them dropped

@@ -1,0 +1,206 @@
+"""Kernels in C for work that eager PyTorch does in several passes where one would do: attention's softmax
+and dropout on a CPU in bf16 (`fundamentallm/csrc/attention.c`, used by `model._SlicedAttention`).
+
+The source is compiled on first use with the machine's C compiler (`$CC`, else `cc`; `-O3 -march=native
+-fopenmp`) into the user's cache directory, keyed by the source, the flags, the compiler and the CPU, and
+loaded with ctypes; later processes load the cached library (a build takes under a second). Where there is
+no compiler, the build fails or `FUNDAMENTALLM_NATIVE=0` is set, `attention_kernels()` is None (logged once)
+and the model computes the same with PyTorch's operators. The library's OpenMP calls run on the OpenMP
+runtime PyTorch has loaded (both name it libgomp.so.1), with PyTorch's thread count."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV = "FUNDAMENTALLM_NATIVE"
+SOURCE = Path(__file__).parent / "csrc" / "attention.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_SHORT = 16  # hex digits of the build key in the library's name
+MAX_KEYS = 8192  # the longest row of scores the kernels take (MAX_COLS in the source)
+
+
+class AttentionKernels:
+    """The compiled attention kernels. Tiles are (b, t, cols) bf16 tensors, one piece, on the CPU: b blocks
+    of t queries, the first at position `start`, against keys 0..cols-1, causally (query start + i sees keys
+    up to start + i; its weights beyond are written 0)."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path):
+        self.path = path
+        self.variant = _bind(library, "fundamentallm_attention_variant", ctypes.c_char_p, [])().decode()
+        i64, u32, ptr = ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p
+        self._forward = _bind(
+            library,
+            "fundamentallm_softmax_dropout",
+            ctypes.c_int,
+            [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, u32, u32, ctypes.c_int],
+        )
+        self._backward = _bind(
+            library,
+            "fundamentallm_softmax_dropout_backward",
+            ctypes.c_int,
+            [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int],
+        )
+        self._keep_byte = _bind(library, "fundamentallm_keep_byte", ctypes.c_uint32, [u32, u32, u32])
+
+    def softmax_dropout(
+        self, scores: torch.Tensor, start: int, dropout: tuple[int, int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal softmax of `scores`, in place (returned as the weights), and the weights after dropout:
+        `dropout` = (threshold, seed1, seed2) keeps an element where its keep byte (`keep_byte`) is at least
+        the threshold (the kept weights unscaled: 1 / (1 - p) is the caller's), a new tensor; without
+        dropout (None) the weights themselves."""
+        _check_tile(scores)
+        b, t, cols = scores.shape
+        dropped = torch.empty_like(scores) if dropout else scores
+        threshold, seed1, seed2 = dropout or (0, 0, 0)
+        status = self._forward(
+            scores.data_ptr(),
+            scores.data_ptr(),
+            dropped.data_ptr() if dropout else None,
+            b * t,
+            t,
+            cols,
+            start,
+            threshold,
+            seed1,
+            seed2,
+            torch.get_num_threads(),
+        )
+        if status:
+            raise ValueError(f"attention kernel: rows of {cols} keys are longer than it handles")
+        return scores, dropped
+
+    def softmax_dropout_backward(
+        self, grad: torch.Tensor, weights: torch.Tensor, dropped: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """The scores' gradient from `grad`, the gradient of the dropped weights, in place: e - w sum(e) per
+        row with e = grad x dropped (the softmax's backward pass of what dropout let through). Without
+        dropout `dropped` is `weights`."""
+        for tile in (grad, weights, dropped):
+            _check_tile(tile)
+        if not grad.shape == weights.shape == dropped.shape:
+            raise ValueError(f"attention kernel: tiles {grad.shape}, {weights.shape}, {dropped.shape} differ")
+        b, t, cols = grad.shape
+        status = self._backward(
+            grad.data_ptr(), weights.data_ptr(), dropped.data_ptr(), b * t, t, cols, start, torch.get_num_threads()
+        )
+        if status:
+            raise ValueError(f"attention kernel: rows of {cols} keys are longer than it handles")
+        return grad
+
+    def keep_byte(self, index: int, seed1: int, seed2: int) -> int:
+        """The byte that keeps element `index` (r x cols + j of its tile) if at least dropout's threshold."""
+        return self._keep_byte(index, seed1, seed2)
+
+
+def _bind(library: ctypes.CDLL, name: str, restype: object, argtypes: list) -> ctypes._CFuncPtr:
+    function = getattr(library, name)
+    function.restype, function.argtypes = restype, argtypes
+    return function
+
+
+def _check_tile(tile: torch.Tensor) -> None:
+    if tile.dtype != torch.bfloat16 or tile.device.type != "cpu" or tile.dim() != 3 or not tile.is_contiguous():
+        raise ValueError(
+            f"attention kernel: a tile must be a contiguous 3-d bf16 CPU tensor, not {tile.dtype} "
+            f"{tuple(tile.shape)} on {tile.device}{'' if tile.is_contiguous() else ' (not contiguous)'}"
+        )
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+@functools.cache
+def attention_kernels(generic: bool = False) -> AttentionKernels | None:
+    """The attention kernels, built on first use (once per process); None where they cannot be (why is
+    logged once). `generic`: the plain-C variant even where the CPU has AVX-512 (what other CPUs run; tests)."""
+    if not enabled():
+        log.info("%s=0: attention's softmax and dropout run as PyTorch operators", ENV)
+        return None
+    flags = FLAGS + (("-DFUNDAMENTALLM_GENERIC",) if generic else ())
+    try:
+        path = _build(SOURCE, flags)
+        return AttentionKernels(ctypes.CDLL(str(path)), path)
+    except (OSError, subprocess.SubprocessError, AttributeError) as error:
+        log.warning(
+            "attention's softmax and dropout run as PyTorch operators (slower): the C kernels of %s could not be "
+            "built or loaded (%s); set %s=0 to say so deliberately",
+            SOURCE.name,
+            _reason(error),
+            ENV,
+        )
+        return None
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, subprocess.CalledProcessError):  # the compiler's first error, else its last line
+        lines = [line.strip() for line in (error.stderr or "").splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower()]
+        return f"{error.cmd[0]} failed: {(errors or lines or [f'exit {error.returncode}'])[0]}"
+    return str(error)
+
+
+def _build(source: Path, flags: tuple[str, ...]) -> Path:
+    """The shared library built from `source`, from the cache when a build with the same key is there."""
+    compiler = os.environ.get("CC") or "cc"
+    text = source.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(), _cpu_flags()])).hexdigest()
+    directory = cache_dir()
+    path = directory / f"{source.stem}-{key[:_SHORT]}.so"
+    if path.exists():
+        return path
+    started = time.monotonic()
+    # Built under a name of its own and renamed into place: processes building at once (a sweep's trials,
+    # torchrun's ranks) each get a whole library.
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.stem}-", suffix=".so", delete=False) as part:
+        partial = Path(part.name)
+    try:
+        subprocess.run(
+            [compiler, *flags, "-o", str(partial), str(source)], capture_output=True, text=True, check=True, timeout=300
+        )
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    log.info("built %s in %.1f s (%s)", path, time.monotonic() - started, compiler)
+    return path
+
+
+def _cpu_flags() -> bytes:
+    """What -march=native builds for: the CPU's model and flags (Linux), else the platform's name."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor().encode() or platform.machine().encode()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted})).encode()
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: `$XDG_CACHE_HOME` or ~/.cache, under fundamentallm/native; a
+    directory in the temporary directory where that cannot be made."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    user = getattr(os, "getuid", lambda: 0)()
+    for directory in (base / "fundamentallm" / "native", Path(tempfile.gettempdir()) / f"fundamentallm-native-{user}"):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(directory, os.W_OK):
+            return directory
+    raise OSError("no writable directory for built kernels")

@@ -1,0 +1,180 @@
+"""The C kernels of attention's softmax and dropout (fundamentallm/native.py, fundamentallm/csrc/attention.c):
+what they compute against PyTorch, their masks, their build and cache, and the fallback without them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from fundamentallm import model as model_module
+from fundamentallm import native
+
+VARIANTS = ["this-cpu", "generic"]
+
+
+def kernels_for(variant: str) -> native.AttentionKernels:
+    kernels = native.attention_kernels(generic=variant == "generic")
+    assert kernels is not None, "the C kernels did not build (a C compiler is part of the test machine's setup)"
+    assert (kernels.variant == "generic") == (variant == "generic")
+    return kernels
+
+
+def tile(b: int, t: int, cols: int, start: int, seed: int = 0) -> torch.Tensor:
+    """Scores (b, t, cols) in bf16 for queries start..start+t-1; the future holds noise, not -inf: the
+    kernels must not read it."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, t, cols, generator=generator) * 4).bfloat16()
+
+
+def future(t: int, cols: int, start: int) -> torch.Tensor:
+    positions = torch.arange(start, start + t).view(t, 1)
+    return torch.arange(cols).view(1, cols) > positions  # (t, cols): True where the key is in the future
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("b", "t", "cols", "start"), [(3, 5, 17, 12), (2, 64, 256, 192), (4, 7, 37, 30), (1, 3, 3, 0)])
+def test_the_forward_kernel_is_the_causal_softmax_and_a_mask_of_its_keep_bytes(variant, b, t, cols, start):
+    kernels = kernels_for(variant)
+    scores = tile(b, t, cols, start)
+    hidden = future(t, cols, start)
+    expected = scores.float().masked_fill(hidden, float("-inf")).softmax(dim=-1)
+    w, dropped = kernels.softmax_dropout(scores.clone(), start, (64, 12345, 678))
+    # within bf16's rounding of the fp32 softmax (one unit in the last place), exactly 0 in the future
+    torch.testing.assert_close(w.float(), expected, atol=1e-6, rtol=2**-7)
+    assert (w[:, hidden] == 0).all() and (dropped[:, hidden] == 0).all()
+    keep_bytes = torch.tensor([kernels.keep_byte(i, 12345, 678) for i in range(b * t * cols)]).view(b, t, cols)
+    assert torch.equal(dropped, torch.where(keep_bytes >= 64, w, 0))
+    # no dropout: the weights alone, the same values, and `dropped` is them
+    again, same = kernels.softmax_dropout(scores.clone(), start, None)
+    assert same is again and torch.equal(again, w)
+
+
+def test_the_keep_bytes_are_uniform_and_differ_between_seeds():
+    kernels = kernels_for("this-cpu")
+    scores = torch.zeros(4096, 1, 256, dtype=torch.bfloat16)  # queries at position 255: every weight 1/256
+    _, dropped = kernels.softmax_dropout(scores, 255, (51, 1, 2))  # 51 / 256 dropped: about p = 0.2
+    kept = (dropped != 0).float()
+    assert abs(kept.mean().item() - 205 / 256) < 0.003  # 1M elements: the standard error is 0.0004
+    assert abs(kept[:, :, :128].mean().item() - kept[:, :, 128:].mean().item()) < 0.005  # no drift along a row
+    pairs = kept[..., :-1] * kept[..., 1:]  # neighbours independent: both kept as often as (205/256)^2
+    assert abs(pairs.mean().item() - (205 / 256) ** 2) < 0.005
+    bytes_seen = torch.tensor([kernels.keep_byte(i, 7, 9) for i in range(65536)])
+    counts = torch.bincount(bytes_seen, minlength=256).float()
+    chi2 = ((counts - 256) ** 2 / 256).sum().item()
+    assert chi2 < 350  # 255 degrees of freedom: 350 is beyond the 99.99th percentile
+    _, other = kernels.softmax_dropout(torch.zeros(4096, 1, 256, dtype=torch.bfloat16), 255, (51, 1, 3))
+    assert ((other != 0).float() != kept).float().mean().item() > 0.3  # another seed: 2 x 0.8 x 0.2 differ
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("b", "t", "cols", "start"), [(3, 5, 17, 12), (2, 64, 256, 192), (4, 7, 37, 30)])
+def test_the_backward_kernel_is_the_softmax_gradient_of_what_dropout_let_through(variant, b, t, cols, start):
+    kernels = kernels_for(variant)
+    w, dropped = kernels.softmax_dropout(tile(b, t, cols, start), start, (64, 5, 6))
+    grad = tile(b, t, cols, start, seed=1)  # the future's gradient is noise too: it must come out 0
+    e = grad.double() * dropped.double()
+    expected = e - w.double() * e.sum(dim=-1, keepdim=True)
+    expected[:, future(t, cols, start)] = 0
+    found = kernels.softmax_dropout_backward(grad, w, dropped, start)
+    assert found is grad  # in place
+    torch.testing.assert_close(found.double(), expected, atol=2e-2, rtol=2**-7)
+    # without dropout (`dropped` is the weights): PyTorch's softmax backward
+    grad = tile(b, t, cols, start, seed=2).masked_fill(future(t, cols, start), 0)
+    expected = torch._softmax_backward_data(grad.float(), w.float(), -1, torch.float32)
+    found = kernels.softmax_dropout_backward(grad, w, w, start)
+    torch.testing.assert_close(found.float(), expected, atol=2e-2, rtol=2**-7)
+
+
+def test_the_two_variants_agree():
+    fast, plain = kernels_for("this-cpu"), kernels_for("generic")
+    scores = tile(8, 64, 200, 136)
+    w1, d1 = fast.softmax_dropout(scores.clone(), 136, (51, 11, 22))
+    w2, d2 = plain.softmax_dropout(scores.clone(), 136, (51, 11, 22))
+    assert torch.equal(d1 != 0, d2 != 0)  # the same hash
+    torch.testing.assert_close(w1.float(), w2.float(), atol=0, rtol=2**-7)  # at most one unit in the last place
+
+
+def test_tiles_the_kernels_cannot_take_are_refused_with_the_reason():
+    kernels = kernels_for("this-cpu")
+    with pytest.raises(ValueError, match="bf16"):
+        kernels.softmax_dropout(torch.zeros(1, 2, 2), 0, None)
+    with pytest.raises(ValueError, match="not contiguous"):
+        kernels.softmax_dropout(torch.zeros(1, 4, 2, dtype=torch.bfloat16).mT, 0, None)
+    with pytest.raises(ValueError, match="longer than it handles"):
+        kernels.softmax_dropout(torch.zeros(1, 1, native.MAX_KEYS + 1, dtype=torch.bfloat16), 0, None)
+    w = torch.zeros(1, 2, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="differ"):
+        kernels.softmax_dropout_backward(w.clone(), w, torch.zeros(1, 2, 3, dtype=torch.bfloat16), 0)
+
+
+def test_a_build_is_cached_and_reused(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    caplog.set_level(logging.INFO, logger="fundamentallm.native")
+    first = native._build(native.SOURCE, native.FLAGS)
+    assert first.parent == tmp_path / "fundamentallm" / "native" and first.exists()
+    built = first.stat().st_mtime_ns
+    assert native._build(native.SOURCE, native.FLAGS) == first and first.stat().st_mtime_ns == built
+    assert sum("built" in r.getMessage() for r in caplog.records) == 1
+    assert list(first.parent.iterdir()) == [first]  # no partial build left behind
+    other = native._build(native.SOURCE, (*native.FLAGS, "-DFUNDAMENTALLM_GENERIC"))
+    assert other != first  # other flags, another library
+
+
+def test_without_a_compiler_the_model_runs_on_pytorchs_operators_and_says_why(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    native.attention_kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="fundamentallm.native"):
+            assert native.attention_kernels() is None
+        assert "could not be built" in caplog.text and "no-such-cc" in caplog.text
+        # the model's bf16 attention with dropout still trains, through PyTorch's operators
+        q, k, v = (torch.randn(2, 2, 80, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        assert model_module.native_attention(q) is None
+        out = model_module.explicit_attention(q, k, v, dropout_p=0.2)
+        out.float().square().sum().backward()
+        assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))
+        monkeypatch.setenv("CC", "cc")
+        monkeypatch.setenv(native.ENV, "0")  # switched off deliberately
+        native.attention_kernels.cache_clear()
+        assert native.attention_kernels() is None
+    finally:
+        native.attention_kernels.cache_clear()
+
+
+def test_a_compile_error_is_reported_with_the_compilers_last_line(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.c"
+    broken.write_text("int f(void) { return 1 }\n")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(native.subprocess.CalledProcessError) as failure:
+        native._build(broken, native.FLAGS)
+    assert "error" in native._reason(failure.value)
+    assert list((tmp_path / "cache" / "fundamentallm" / "native").iterdir()) == []  # nothing half-built kept
+
+
+def test_bf16_training_attention_uses_the_kernels_where_they_build():
+    q = torch.empty(2, 2, 80, 8, dtype=torch.bfloat16)
+    assert model_module.native_attention(q) is native.attention_kernels() is not None
+    assert model_module.native_attention(q.float()) is None  # fp32: PyTorch's operators
+    assert model_module.native_attention(torch.empty(1, 1, native.MAX_KEYS + 1, 8, dtype=torch.bfloat16)) is None
+
+
+def test_bf16_attention_without_dropout_is_the_same_with_the_kernels_as_without(monkeypatch):
+    # No dropout: the kernels' softmax and its backward (`dropped` is the weights) against PyTorch's
+    # softmax and its backward kernel, through the tiled attention (several slices and blocks of queries).
+    monkeypatch.setattr(model_module, "ATTENTION_SLICE_BYTES", 512)
+    monkeypatch.setattr(model_module, "QUERY_BLOCK", 5)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    upstream = torch.randn(2, 3, 17, 8, dtype=torch.bfloat16)
+    assert model_module.attention_slices(q) > 1  # several slices: `_SlicedAttention`, not autograd's path
+    found = {}
+    for kernels in (True, False):
+        monkeypatch.setattr(model_module, "NATIVE_ATTENTION", kernels)
+        assert (model_module.native_attention(q) is not None) == kernels
+        out = model_module.explicit_attention(q, k, v)
+        found[kernels] = (out, *torch.autograd.grad(out, (q, k, v), upstream))
+    for a, b in zip(found[True], found[False], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=0.02, rtol=0.02)
