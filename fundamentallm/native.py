@@ -1,7 +1,10 @@
 """Kernels in C for work that eager PyTorch does in several passes where one would do: attention's softmax
 and dropout on a CPU in bf16 (`fundamentallm/csrc/attention.c`, used by `model._SlicedAttention`).
 
-The source is compiled on first use with the machine's C compiler (`$CC`, else `cc`; `-O3 -march=native
+The kernels are AVX-512 code, used where PyTorch runs its own operators in AVX-512 (Intel Xeons since
+Skylake-SP, AMD since Zen 4: the CPUs with hardware bf16 are among them); elsewhere bf16 is rare (CPUs
+without it train in fp32) and PyTorch's operators do the work. The source is compiled on first use with
+the machine's C compiler (`$CC`, else `cc`; `-O3 -march=native
 -fopenmp`) into the user's cache directory, keyed by the source, the flags, the compiler and the CPU, and
 loaded with ctypes; later processes load the cached library (a build takes under a second). Where there is
 no compiler, the build fails or `FUNDAMENTALLM_NATIVE=0` is set, `attention_kernels()` is None (logged once)
@@ -38,7 +41,6 @@ class AttentionKernels:
 
     def __init__(self, library: ctypes.CDLL, path: Path):
         self.path = path
-        self.variant = _bind(library, "fundamentallm_attention_variant", ctypes.c_char_p, [])().decode()
         i64, u32, ptr = ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p
         self._forward = _bind(
             library,
@@ -123,16 +125,27 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
+def cpu_runs_avx512() -> bool:
+    """Whether PyTorch runs its own CPU operators in AVX-512 here (`ATEN_CPU_CAPABILITY` can hold it lower)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 @functools.cache
-def attention_kernels(generic: bool = False) -> AttentionKernels | None:
-    """The attention kernels, built on first use (once per process); None where they cannot be (why is
-    logged once). `generic`: the plain-C variant even where the CPU has AVX-512 (what other CPUs run; tests)."""
+def attention_kernels() -> AttentionKernels | None:
+    """The attention kernels, built on first use (once per process); None where they are not used here or
+    cannot be built (why is logged once)."""
     if not enabled():
         log.info("%s=0: attention's softmax and dropout run as PyTorch operators", ENV)
         return None
-    flags = FLAGS + (("-DFUNDAMENTALLM_GENERIC",) if generic else ())
+    if not cpu_runs_avx512():
+        log.info(
+            "attention's softmax and dropout run as PyTorch operators: the C kernels are AVX-512 code, and "
+            "PyTorch runs this CPU at %s",
+            torch.backends.cpu.get_cpu_capability(),
+        )
+        return None
     try:
-        path = _build(SOURCE, flags)
+        path = _build(SOURCE, FLAGS)
         return AttentionKernels(ctypes.CDLL(str(path)), path)
     except (OSError, subprocess.SubprocessError, AttributeError) as error:
         log.warning(

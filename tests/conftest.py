@@ -18,6 +18,12 @@ SKIPS_ALLOWED_IN_CI = {
     ),
 }
 
+# Tests marked `avx512` run AVX-512 code (the attention kernels of fundamentallm/native.py), which a CPU
+# without it cannot: there they skip, in CI too, and the model uses PyTorch's operators instead, which
+# the unmarked tests cover on every machine.
+AVX512_SKIP = "runs AVX-512 code (fundamentallm/native.py's kernels), and PyTorch runs this CPU below AVX-512"
+AVX512_ALLOWED = "a CPU without AVX-512 cannot run the kernels; PyTorch's operators do that work there"
+
 
 def skip_or_fail(reason: str) -> None:
     """Skip the test saying why, or under CI=true fail it: CI provides what it needs."""
@@ -82,6 +88,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -weight[process_group(item.nodeid)])  # stable: a group keeps its order
 
 
+def pytest_runtest_setup(item):
+    """Skip a test marked `avx512` where PyTorch does not run this CPU at AVX-512."""
+    if item.get_closest_marker("avx512") is not None:
+        from fundamentallm.native import cpu_runs_avx512
+
+        if not cpu_runs_avx512():
+            pytest.skip(AVX512_SKIP)
+
+
 def run_suite_with_this_conftest(root: Path, modules: dict[str, str], *args: str, ci: str | None = None):
     """Run pytest (with `args`) on a throwaway suite in `root`: this conftest.py and `modules`
     (name -> source) in root/tests; CI set to `ci`, or unset. Returns the finished process."""
@@ -112,13 +127,16 @@ _ci_skips: list[tuple[str, str, str]] = []
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Under CI=true turn a skip of a test not in SKIPS_ALLOWED_IN_CI into a failure."""
+    """Under CI=true turn a skip of a test not in SKIPS_ALLOWED_IN_CI (or an `avx512` test's, below
+    AVX-512) into a failure."""
     outcome = yield
     report = outcome.get_result()
     if not (IN_CI and report.skipped) or hasattr(report, "wasxfail"):
         return
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     allowed = SKIPS_ALLOWED_IN_CI.get(item.nodeid)
+    if allowed is None and item.get_closest_marker("avx512") is not None and AVX512_SKIP in reason:
+        allowed = AVX512_ALLOWED
     # for the summary, in this process or (under pytest-xdist) the controller's
     report.user_properties.append(("ci_skip", (reason, allowed or "")))
     if allowed is None:

@@ -44,3 +44,24 @@ def test_skips_stay_skips_outside_ci(tmp_path, parallel):
     done = _pytest(tmp_path, None, parallel)
     assert done.returncode == 0, done.stdout
     assert "1 passed, 3 skipped" in done.stdout
+
+
+def test_avx512_tests_skip_in_ci_only_where_pytorch_runs_the_cpu_below_avx512(tmp_path, monkeypatch):
+    # ATEN_CPU_CAPABILITY=avx2 holds PyTorch (and so `native.cpu_runs_avx512`) to AVX2 on any x86 CPU: the
+    # marked test skips, allowed under CI=true, and its body (which would fail) does not run; an unmarked
+    # test that skips for the same words still fails.
+    modules = {
+        "test_kernels": (
+            "import pytest\n"
+            "from conftest import AVX512_SKIP\n"
+            "@pytest.mark.avx512\n"
+            "def test_kernel():\n    assert False\n"
+            "def test_unmarked():\n    pytest.skip(AVX512_SKIP)\n"
+        )
+    }
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    done = run_suite_with_this_conftest(tmp_path, modules, "-rA", "-p", "no:randomly", ci="true")
+    assert "tests/test_kernels.py::test_kernel: Skipped: runs AVX-512 code" in done.stdout, done.stdout
+    assert "allowed: a CPU without AVX-512 cannot run the kernels" in done.stdout
+    assert "FAILED tests/test_kernels.py::test_unmarked" in done.stdout
+    assert "1 failed, 1 skipped" in done.stdout

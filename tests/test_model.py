@@ -317,26 +317,29 @@ def test_attention_in_slices_of_the_batch_and_heads_equals_one_piece(monkeypatch
 
 @pytest.mark.parametrize(
     ("dtype", "softmax"),
-    [(torch.float32, "pytorch"), (torch.bfloat16, "pytorch"), (torch.bfloat16, "native"), (torch.bfloat16, "generic")],
+    [
+        (torch.float32, "pytorch"),
+        (torch.bfloat16, "pytorch"),
+        pytest.param(torch.bfloat16, "native", marks=pytest.mark.avx512),
+    ],
 )
 def test_sliced_attention_with_dropout_is_what_autograd_makes_of_the_same_masked_softmax(monkeypatch, dtype, softmax):
     # Eagerly `explicit_attention` runs `_SlicedAttention`, whose backward pass is written out by hand:
     # against the same operations differentiated by autograd in fp64, the same random bytes deciding
     # what is dropped, in several slices.
     # Each tile (a slice of the batch x heads, a block of queries and the keys up to its last query)
-    # draws its own bytes, in the order of `_tiles`. In bf16 the softmax and dropout are the C kernels'
-    # (fundamentallm/native.py: this CPU's variant, and the plain-C one other CPUs build), whose keep bytes
-    # are a hash of each element's place in its tile and two seeds per tile drawn as random bytes; with
-    # NATIVE_ATTENTION off, PyTorch's operators and a random byte per element.
+    # draws its own bytes, in the order of `_tiles`. In bf16 on a CPU with AVX-512 the softmax and dropout
+    # are the C kernels' (fundamentallm/native.py), whose keep bytes are a hash of each element's place in
+    # its tile and two seeds per tile drawn as random bytes; with NATIVE_ATTENTION off (and on other CPUs)
+    # PyTorch's operators and a random byte per element.
     monkeypatch.setattr(model_module, "ATTENTION_SLICE_BYTES", 512)
     monkeypatch.setattr(model_module, "QUERY_BLOCK", 5)
     kernels = None
     if softmax == "pytorch":
         monkeypatch.setattr(model_module, "NATIVE_ATTENTION", False)
     else:
-        kernels = native.attention_kernels(generic=softmax == "generic")
-        assert kernels is not None and (kernels.variant == "generic") == (softmax == "generic")
-        monkeypatch.setattr(model_module, "native_attention", lambda q: kernels)
+        kernels = native.attention_kernels()
+        assert kernels is not None and model_module.native_attention(torch.empty(1, 1, 4, 8, dtype=dtype)) is kernels
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 8, dtype=dtype, requires_grad=True) for _ in range(3))
     upstream = torch.randn(2, 3, 17, 8, dtype=dtype)

@@ -1,5 +1,7 @@
 """The C kernels of attention's softmax and dropout (fundamentallm/native.py, fundamentallm/csrc/attention.c):
-what they compute against PyTorch, their masks, their build and cache, and the fallback without them."""
+what they compute against PyTorch, their masks, their build and cache, and the fallback without them. The
+kernels are AVX-512 code: the tests that run them are marked `avx512` (skipped where PyTorch runs the CPU
+below it; tests/conftest.py); the fallback's tests run everywhere."""
 
 from __future__ import annotations
 
@@ -11,13 +13,10 @@ import torch
 from fundamentallm import model as model_module
 from fundamentallm import native
 
-VARIANTS = ["this-cpu", "generic"]
 
-
-def kernels_for(variant: str) -> native.AttentionKernels:
-    kernels = native.attention_kernels(generic=variant == "generic")
+def built() -> native.AttentionKernels:
+    kernels = native.attention_kernels()
     assert kernels is not None, "the C kernels did not build (a C compiler is part of the test machine's setup)"
-    assert (kernels.variant == "generic") == (variant == "generic")
     return kernels
 
 
@@ -33,10 +32,10 @@ def future(t: int, cols: int, start: int) -> torch.Tensor:
     return torch.arange(cols).view(1, cols) > positions  # (t, cols): True where the key is in the future
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.avx512
 @pytest.mark.parametrize(("b", "t", "cols", "start"), [(3, 5, 17, 12), (2, 64, 256, 192), (4, 7, 37, 30), (1, 3, 3, 0)])
-def test_the_forward_kernel_is_the_causal_softmax_and_a_mask_of_its_keep_bytes(variant, b, t, cols, start):
-    kernels = kernels_for(variant)
+def test_the_forward_kernel_is_the_causal_softmax_and_a_mask_of_its_keep_bytes(b, t, cols, start):
+    kernels = built()
     scores = tile(b, t, cols, start)
     hidden = future(t, cols, start)
     expected = scores.float().masked_fill(hidden, float("-inf")).softmax(dim=-1)
@@ -51,8 +50,9 @@ def test_the_forward_kernel_is_the_causal_softmax_and_a_mask_of_its_keep_bytes(v
     assert same is again and torch.equal(again, w)
 
 
+@pytest.mark.avx512
 def test_the_keep_bytes_are_uniform_and_differ_between_seeds():
-    kernels = kernels_for("this-cpu")
+    kernels = built()
     scores = torch.zeros(4096, 1, 256, dtype=torch.bfloat16)  # queries at position 255: every weight 1/256
     _, dropped = kernels.softmax_dropout(scores, 255, (51, 1, 2))  # 51 / 256 dropped: about p = 0.2
     kept = (dropped != 0).float()
@@ -68,10 +68,10 @@ def test_the_keep_bytes_are_uniform_and_differ_between_seeds():
     assert ((other != 0).float() != kept).float().mean().item() > 0.3  # another seed: 2 x 0.8 x 0.2 differ
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.avx512
 @pytest.mark.parametrize(("b", "t", "cols", "start"), [(3, 5, 17, 12), (2, 64, 256, 192), (4, 7, 37, 30)])
-def test_the_backward_kernel_is_the_softmax_gradient_of_what_dropout_let_through(variant, b, t, cols, start):
-    kernels = kernels_for(variant)
+def test_the_backward_kernel_is_the_softmax_gradient_of_what_dropout_let_through(b, t, cols, start):
+    kernels = built()
     w, dropped = kernels.softmax_dropout(tile(b, t, cols, start), start, (64, 5, 6))
     grad = tile(b, t, cols, start, seed=1)  # the future's gradient is noise too: it must come out 0
     e = grad.double() * dropped.double()
@@ -87,17 +87,9 @@ def test_the_backward_kernel_is_the_softmax_gradient_of_what_dropout_let_through
     torch.testing.assert_close(found.float(), expected, atol=2e-2, rtol=2**-7)
 
 
-def test_the_two_variants_agree():
-    fast, plain = kernels_for("this-cpu"), kernels_for("generic")
-    scores = tile(8, 64, 200, 136)
-    w1, d1 = fast.softmax_dropout(scores.clone(), 136, (51, 11, 22))
-    w2, d2 = plain.softmax_dropout(scores.clone(), 136, (51, 11, 22))
-    assert torch.equal(d1 != 0, d2 != 0)  # the same hash
-    torch.testing.assert_close(w1.float(), w2.float(), atol=0, rtol=2**-7)  # at most one unit in the last place
-
-
+@pytest.mark.avx512
 def test_tiles_the_kernels_cannot_take_are_refused_with_the_reason():
-    kernels = kernels_for("this-cpu")
+    kernels = built()
     with pytest.raises(ValueError, match="bf16"):
         kernels.softmax_dropout(torch.zeros(1, 2, 2), 0, None)
     with pytest.raises(ValueError, match="not contiguous"):
@@ -109,6 +101,7 @@ def test_tiles_the_kernels_cannot_take_are_refused_with_the_reason():
         kernels.softmax_dropout_backward(w.clone(), w, torch.zeros(1, 2, 3, dtype=torch.bfloat16), 0)
 
 
+@pytest.mark.avx512
 def test_a_build_is_cached_and_reused(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     caplog.set_level(logging.INFO, logger="fundamentallm.native")
@@ -118,10 +111,11 @@ def test_a_build_is_cached_and_reused(tmp_path, monkeypatch, caplog):
     assert native._build(native.SOURCE, native.FLAGS) == first and first.stat().st_mtime_ns == built
     assert sum("built" in r.getMessage() for r in caplog.records) == 1
     assert list(first.parent.iterdir()) == [first]  # no partial build left behind
-    other = native._build(native.SOURCE, (*native.FLAGS, "-DFUNDAMENTALLM_GENERIC"))
+    other = native._build(native.SOURCE, (*native.FLAGS, "-DUNUSED"))
     assert other != first  # other flags, another library
 
 
+@pytest.mark.avx512
 def test_without_a_compiler_the_model_runs_on_pytorchs_operators_and_says_why(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
@@ -154,6 +148,7 @@ def test_a_compile_error_is_reported_with_the_compilers_last_line(tmp_path, monk
     assert list((tmp_path / "cache" / "fundamentallm" / "native").iterdir()) == []  # nothing half-built kept
 
 
+@pytest.mark.avx512
 def test_bf16_training_attention_uses_the_kernels_where_they_build():
     q = torch.empty(2, 2, 80, 8, dtype=torch.bfloat16)
     assert model_module.native_attention(q) is native.attention_kernels() is not None
@@ -161,6 +156,7 @@ def test_bf16_training_attention_uses_the_kernels_where_they_build():
     assert model_module.native_attention(torch.empty(1, 1, native.MAX_KEYS + 1, 8, dtype=torch.bfloat16)) is None
 
 
+@pytest.mark.avx512
 def test_bf16_attention_without_dropout_is_the_same_with_the_kernels_as_without(monkeypatch):
     # No dropout: the kernels' softmax and its backward (`dropped` is the weights) against PyTorch's
     # softmax and its backward kernel, through the tiled attention (several slices and blocks of queries).
@@ -178,3 +174,26 @@ def test_bf16_attention_without_dropout_is_the_same_with_the_kernels_as_without(
         found[kernels] = (out, *torch.autograd.grad(out, (q, k, v), upstream))
     for a, b in zip(found[True], found[False], strict=True):
         torch.testing.assert_close(a.float(), b.float(), atol=0.02, rtol=0.02)
+
+
+def test_below_avx512_the_kernels_are_not_built_and_pytorchs_operators_do_the_work(tmp_path, monkeypatch, caplog):
+    # Every machine: a CPU PyTorch runs below AVX-512 (an AVX2-only EPYC) gets no kernels, says so at the
+    # info level (no warning: nothing is wrong), builds nothing, and trains bf16 attention as before.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "cpu_runs_avx512", lambda: False)
+    native.attention_kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="fundamentallm.native"):
+            assert native.attention_kernels() is None
+        assert "AVX-512" in caplog.text and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not (tmp_path / "fundamentallm").exists()
+        q, k, v = (torch.randn(2, 2, 80, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        assert model_module.native_attention(q) is None
+        model_module.explicit_attention(q, k, v, dropout_p=0.2).float().square().sum().backward()
+        assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))
+    finally:
+        native.attention_kernels.cache_clear()
+
+
+def test_the_cpu_check_follows_pytorchs_own():
+    assert native.cpu_runs_avx512() == (torch.backends.cpu.get_cpu_capability() == "AVX512")
