@@ -2,14 +2,13 @@
 and dropout on a CPU in bf16 (`fundamentallm/csrc/attention.c`, used by `model._SlicedAttention`).
 
 The kernels are AVX-512 code, used where PyTorch runs its own operators in AVX-512 (Intel Xeons since
-Skylake-SP, AMD since Zen 4: the CPUs with hardware bf16 are among them); elsewhere bf16 is rare (CPUs
-without it train in fp32) and PyTorch's operators do the work. The source is compiled on first use with
-the machine's C compiler (`$CC`, else `cc`; `-O3 -march=native
--fopenmp`) into the user's cache directory, keyed by the source, the flags, the compiler and the CPU, and
-loaded with ctypes; later processes load the cached library (a build takes under a second). Where there is
-no compiler, the build fails or `FUNDAMENTALLM_NATIVE=0` is set, `attention_kernels()` is None (logged once)
-and the model computes the same with PyTorch's operators. The library's OpenMP calls run on the OpenMP
-runtime PyTorch has loaded (both name it libgomp.so.1), with PyTorch's thread count."""
+Skylake-SP, AMD since Zen 4; every CPU with hardware bf16 so far). The source is compiled on first use
+with the machine's C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`) into the user's cache
+directory, keyed by the source, the flags, the compiler and the CPU, and loaded with ctypes; later
+processes load the cached library (a build takes under a second). Below AVX-512, without a compiler,
+where the build fails or with `FUNDAMENTALLM_NATIVE=0`, `attention_kernels()` is None (the reason logged
+once) and the model does the same work with PyTorch's operators. The library's OpenMP loops run on the
+OpenMP runtime PyTorch has loaded (both name it libgomp.so.1), with PyTorch's thread count."""
 
 from __future__ import annotations
 
@@ -159,7 +158,7 @@ def attention_kernels() -> AttentionKernels | None:
 
 
 def _reason(error: BaseException) -> str:
-    if isinstance(error, subprocess.CalledProcessError):  # the compiler's first error, else its last line
+    if isinstance(error, subprocess.CalledProcessError):  # the compiler's first line naming an error, else its first
         lines = [line.strip() for line in (error.stderr or "").splitlines() if line.strip()]
         errors = [line for line in lines if "error" in line.lower()]
         return f"{error.cmd[0]} failed: {(errors or lines or [f'exit {error.returncode}'])[0]}"
