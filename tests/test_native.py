@@ -107,8 +107,8 @@ def test_a_build_is_cached_and_reused(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="fundamentallm.native")
     first = native._build(native.SOURCE, native.FLAGS)
     assert first.parent == tmp_path / "fundamentallm" / "native" and first.exists()
-    built = first.stat().st_mtime_ns
-    assert native._build(native.SOURCE, native.FLAGS) == first and first.stat().st_mtime_ns == built
+    written = first.stat().st_mtime_ns
+    assert native._build(native.SOURCE, native.FLAGS) == first and first.stat().st_mtime_ns == written
     assert sum("built" in r.getMessage() for r in caplog.records) == 1
     assert list(first.parent.iterdir()) == [first]  # no partial build left behind
     other = native._build(native.SOURCE, (*native.FLAGS, "-DUNUSED"))
