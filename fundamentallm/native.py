@@ -3,12 +3,13 @@ and dropout on a CPU in bf16 (`fundamentallm/csrc/attention.c`, used by `model._
 
 The kernels are AVX-512 code, used where PyTorch runs its own operators in AVX-512 (Intel Xeons since
 Skylake-SP, AMD since Zen 4; every CPU with hardware bf16 so far). The source is compiled on first use
-with the machine's C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`) into the user's cache
-directory, keyed by the source, the flags, the compiler and the CPU, and loaded with ctypes; later
-processes load the cached library (a build takes under a second). Below AVX-512, without a compiler,
-where the build fails or with `FUNDAMENTALLM_NATIVE=0`, `attention_kernels()` is None (the reason logged
-once) and the model does the same work with PyTorch's operators. The library's OpenMP loops run on the
-OpenMP runtime PyTorch has loaded (both name it libgomp.so.1), with PyTorch's thread count."""
+with the machine's C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`) into native/ of the
+project's cache directory (`cache_dir`), keyed by the source, the flags, the compiler and the CPU, and
+loaded with ctypes; later processes load the cached library (a build takes under a second). Below
+AVX-512, without a compiler, where the build fails or with `FUNDAMENTALLM_NATIVE=0`,
+`attention_kernels()` is None (the reason logged once) and the model does the same work with PyTorch's
+operators. The library's OpenMP loops run on the OpenMP runtime PyTorch has loaded (both name it
+libgomp.so.1), with PyTorch's thread count."""
 
 from __future__ import annotations
 
@@ -204,11 +205,13 @@ def _cpu_flags() -> bytes:
 
 
 def cache_dir() -> Path:
-    """Where built libraries are kept: `$XDG_CACHE_HOME` or ~/.cache, under fundamentallm/native; a
-    directory in the temporary directory where that cannot be made."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    """Where built libraries are kept: native/ in the project's cache on this machine
+    (`storage.local_cache_dir`: ~/.cache/fundamentallm by default); a directory in the temporary directory
+    where that cannot be made."""
+    from fundamentallm.storage import local_cache_dir
+
     user = getattr(os, "getuid", lambda: 0)()
-    for directory in (base / "fundamentallm" / "native", Path(tempfile.gettempdir()) / f"fundamentallm-native-{user}"):
+    for directory in (local_cache_dir() / "native", Path(tempfile.gettempdir()) / f"fundamentallm-native-{user}"):
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError:

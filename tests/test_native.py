@@ -103,10 +103,10 @@ def test_tiles_the_kernels_cannot_take_are_refused_with_the_reason():
 
 @pytest.mark.avx512
 def test_a_build_is_cached_and_reused(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("FUNDAMENTALLM_CACHE_DIR", str(tmp_path))
     caplog.set_level(logging.INFO, logger="fundamentallm.native")
     first = native._build(native.SOURCE, native.FLAGS)
-    assert first.parent == tmp_path / "fundamentallm" / "native" and first.exists()
+    assert first.parent == tmp_path / "native" and first.exists()
     written = first.stat().st_mtime_ns
     assert native._build(native.SOURCE, native.FLAGS) == first and first.stat().st_mtime_ns == written
     assert sum("built" in r.getMessage() for r in caplog.records) == 1
@@ -117,7 +117,7 @@ def test_a_build_is_cached_and_reused(tmp_path, monkeypatch, caplog):
 
 @pytest.mark.avx512
 def test_without_a_compiler_the_model_runs_on_pytorchs_operators_and_says_why(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("FUNDAMENTALLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     native.attention_kernels.cache_clear()
     try:
@@ -141,11 +141,11 @@ def test_without_a_compiler_the_model_runs_on_pytorchs_operators_and_says_why(tm
 def test_a_compile_error_is_reported_with_the_compilers_last_line(tmp_path, monkeypatch):
     broken = tmp_path / "broken.c"
     broken.write_text("int f(void) { return 1 }\n")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FUNDAMENTALLM_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(native.subprocess.CalledProcessError) as failure:
         native._build(broken, native.FLAGS)
     assert "error" in native._reason(failure.value)
-    assert list((tmp_path / "cache" / "fundamentallm" / "native").iterdir()) == []  # nothing half-built kept
+    assert list((tmp_path / "cache" / "native").iterdir()) == []  # nothing half-built kept
 
 
 @pytest.mark.avx512
@@ -179,14 +179,14 @@ def test_bf16_attention_without_dropout_is_the_same_with_the_kernels_as_without(
 def test_below_avx512_the_kernels_are_not_built_and_pytorchs_operators_do_the_work(tmp_path, monkeypatch, caplog):
     # Every machine: a CPU PyTorch runs below AVX-512 (an AVX2-only EPYC) gets no kernels, says so at the
     # info level (no warning: nothing is wrong), builds nothing, and trains bf16 attention as before.
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("FUNDAMENTALLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native, "cpu_runs_avx512", lambda: False)
     native.attention_kernels.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="fundamentallm.native"):
             assert native.attention_kernels() is None
         assert "AVX-512" in caplog.text and not [r for r in caplog.records if r.levelno >= logging.WARNING]
-        assert not (tmp_path / "fundamentallm").exists()
+        assert not (tmp_path / "native").exists()
         q, k, v = (torch.randn(2, 2, 80, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         assert model_module.native_attention(q) is None
         model_module.explicit_attention(q, k, v, dropout_p=0.2).float().square().sum().backward()
