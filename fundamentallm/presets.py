@@ -1,17 +1,18 @@
 """Named training presets: functions that build a `RunConfig`.
 
 - ``debug``: a tiny model that trains in seconds, for tests.
-- ``cpu-quick``: the best model found for a 2-core CPU in 2 minutes (Muon, 3 x 160, context 64); on a
-  CPU that multiplies bf16 in hardware (`precision=auto` trains in bf16 there) a step costs less and the
-  preset takes a bigger batch with a higher Muon rate (twice the batch with AVX-512 BF16, four times
-  with AMX, and there Muon's momentum at 0.9 and the output temperature fitted on the first 2% of the
-  training split, held out: `calibration`) and the exact GELU, which measured better there.
+- ``cpu-quick``: the best model found for a 2-core CPU in 2 minutes (Muon, 3 x 160, context 64, the
+  exact GELU, the faster form); on a CPU that multiplies bf16 in hardware (`precision=auto` trains in
+  bf16 there) a step costs less and the preset takes a bigger batch with a higher Muon rate (twice the
+  batch with AVX-512 BF16, four times with AMX, and there Muon's momentum at 0.9 and the output
+  temperature fitted on the first 2% of the training split, held out: `calibration`).
 - ``cpu-small``: the best model found for a 2-core CPU in 15 minutes (Muon, 4 x 192, context 128,
-  compiled); where bf16 is in hardware a step costs less, the model sees the text many more times, and
-  the preset takes dropout 0.05 against overfitting; with AMX it trains eagerly (faster there with
-  dropout, and no compilation) with the exact GELU, context 256 at batch 16 (the same 4,096 tokens a step
-  as 32 x 128), Muon at 0.03, no dropout for the first 30% of the time (`late_dropout`) and the output
-  temperature fitted on the first 2% of the training split, held out (`calibration`).
+  compiled, the exact GELU but with AVX-512 BF16 without AMX); where bf16 is in hardware a step costs
+  less, the model sees the text many more times, and the preset takes dropout 0.05 against overfitting;
+  with AMX it trains eagerly (faster there with dropout, and no compilation), context 256 at batch 16
+  (the same 4,096 tokens a step as 32 x 128), Muon at 0.03, no dropout for the first 30% of the time
+  (`late_dropout`) and the output temperature fitted on the first 2% of the training split, held out
+  (`calibration`).
 - ``shakespeare-gpu``: the classic single-GPU configuration (6 layers, 6 heads, 384 wide,
   context 256, dropout 0.2, the exact GELU) that reaches about 1.47 nats/char on Tiny Shakespeare in nanoGPT's
   measure (non-overlapping windows: `fundamentallm evaluate --protocol nanogpt`).
@@ -54,11 +55,13 @@ def cpu_quick() -> RunConfig:
     # momentum at 0.9 against 0.95: 1.4556 against 1.4622 (mean of 5 seeds, lower in 4). There the model,
     # which sees the text about 8 times, is overconfident on new text: the first 2% of the training split
     # held out and the temperature fitted there (`train.calibration`, T 1.11-1.12): 1.4274 / 1.4212 /
-    # 1.4184 against 1.4473 / 1.4444 / 1.4362 without (seeds 1337-1339, the same session).
+    # 1.4184 against 1.4473 / 1.4444 / 1.4362 without (seeds 1337-1339, the same session). The exact GELU
+    # on every CPU: in fp32 too it is the faster form (2.4-2.6x forward + backward in AVX2 code), and the
+    # AVX2 preset's eager fp32 step took 1.04x the tokens per second with it (AVX2 imitated on the AMX
+    # Xeon: ATen, oneDNN and MKL held to AVX2; not yet measured on an AVX2 machine).
     from fundamentallm import runtime  # torch: only when this preset is built
 
     unit = runtime.cpu_bf16_unit()
-    hardware_bf16 = bool(unit)
     batch, muon_lr, momentum = {"amx": (64, 0.04, 0.9), "avx512_bf16": (32, 0.03, 0.95)}.get(unit, (16, 0.02, 0.95))
     calibration = 0.02 if unit == "amx" else 0.0
     return RunConfig(
@@ -68,7 +71,7 @@ def cpu_quick() -> RunConfig:
             n_head=4,
             d_model=160,
             dropout=0.0,
-            activation="gelu_exact" if hardware_bf16 else "gelu",
+            activation="gelu_exact",
         ),
         train=TrainConfig(
             batch_size=batch,
@@ -105,11 +108,15 @@ def cpu_small() -> RunConfig:
     # 1337-1341, the same day), mean 1.3853 against 1.3904, 1.00-1.11x the tokens per second. Such a model is
     # overconfident on new text (its validation loss 0.02 lower with the logits divided by about 1.2): the
     # first 2% of the training split held out and the temperature fitted there (`train.calibration`),
-    # seeds 1338 / 1340 1.3589 / 1.3530 against 1.3866 / 1.3777 without (the same session).
+    # seeds 1338 / 1340 1.3589 / 1.3530 against 1.3866 / 1.3777 without (the same session). On AVX2 CPUs
+    # (fp32, compiled) the exact GELU too: 1.04x the tokens per second of the tanh form (AVX2 imitated on the
+    # AMX Xeon, not yet measured on an AVX2 machine); with AVX-512 BF16 (compiled bf16) the tanh form stays,
+    # not measured there.
     from fundamentallm import runtime  # torch: only when this preset is built
 
-    dropout = 0.05 if runtime.cpu_has_fast_bf16() else 0.0
-    amx = runtime.cpu_bf16_unit() == "amx"
+    unit = runtime.cpu_bf16_unit()
+    dropout = 0.05 if unit else 0.0
+    amx = unit == "amx"
     context, muon_lr, late_dropout, calibration = (256, 0.03, 0.3, 0.02) if amx else (128, 0.02, 0.0, 0.0)
     return RunConfig(
         model=ModelConfig(
@@ -118,7 +125,7 @@ def cpu_small() -> RunConfig:
             n_head=4,
             d_model=192,
             dropout=dropout,
-            activation="gelu_exact" if amx else "gelu",
+            activation="gelu" if unit == "avx512_bf16" else "gelu_exact",
         ),
         train=TrainConfig(
             batch_size=16,
