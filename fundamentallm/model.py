@@ -184,6 +184,9 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if torch.compiler.is_compiling():
         keep_bytes = random_bytes(x.numel(), x.device).view(x.shape)
         return _KeepMask.apply(x, keep_bytes >= threshold, scale)
+    kernels = native_dropout(x)
+    if kernels:
+        return _NativeDropout.apply(None, x, threshold, scale, kernels)
     return _KeepMask.apply(x, _eager_keep_mask(x, threshold), scale)
 
 
@@ -214,12 +217,57 @@ class _AddMasked(torch.autograd.Function):
 
 def add_dropout(x: torch.Tensor, h: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """x + dropout(h, p): a residual addition. Eagerly on a CPU, with x and h of one dtype, the mask
-    multiplies and adds in one pass (`_AddMasked`); the mask is drawn as `dropout` draws it."""
+    multiplies and adds in one pass (`_AddMasked`); the mask is drawn as `dropout` draws it. In bf16, where
+    the C kernels build, their one pass instead (`_NativeDropout`: the same elements kept as `dropout`
+    keeps from the same seed)."""
     in_bytes = byte_dropout(p) if training else None
     if in_bytes is None or h.device.type != "cpu" or x.dtype != h.dtype or torch.compiler.is_compiling():
         return x + dropout(h, p, training)
     threshold, scale = in_bytes
+    kernels = native_dropout(h) if x.shape == h.shape and x.is_contiguous() else None
+    if kernels:
+        return _NativeDropout.apply(x, h, threshold, scale, kernels)
     return _AddMasked.apply(x, h, _eager_keep_mask(h, threshold), scale)
+
+
+# Dropout in bf16 on a CPU by the C kernels of fundamentallm/native.py where they build: the residual
+# addition and its dropout in one pass whose keep bytes are a hash of the element's place and two seeds
+# (no random bytes drawn per element, no mask made of them), the kept elements remembered as bits for the
+# backward pass. False: PyTorch's operators (`_AddMasked`, `_KeepMask`).
+NATIVE_DROPOUT = True
+
+
+def native_dropout(h: torch.Tensor) -> native.Kernels | None:
+    """The C kernels that drop out of `h` (bf16, one piece, on a CPU), or None."""
+    if not NATIVE_DROPOUT or h.dtype != torch.bfloat16 or h.device.type != "cpu" or not h.is_contiguous():
+        return None
+    return native.kernels() if h.numel() <= native.MAX_ELEMENTS else None
+
+
+def kernel_seeds(count: int, device: torch.device) -> list[tuple[int, int]]:
+    """`count` pairs of 32-bit seeds for the kernels' keep bytes, drawn from the global generator (as
+    random bytes), so that a run's masks follow its seed."""
+    drawn = random_bytes(8 * count, device).view(torch.int32).view(-1, 2).tolist()
+    return [(seed1 & 0xFFFFFFFF, seed2 & 0xFFFFFFFF) for seed1, seed2 in drawn]
+
+
+class _NativeDropout(torch.autograd.Function):
+    """x + h x keep x scale (x None: h x keep x scale) by the kernels, forward and backward; the kept
+    elements are saved as bits (a sixteenth of h's bytes), not as a mask in h's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, h, threshold: int, scale: float, kernels: native.Kernels):  # type: ignore[override]
+        ((seed1, seed2),) = kernel_seeds(1, h.device)
+        out, bits = kernels.dropout(h, (threshold, seed1, seed2), scale, x)
+        ctx.save_for_backward(bits)
+        ctx.scale, ctx.kernels, ctx.added = scale, kernels, x is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (bits,) = ctx.saved_tensors
+        grad_h = ctx.kernels.dropout_backward(grad.contiguous(), bits, ctx.scale)
+        return (grad if ctx.added else None), grad_h, None, None, None
 
 
 class Dropout(nn.Module):
@@ -381,8 +429,7 @@ class _SlicedAttention(torch.autograd.Function):
             kernels = native_attention(q)
             tile_dropout: list[tuple[int, int, int] | None] = [None] * len(tiles)
             if kernels and in_bytes:  # the kernels' dropout: the threshold and two 32-bit seeds per tile
-                drawn = random_bytes(8 * len(tiles), q.device).view(torch.int32).view(-1, 2).tolist()
-                tile_dropout = [(threshold, seed1 & 0xFFFFFFFF, seed2 & 0xFFFFFFFF) for seed1, seed2 in drawn]
+                tile_dropout = [(threshold, seed1, seed2) for seed1, seed2 in kernel_seeds(len(tiles), q.device)]
             for (rows, start, end), dropout_seeds in zip(tiles, tile_dropout, strict=True):
                 block = start // QUERY_BLOCK
                 w = torch.baddbmm(
@@ -481,11 +528,11 @@ def _slice_rows(n: int, slices: int) -> list[slice]:
 NATIVE_ATTENTION = True
 
 
-def native_attention(q: torch.Tensor) -> native.AttentionKernels | None:
+def native_attention(q: torch.Tensor) -> native.Kernels | None:
     """The C kernels `_SlicedAttention` computes the softmax and dropout of queries `q` with, or None."""
     if not NATIVE_ATTENTION or q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-2] > native.MAX_KEYS:
         return None
-    return native.attention_kernels()
+    return native.kernels()
 
 
 def _keep_mask(keep_bytes: torch.Tensor, threshold: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Kernels in C for work that eager PyTorch does in several passes where one would do: attention's softmax
-and dropout on a CPU in bf16 (`fundamentallm/csrc/attention.c`, used by `model._SlicedAttention`).
+"""Kernels in C for bf16 work on a CPU that eager PyTorch does in several passes where one would do
+(`fundamentallm/csrc/kernels.c`): attention's softmax and dropout (used by `model._SlicedAttention`) and
+dropout of a tensor, added to the residual stream or not (`model.add_dropout`, `model.dropout`).
 
 The kernels are AVX-512 code, used where PyTorch runs its own operators in AVX-512 (Intel Xeons since
 Skylake-SP, AMD since Zen 4; every CPU with hardware bf16 so far). The source is compiled on first use
@@ -7,7 +8,7 @@ with the machine's C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`) i
 project's cache directory (`cache_dir`), keyed by the source, the flags, the compiler and the CPU, and
 loaded with ctypes; later processes load the cached library (a build takes under a second). Below
 AVX-512, without a compiler, where the build fails or with `FUNDAMENTALLM_NATIVE=0`,
-`attention_kernels()` is None (the reason logged once) and the model does the same work with PyTorch's
+`kernels()` is None (the reason logged once) and the model does the same work with PyTorch's
 operators. The library's OpenMP loops run on the OpenMP runtime PyTorch has loaded (both name it
 libgomp.so.1), with PyTorch's thread count."""
 
@@ -28,16 +29,18 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "FUNDAMENTALLM_NATIVE"
-SOURCE = Path(__file__).parent / "csrc" / "attention.c"
+SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _SHORT = 16  # hex digits of the build key in the library's name
 MAX_KEYS = 8192  # the longest row of scores the kernels take (MAX_COLS in the source)
+MAX_ELEMENTS = 2**32 - 1  # the most elements the dropout kernels take (their indices are 32-bit)
 
 
-class AttentionKernels:
-    """The compiled attention kernels. Tiles are (b, t, cols) bf16 tensors, one piece, on the CPU: b blocks
-    of t queries, the first at position `start`, against keys 0..cols-1, causally (query start + i sees keys
-    up to start + i; its weights beyond are written 0)."""
+class Kernels:
+    """The compiled kernels. Attention's tiles are (b, t, cols) bf16 tensors, one piece, on the CPU: b
+    blocks of t queries, the first at position `start`, against keys 0..cols-1, causally (query start + i
+    sees keys up to start + i; its weights beyond are written 0). Dropout takes bf16 tensors of any shape,
+    one piece, on the CPU."""
 
     def __init__(self, library: ctypes.CDLL, path: Path):
         self.path = path
@@ -55,6 +58,15 @@ class AttentionKernels:
             [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int],
         )
         self._keep_byte = _bind(library, "fundamentallm_keep_byte", ctypes.c_uint32, [u32, u32, u32])
+        self._dropout = _bind(
+            library,
+            "fundamentallm_dropout",
+            ctypes.c_int,
+            [ptr, ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_float, u32, u32, ctypes.c_int],
+        )
+        self._dropout_backward = _bind(
+            library, "fundamentallm_dropout_backward", ctypes.c_int, [ptr, ptr, ptr, i64, ctypes.c_float, ctypes.c_int]
+        )
 
     def softmax_dropout(
         self, scores: torch.Tensor, start: int, dropout: tuple[int, int, int] | None
@@ -103,14 +115,70 @@ class AttentionKernels:
         return grad
 
     def keep_byte(self, index: int, seed1: int, seed2: int) -> int:
-        """The byte that keeps element `index` (r x cols + j of its tile) if at least dropout's threshold."""
+        """The byte that keeps element `index` (r x cols + j of its tile, or the element's place in the
+        tensor `dropout` drops from) if at least dropout's threshold."""
         return self._keep_byte(index, seed1, seed2)
+
+    def dropout(
+        self, h: torch.Tensor, dropout: tuple[int, int, int], scale: float, x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`h` with dropout, scaled, plus `x` if given, in one pass: x + h x keep x scale, where
+        `dropout` = (threshold, seed1, seed2) keeps element i (its place in h) if its keep byte
+        (`keep_byte`) is at least the threshold. Returns the result (new) and which elements were kept, one
+        bit per element (int16 words: bit l of word w is element 16 w + l), for `dropout_backward`."""
+        _check_whole(h)
+        if x is not None:
+            _check_whole(x)
+            if x.shape != h.shape:
+                raise ValueError(f"dropout kernel: x {tuple(x.shape)} and h {tuple(h.shape)} differ")
+        n = h.numel()
+        out = torch.empty_like(h)
+        bits = torch.empty((n + 15) // 16, dtype=torch.int16)
+        threshold, seed1, seed2 = dropout
+        status = self._dropout(
+            None if x is None else x.data_ptr(),
+            h.data_ptr(),
+            out.data_ptr(),
+            bits.data_ptr(),
+            n,
+            threshold,
+            scale,
+            seed1,
+            seed2,
+            torch.get_num_threads(),
+        )
+        if status:
+            raise ValueError(f"dropout kernel: {n} elements are more than it handles ({MAX_ELEMENTS})")
+        return out, bits
+
+    def dropout_backward(self, grad: torch.Tensor, bits: torch.Tensor, scale: float) -> torch.Tensor:
+        """The gradient of `dropout`'s h from `grad`, the gradient of its result: grad x keep x scale, the
+        kept elements read from `bits` (as `dropout` returned them)."""
+        _check_whole(grad)
+        n = grad.numel()
+        if bits.dtype != torch.int16 or not bits.is_contiguous() or bits.numel() != (n + 15) // 16:
+            raise ValueError(f"dropout kernel: {bits.numel()} {bits.dtype} words are not the bits of {n} elements")
+        out = torch.empty_like(grad)
+        status = self._dropout_backward(
+            grad.data_ptr(), bits.data_ptr(), out.data_ptr(), n, scale, torch.get_num_threads()
+        )
+        if status:
+            raise ValueError(f"dropout kernel: {n} elements are more than it handles ({MAX_ELEMENTS})")
+        return out
 
 
 def _bind(library: ctypes.CDLL, name: str, restype: object, argtypes: list) -> ctypes._CFuncPtr:
     function = getattr(library, name)
     function.restype, function.argtypes = restype, argtypes
     return function
+
+
+def _check_whole(t: torch.Tensor) -> None:
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(
+            f"dropout kernel: a tensor must be a contiguous bf16 CPU tensor, not {t.dtype} {tuple(t.shape)} on "
+            f"{t.device}{'' if t.is_contiguous() else ' (not contiguous)'}"
+        )
 
 
 def _check_tile(tile: torch.Tensor) -> None:
@@ -131,26 +199,26 @@ def cpu_runs_avx512() -> bool:
 
 
 @functools.cache
-def attention_kernels() -> AttentionKernels | None:
-    """The attention kernels, built on first use (once per process); None where they are not used here or
-    cannot be built (why is logged once)."""
+def kernels() -> Kernels | None:
+    """The kernels, built on first use (once per process); None where they are not used here or cannot be
+    built (why is logged once)."""
     if not enabled():
-        log.info("%s=0: attention's softmax and dropout run as PyTorch operators", ENV)
+        log.info("%s=0: attention's softmax and dropout and the dropouts run as PyTorch operators", ENV)
         return None
     if not cpu_runs_avx512():
         log.info(
-            "attention's softmax and dropout run as PyTorch operators: the C kernels are AVX-512 code, and "
-            "PyTorch runs this CPU at %s",
+            "attention's softmax and dropout and the dropouts run as PyTorch operators: the C kernels are "
+            "AVX-512 code, and PyTorch runs this CPU at %s",
             torch.backends.cpu.get_cpu_capability(),
         )
         return None
     try:
         path = _build(SOURCE, FLAGS)
-        return AttentionKernels(ctypes.CDLL(str(path)), path)
+        return Kernels(ctypes.CDLL(str(path)), path)
     except (OSError, subprocess.SubprocessError, AttributeError) as error:
         log.warning(
-            "attention's softmax and dropout run as PyTorch operators (slower): the C kernels of %s could not be "
-            "built or loaded (%s); set %s=0 to say so deliberately",
+            "attention's softmax and dropout and the dropouts run as PyTorch operators (slower): the C kernels "
+            "of %s could not be built or loaded (%s); set %s=0 to say so deliberately",
             SOURCE.name,
             _reason(error),
             ENV,
