@@ -203,11 +203,11 @@ def kernels() -> Kernels | None:
     """The kernels, built on first use (once per process); None where they are not used here or cannot be
     built (why is logged once)."""
     if not enabled():
-        log.info("%s=0: attention's softmax and dropout and the dropouts run as PyTorch operators", ENV)
+        log.info("%s=0: attention's softmax and the dropouts run as PyTorch operators", ENV)
         return None
     if not cpu_runs_avx512():
         log.info(
-            "attention's softmax and dropout and the dropouts run as PyTorch operators: the C kernels are "
+            "attention's softmax and the dropouts run as PyTorch operators: the C kernels are "
             "AVX-512 code, and PyTorch runs this CPU at %s",
             torch.backends.cpu.get_cpu_capability(),
         )
@@ -217,7 +217,7 @@ def kernels() -> Kernels | None:
         return Kernels(ctypes.CDLL(str(path)), path)
     except (OSError, subprocess.SubprocessError, AttributeError) as error:
         log.warning(
-            "attention's softmax and dropout and the dropouts run as PyTorch operators (slower): the C kernels "
+            "attention's softmax and the dropouts run as PyTorch operators (slower): the C kernels "
             "of %s could not be built or loaded (%s); set %s=0 to say so deliberately",
             SOURCE.name,
             _reason(error),
