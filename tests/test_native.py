@@ -117,10 +117,11 @@ def unpack(bits: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @pytest.mark.avx512
-@pytest.mark.parametrize("shape", [(3, 37, 29), (16,), (5,), (2, 16, 512)])
+@pytest.mark.parametrize("shape", [(3, 37, 29), (16,), (5,), (3, 7, 1001)])
 def test_the_dropout_kernel_adds_what_it_keeps_as_addcmul_would_and_remembers_it_as_bits(shape):
     # x + h x keep x scale in fp32 and rounded once: the same bits as PyTorch's addcmul with the same mask,
-    # the mask made of the keep bytes of each element's place in h; tensors not a multiple of 16 long too.
+    # the mask made of the keep bytes of each element's place in h; tensors not a multiple of 16 long too,
+    # and one of 21,021 elements, over more than one of the kernel's chunks (16,384 each, a thread's share).
     kernels = built()
     generator = torch.Generator().manual_seed(0)
     x, h, grad = (torch.randn(shape, generator=generator).bfloat16() for _ in range(3))
