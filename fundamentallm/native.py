@@ -75,7 +75,7 @@ class Kernels:
         `dropout` = (threshold, seed1, seed2) keeps an element where its keep byte (`keep_byte`) is at least
         the threshold (the kept weights unscaled: 1 / (1 - p) is the caller's), a new tensor; without
         dropout (None) the weights themselves."""
-        _check_tile(scores)
+        _check(scores, "attention", dims=3)
         b, t, cols = scores.shape
         dropped = torch.empty_like(scores) if dropout else scores
         threshold, seed1, seed2 = dropout or (0, 0, 0)
@@ -103,7 +103,7 @@ class Kernels:
         row with e = grad x dropped (the softmax's backward pass of what dropout let through). Without
         dropout `dropped` is `weights`."""
         for tile in (grad, weights, dropped):
-            _check_tile(tile)
+            _check(tile, "attention", dims=3)
         if not grad.shape == weights.shape == dropped.shape:
             raise ValueError(f"attention kernel: tiles {grad.shape}, {weights.shape}, {dropped.shape} differ")
         b, t, cols = grad.shape
@@ -126,9 +126,9 @@ class Kernels:
         `dropout` = (threshold, seed1, seed2) keeps element i (its place in h) if its keep byte
         (`keep_byte`) is at least the threshold. Returns the result (new) and which elements were kept, one
         bit per element (int16 words: bit l of word w is element 16 w + l), for `dropout_backward`."""
-        _check_whole(h)
+        _check(h, "dropout")
         if x is not None:
-            _check_whole(x)
+            _check(x, "dropout")
             if x.shape != h.shape:
                 raise ValueError(f"dropout kernel: x {tuple(x.shape)} and h {tuple(h.shape)} differ")
         n = h.numel()
@@ -154,7 +154,7 @@ class Kernels:
     def dropout_backward(self, grad: torch.Tensor, bits: torch.Tensor, scale: float) -> torch.Tensor:
         """The gradient of `dropout`'s h from `grad`, the gradient of its result: grad x keep x scale, the
         kept elements read from `bits` (as `dropout` returned them)."""
-        _check_whole(grad)
+        _check(grad, "dropout")
         n = grad.numel()
         if bits.dtype != torch.int16 or not bits.is_contiguous() or bits.numel() != (n + 15) // 16:
             raise ValueError(f"dropout kernel: {bits.numel()} {bits.dtype} words are not the bits of {n} elements")
@@ -173,19 +173,13 @@ def _bind(library: ctypes.CDLL, name: str, restype: object, argtypes: list) -> c
     return function
 
 
-def _check_whole(t: torch.Tensor) -> None:
-    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+def _check(t: torch.Tensor, kernel: str, dims: int | None = None) -> None:
+    """Refuse what the kernels cannot take, saying why: a bf16 CPU tensor in one piece (a tile: 3-d)."""
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() or (dims and t.dim() != dims):
+        what = f"a tile must be a contiguous {dims}-d" if dims else "a tensor must be a contiguous"
         raise ValueError(
-            f"dropout kernel: a tensor must be a contiguous bf16 CPU tensor, not {t.dtype} {tuple(t.shape)} on "
-            f"{t.device}{'' if t.is_contiguous() else ' (not contiguous)'}"
-        )
-
-
-def _check_tile(tile: torch.Tensor) -> None:
-    if tile.dtype != torch.bfloat16 or tile.device.type != "cpu" or tile.dim() != 3 or not tile.is_contiguous():
-        raise ValueError(
-            f"attention kernel: a tile must be a contiguous 3-d bf16 CPU tensor, not {tile.dtype} "
-            f"{tuple(tile.shape)} on {tile.device}{'' if tile.is_contiguous() else ' (not contiguous)'}"
+            f"{kernel} kernel: {what} bf16 CPU tensor, not {t.dtype} {tuple(t.shape)} on {t.device}"
+            f"{'' if t.is_contiguous() else ' (not contiguous)'}"
         )
 
 

@@ -18,7 +18,7 @@ SKIPS_ALLOWED_IN_CI = {
     ),
 }
 
-# Tests marked `avx512` run AVX-512 code (the attention kernels of fundamentallm/native.py), which a CPU
+# Tests marked `avx512` run AVX-512 code (the C kernels of fundamentallm/native.py), which a CPU
 # without it cannot: there they skip, in CI too, and the model uses PyTorch's operators instead, which
 # the unmarked tests cover on every machine.
 AVX512_SKIP = "runs AVX-512 code (fundamentallm/native.py's kernels), and PyTorch runs this CPU below AVX-512"

@@ -35,6 +35,13 @@ def future(t: int, cols: int, start: int) -> torch.Tensor:
     return torch.arange(cols).view(1, cols) > positions  # (t, cols): True where the key is in the future
 
 
+def kept_elements(kernels: native.Kernels, shape: tuple[int, ...], threshold: int, seeds: tuple[int, int]):
+    """The keep mask of a tile or a tensor of `shape` (element i: its keep byte at least the threshold), rebuilt
+    one keep byte at a time."""
+    n = torch.Size(shape).numel()
+    return (torch.tensor([kernels.keep_byte(i, *seeds) for i in range(n)]) >= threshold).view(shape)
+
+
 @pytest.mark.avx512
 @pytest.mark.parametrize(("b", "t", "cols", "start"), [(3, 5, 17, 12), (2, 64, 256, 192), (4, 7, 37, 30), (1, 3, 3, 0)])
 def test_the_forward_kernel_is_the_causal_softmax_and_a_mask_of_its_keep_bytes(b, t, cols, start):
@@ -46,8 +53,7 @@ def test_the_forward_kernel_is_the_causal_softmax_and_a_mask_of_its_keep_bytes(b
     # within bf16's rounding of the fp32 softmax (one unit in the last place), exactly 0 in the future
     torch.testing.assert_close(w.float(), expected, atol=1e-6, rtol=2**-7)
     assert (w[:, hidden] == 0).all() and (dropped[:, hidden] == 0).all()
-    keep_bytes = torch.tensor([kernels.keep_byte(i, 12345, 678) for i in range(b * t * cols)]).view(b, t, cols)
-    assert torch.equal(dropped, torch.where(keep_bytes >= 64, w, 0))
+    assert torch.equal(dropped, torch.where(kept_elements(kernels, (b, t, cols), 64, (12345, 678)), w, 0))
     # no dropout: the weights alone, the same values, and `dropped` is them
     again, same = kernels.softmax_dropout(scores.clone(), start, None)
     assert same is again and torch.equal(again, w)
@@ -102,12 +108,6 @@ def test_tiles_the_kernels_cannot_take_are_refused_with_the_reason():
     w = torch.zeros(1, 2, 4, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="differ"):
         kernels.softmax_dropout_backward(w.clone(), w, torch.zeros(1, 2, 3, dtype=torch.bfloat16), 0)
-
-
-def kept_elements(kernels: native.Kernels, shape: tuple[int, ...], threshold: int, seeds: tuple[int, int]):
-    """The keep mask `dropout` makes for a tensor of `shape`, rebuilt one keep byte at a time."""
-    n = torch.Size(shape).numel()
-    return (torch.tensor([kernels.keep_byte(i, *seeds) for i in range(n)]) >= threshold).view(shape)
 
 
 def unpack(bits: torch.Tensor, n: int) -> torch.Tensor:
