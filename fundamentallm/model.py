@@ -366,6 +366,11 @@ def explicit_attention(
     if packed is not None and packed.shape != (B, T, 3 * H * D):
         raise ValueError(f"packed {tuple(packed.shape)} is not q, k and v {tuple(q.shape)} side by side")
     in_bytes, slices = byte_dropout(dropout_p), attention_slices(q)
+    if keep is None and not torch.compiler.is_compiling() and (in_bytes or dropout_p == 0):
+        kernels = amx_attention(q)
+        if kernels:
+            backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            return _AmxAttention.apply(q, k, v, packed, in_bytes, backward, kernels)
     tiled = slices > 1 or q.shape[-2] > QUERY_BLOCK
     if keep is None and not torch.compiler.is_compiling() and (in_bytes or (dropout_p == 0 and tiled)):
         backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -496,6 +501,65 @@ class _SlicedAttention(torch.autograd.Function):
         if ctx.packed:
             return None, None, None, dqkv.view(B, T, 3 * H * D), None, None, None
         return dq, dk_heads, dv_heads, None, None, None, None
+
+
+# Attention whole on the tile units (AMX) by the C kernels (`native.Kernels.attention`) where they build and
+# the CPU has them, in bf16: one call per layer forward and one backward in place of `_SlicedAttention`'s
+# products and passes. False: `_SlicedAttention`.
+AMX_ATTENTION = True
+
+
+def amx_attention(q: torch.Tensor) -> native.Kernels | None:
+    """The C kernels `_AmxAttention` computes attention of queries `q` (B, H, T, D) with, or None (then
+    `_SlicedAttention` or autograd does)."""
+    if not AMX_ATTENTION or q.dtype != torch.bfloat16 or q.device.type != "cpu" or not native.attention_fits(q):
+        return None
+    kernels = native.kernels()
+    return kernels if kernels is not None and kernels.amx else None
+
+
+class _AmxAttention(torch.autograd.Function):
+    """`explicit_attention` by the kernels' tile products (`native.Kernels.attention`): each (batch, head)
+    one thread's work, 16 queries at a time, the scores in fp32 from the tiles, the softmax and dropout
+    (four keep bytes per hash of the element's place and two seeds drawn per call) in AVX-512 between
+    the products. Nothing of the (T, T) weights is kept for the backward pass: each row's largest score
+    and 1 / its sum of exponentials (8 bytes a row), from which the backward pass recomputes the weights
+    bit for bit. The output is the (B, H, T, D) view of a (B, T, H, D) tensor (the layout the output
+    projection reads) and the gradients of q, k and v are one (B, T, 3, H, D) tensor: with `packed` its
+    gradient whole, else the three views of it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, packed, in_bytes: tuple[int, float] | None, backward: bool, kernels):  # type: ignore[override]
+        threshold, scale = in_bytes or (0, 1.0)
+        dropout = (threshold, *kernel_seeds(1, q.device)[0]) if in_bytes else None
+        with torch.autocast(q.device.type, enabled=False):  # q, k, v are already in the products' dtype
+            out, stats = kernels.attention(q, k, v, dropout, scale, keep_stats=backward)
+        if backward:
+            ctx.save_for_backward(q, k, v, stats)
+        ctx.kernels, ctx.dropout, ctx.scale, ctx.packed = kernels, dropout, scale, packed is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        q, k, v, stats = ctx.saved_tensors
+        B, H, T, D = q.shape
+        grad = grad.to(q.dtype)
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        with torch.autocast(q.device.type, enabled=False):
+            dqkv = ctx.kernels.attention_backward(q, k, v, grad, stats, ctx.dropout, ctx.scale)
+        ctx.kernels = None
+        if ctx.packed:
+            return None, None, None, dqkv.view(B, T, 3 * H * D), None, None, None
+        return (
+            dqkv[:, :, 0].transpose(1, 2),
+            dqkv[:, :, 1].transpose(1, 2),
+            dqkv[:, :, 2].transpose(1, 2),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Kernels in C for bf16 work on a CPU that eager PyTorch does in several passes where one would do
-(`fundamentallm/csrc/kernels.c`): attention's softmax and dropout (used by `model._SlicedAttention`) and
-dropout of a tensor, added to the residual stream or not (`model.add_dropout`, `model.dropout`).
+(`fundamentallm/csrc/kernels.c`): attention's softmax and dropout (used by `model._SlicedAttention`),
+dropout of a tensor, added to the residual stream or not (`model.add_dropout`, `model.dropout`), and,
+where the CPU has AMX tile units (Intel Xeons since Sapphire Rapids), causal attention whole, its products
+on the tiles (`Kernels.attention`, used by `model._AmxAttention`).
 
 The kernels are AVX-512 code, used where PyTorch runs its own operators in AVX-512 (Intel Xeons since
 Skylake-SP, AMD since Zen 4; every CPU with hardware bf16 so far). The source is compiled on first use
@@ -34,6 +36,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _SHORT = 16  # hex digits of the build key in the library's name
 MAX_KEYS = 8192  # the longest row of scores the kernels take (MAX_COLS in the source)
 MAX_ELEMENTS = 2**32 - 1  # the most elements the dropout kernels take (their indices are 32-bit)
+MAX_HEAD_DIM = 256  # the most dims per head `Kernels.attention` takes (ATTENTION_MAX_D in the source)
+MAX_POSITIONS = 2048  # the most positions it takes (ATTENTION_MAX_T)
 
 
 class Kernels:
@@ -67,6 +71,24 @@ class Kernels:
         self._dropout_backward = _bind(
             library, "fundamentallm_dropout_backward", ctypes.c_int, [ptr, ptr, ptr, i64, ctypes.c_float, ctypes.c_int]
         )
+        flt = ctypes.c_float
+        self._attention = _bind(
+            library,
+            "fundamentallm_attention",
+            ctypes.c_int,
+            [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, flt, u32, u32, ctypes.c_int],
+        )
+        self._attention_backward = _bind(
+            library,
+            "fundamentallm_attention_backward",
+            ctypes.c_int,
+            [ptr] * 14 + [ctypes.c_int, flt, u32, u32, ctypes.c_int],
+        )
+        self._attention_keep = _bind(
+            library, "fundamentallm_attention_keep", ctypes.c_uint32, [i64, i64, i64, u32, u32]
+        )
+        # Whether the tile units (AMX) are there and this process may use them (asked of Linux once).
+        self.amx = bool(_bind(library, "fundamentallm_amx", ctypes.c_int, [])())
 
     def softmax_dropout(
         self, scores: torch.Tensor, start: int, dropout: tuple[int, int, int] | None
@@ -166,6 +188,130 @@ class Kernels:
             raise ValueError(f"dropout kernel: {n} elements are more than it handles ({MAX_ELEMENTS})")
         return out
 
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        dropout: tuple[int, int, int] | None,
+        scale: float,
+        keep_stats: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Causal softmax(Q K^T / sqrt(D)) V on the tile units (AMX), for q, k, v (B, H, T, D) bf16 CPU
+        tensors with their dims one apart (views of one qkv product do), T a multiple of 32 and D even, at
+        most 256 (`attention_fits`). `dropout` = (threshold, seed1, seed2) keeps weight (b x H + h, t, j) where
+        `attention_keep` is at least the threshold, the kept weights times `scale`; None: no dropout. Returns
+        the output (B, H, T, D), the view of a (B, T, H, D) tensor, and with `keep_stats` what the backward
+        pass needs ((B x H, T, 2) fp32: each row's largest scaled score and 1 / its sum of exponentials)."""
+        B, H, T, D = _check_heads(q, k, v)
+        out = torch.empty(B, T, H, D, dtype=q.dtype)
+        stats = torch.empty(B * H, T, 2, dtype=torch.float32) if keep_stats else None
+        threshold, seed1, seed2 = dropout or (0, 0, 0)
+        status = self._attention(
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            _longs(B, H, T, D),
+            _longs(*q.stride()[:3]),
+            _longs(*k.stride()[:3]),
+            _longs(*v.stride()[:3]),
+            out.data_ptr(),
+            None if stats is None else stats.data_ptr(),
+            threshold,
+            scale,
+            seed1,
+            seed2,
+            torch.get_num_threads(),
+        )
+        _attention_status(status)
+        return out.transpose(1, 2), stats
+
+    def attention_backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        grad: torch.Tensor,
+        stats: torch.Tensor,
+        dropout: tuple[int, int, int] | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """The gradients of `attention`'s q, k and v from `grad`, its output's gradient (B, H, T, D), and the
+        stats it kept (the same q, k, v, dropout and scale): one (B, T, 3, H, D) tensor, q's, k's and v's side
+        by side as the qkv product lays them out."""
+        B, H, T, D = _check_heads(q, k, v, grad)
+        if stats.dtype != torch.float32 or not stats.is_contiguous() or stats.shape != (B * H, T, 2):
+            raise ValueError(
+                f"attention kernel: stats {stats.dtype} {tuple(stats.shape)} are not ({B * H}, {T}, 2) fp32"
+            )
+        dqkv = torch.empty(B, T, 3, H, D, dtype=q.dtype)
+        threshold, seed1, seed2 = dropout or (0, 0, 0)
+        status = self._attention_backward(
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            grad.data_ptr(),
+            _longs(B, H, T, D),
+            _longs(*q.stride()[:3]),
+            _longs(*k.stride()[:3]),
+            _longs(*v.stride()[:3]),
+            _longs(*grad.stride()[:3]),
+            stats.data_ptr(),
+            dqkv[:, :, 0].data_ptr(),
+            dqkv[:, :, 1].data_ptr(),
+            dqkv[:, :, 2].data_ptr(),
+            _longs(T * 3 * H * D, D, 3 * H * D),
+            threshold,
+            scale,
+            seed1,
+            seed2,
+            torch.get_num_threads(),
+        )
+        _attention_status(status)
+        return dqkv
+
+    def attention_keep(self, row: int, key: int, T: int, seed1: int, seed2: int) -> int:
+        """The keep byte of weight `key` of attention row `row` (= (b x H + h) x T + query) of `attention`'s
+        dropout with T positions: each 32-bit hash gives four consecutive weights their bytes."""
+        return self._attention_keep(row, key, T, seed1, seed2)
+
+
+def attention_fits(q: torch.Tensor) -> bool:
+    """Whether `Kernels.attention` takes queries (B, H, T, D) of this shape."""
+    T, D = q.shape[-2:]
+    return T % 32 == 0 and 0 < T <= MAX_POSITIONS and D % 2 == 0 and 0 < D <= MAX_HEAD_DIM
+
+
+def _check_heads(*tensors: torch.Tensor) -> tuple[int, int, int, int]:
+    shape = tensors[0].shape
+    for t in tensors:
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() != 4 or t.stride(-1) != 1:
+            raise ValueError(
+                f"attention kernel: q, k, v and the gradient must be (B, H, T, D) bf16 CPU tensors with their "
+                f"dims one apart, not {t.dtype} {tuple(t.shape)} (strides {t.stride()}) on {t.device}"
+            )
+        if t.shape != shape:
+            raise ValueError(f"attention kernel: shapes {tuple(shape)} and {tuple(t.shape)} differ")
+    if not attention_fits(tensors[0]):
+        raise ValueError(
+            f"attention kernel: {shape[2]} positions and {shape[3]} dims per head: it takes a multiple of 32 "
+            f"positions (at most {MAX_POSITIONS}) and an even number of dims, at most {MAX_HEAD_DIM}"
+        )
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def _longs(*values: int) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _attention_status(status: int) -> None:
+    if status == -2:
+        raise ValueError("attention kernel: this CPU or process cannot use the tile units (AMX)")
+    if status == -3:
+        raise MemoryError("attention kernel: out of memory for its per-thread buffers")
+    if status:
+        raise ValueError(f"attention kernel: refused the shape (status {status})")
+
 
 def _bind(library: ctypes.CDLL, name: str, restype: object, argtypes: list) -> ctypes._CFuncPtr:
     function = getattr(library, name)
@@ -190,6 +336,13 @@ def enabled() -> bool:
 def cpu_runs_avx512() -> bool:
     """Whether PyTorch runs its own CPU operators in AVX-512 here (`ATEN_CPU_CAPABILITY` can hold it lower)."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether the CPU has the AMX tile units with bf16 products (Linux's flags amx_tile and amx_bf16)."""
+    flags = _cpu_flags().split()
+    return b"amx_tile" in flags and b"amx_bf16" in flags
 
 
 @functools.cache

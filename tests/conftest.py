@@ -23,6 +23,12 @@ SKIPS_ALLOWED_IN_CI = {
 # the unmarked tests cover on every machine.
 AVX512_SKIP = "runs AVX-512 code (fundamentallm/native.py's kernels), and PyTorch runs this CPU below AVX-512"
 AVX512_ALLOWED = "a CPU without AVX-512 cannot run the kernels; PyTorch's operators do that work there"
+# Tests marked `amx` run the attention kernel on the tile units (Intel Xeons since Sapphire Rapids): they skip,
+# in CI too, where the CPU has none (or PyTorch runs it below AVX-512), and the model's attention is
+# `_SlicedAttention` there, which the `avx512` and unmarked tests cover. A CPU that has them runs the tests,
+# so a kernel that does not build or is refused the tile units there fails.
+AMX_SKIP = "runs the attention kernel on AMX tile units, which this CPU lacks (or PyTorch runs it below AVX-512)"
+AMX_ALLOWED = "a CPU without AMX cannot run the tile kernel; _SlicedAttention does that work there"
 
 
 def skip_or_fail(reason: str) -> None:
@@ -89,12 +95,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_setup(item):
-    """Skip a test marked `avx512` where PyTorch does not run this CPU at AVX-512."""
-    if item.get_closest_marker("avx512") is not None:
-        from fundamentallm.native import cpu_runs_avx512
+    """Skip a test marked `avx512` where PyTorch does not run this CPU at AVX-512, one marked `amx` where the
+    CPU has no AMX tile units too."""
+    avx512, amx = item.get_closest_marker("avx512") is not None, item.get_closest_marker("amx") is not None
+    if avx512 or amx:
+        from fundamentallm.native import cpu_has_amx, cpu_runs_avx512
 
-        if not cpu_runs_avx512():
+        if avx512 and not cpu_runs_avx512():
             pytest.skip(AVX512_SKIP)
+        if amx and not (cpu_runs_avx512() and cpu_has_amx()):
+            pytest.skip(AMX_SKIP)
 
 
 def run_suite_with_this_conftest(root: Path, modules: dict[str, str], *args: str, ci: str | None = None):
@@ -128,7 +138,7 @@ _ci_skips: list[tuple[str, str, str]] = []
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI=true turn a skip of a test not in SKIPS_ALLOWED_IN_CI (or an `avx512` test's, below
-    AVX-512) into a failure."""
+    AVX-512, or an `amx` test's, without AMX) into a failure."""
     outcome = yield
     report = outcome.get_result()
     if not (IN_CI and report.skipped) or hasattr(report, "wasxfail"):
@@ -137,6 +147,8 @@ def pytest_runtest_makereport(item, call):
     allowed = SKIPS_ALLOWED_IN_CI.get(item.nodeid)
     if allowed is None and item.get_closest_marker("avx512") is not None and AVX512_SKIP in reason:
         allowed = AVX512_ALLOWED
+    if allowed is None and item.get_closest_marker("amx") is not None and AMX_SKIP in reason:
+        allowed = AMX_ALLOWED
     # for the summary, in this process or (under pytest-xdist) the controller's
     report.user_properties.append(("ci_skip", (reason, allowed or "")))
     if allowed is None:
