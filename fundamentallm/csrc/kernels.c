@@ -290,22 +290,45 @@ typedef struct { const uint16_t *p; int64_t st; } rows_view;
 
 static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-/* The bf16 elements at x[t][d], x[t][d + 1] as one 32-bit word, for the 16 rows t0..t0 + 15. */
-static inline __m512i gather_pairs(rows_view x, int64_t t0, int64_t d) {
-    __m512i rows = _mm512_mullo_epi32(first_indices(0), _mm512_set1_epi32((int)x.st));
-    return _mm512_i32gather_epi32(rows, (const void *)(x.p + t0 * x.st + d), 2);
+/* 16 rows of 16 32-bit elements transposed in place: r[i] element j becomes r[j] element i. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 16; i += 2) {  /* in each 128-bit lane, pairs of rows interleaved */
+        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  /* lane L of b[i + j]: column 4L + j of rows i..i + 3 */
+        b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+        b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+        b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+        b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+    }
+    for (int j = 0; j < 4; j++) {  /* column 4L + j: lane L of b[j], b[4 + j], b[8 + j], b[12 + j] */
+        __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x44), c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xEE);
+        __m512i d0 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x44), d1 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xEE);
+        r[j] = _mm512_shuffle_i32x4(c0, d0, 0x88);
+        r[4 + j] = _mm512_shuffle_i32x4(c0, d0, 0xDD);
+        r[8 + j] = _mm512_shuffle_i32x4(c1, d1, 0x88);
+        r[12 + j] = _mm512_shuffle_i32x4(c1, d1, 0xDD);
+    }
 }
 
 /* [Dp/2][T] words, word (p, t) = x[t][2p], x[t][2p + 1] (0 past D); with `split` not NULL also x transposed,
- * [Dp][T] bf16 (row 2p the words' low halves, row 2p + 1 their high halves). */
+ * [Dp][T] bf16 (row 2p the words' low halves, row 2p + 1 their high halves). 16 x 16 words at a time. */
 static void dim_pairs(rows_view x, int64_t T, int64_t D, int64_t Dp, uint32_t *out, uint16_t *split) {
-    for (int64_t p = 0; p < Dp / 2; p++)
-        for (int64_t t = 0; t < T; t += 16) {
-            __m512i w = 2 * p < D ? gather_pairs(x, t, 2 * p) : _mm512_setzero_si512();
-            if (out) _mm512_storeu_si512(out + p * T + t, w);
-            if (split) {
-                _mm256_storeu_si256((__m256i *)(split + 2 * p * T + t), _mm512_cvtepi32_epi16(w));
-                _mm256_storeu_si256((__m256i *)(split + (2 * p + 1) * T + t), _mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
+    for (int64_t t0 = 0; t0 < T; t0 += 16)
+        for (int64_t p0 = 0; p0 < Dp / 2; p0 += 16) {
+            __mmask32 l = 2 * p0 < D ? (__mmask32)(D - 2 * p0 >= 32 ? 0xFFFFFFFFu : (1u << (D - 2 * p0)) - 1u) : 0;
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_epi16(l, x.p + (t0 + i) * x.st + 2 * p0);
+            transpose16(r);
+            for (int i = 0; i < 16; i++) {
+                if (out) _mm512_storeu_si512(out + (p0 + i) * T + t0, r[i]);
+                if (split) {
+                    _mm256_storeu_si256((__m256i *)(split + 2 * (p0 + i) * T + t0), _mm512_cvtepi32_epi16(r[i]));
+                    _mm256_storeu_si256((__m256i *)(split + (2 * (p0 + i) + 1) * T + t0),
+                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(r[i], 16)));
+                }
             }
         }
 }
@@ -416,12 +439,14 @@ static void write_rows(const float *src, int64_t stride, float scale, uint16_t *
 /* `src` (Dp x 16 fp32: 16 rows' gradients transposed), times `scale`, to rows k0..k0 + 15 of dst. */
 static void write_transposed(const float *src, float scale, uint16_t *dst, int64_t dst_st, int64_t k0, int64_t D) {
     __m512 s = _mm512_set1_ps(scale);
-    __m512i across = _mm512_mullo_epi32(first_indices(0), _mm512_set1_epi32(16));
-    for (int64_t j = 0; j < 16; j++)
-        for (int64_t d = 0; d < D; d += 16) {
-            __m512 v = _mm512_i32gather_ps(across, src + d * 16 + j, 4);
-            _mm256_mask_storeu_epi16(dst + (k0 + j) * dst_st + d, lanes(D - d), round_bf16(_mm512_mul_ps(v, s)));
-        }
+    for (int64_t d = 0; d < D; d += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(src + (d + i) * 16);
+        transpose16(r);
+        for (int j = 0; j < 16; j++)
+            _mm256_mask_storeu_epi16(dst + (k0 + j) * dst_st + d, lanes(D - d),
+                                     round_bf16(_mm512_mul_ps(_mm512_castsi512_ps(r[j]), s)));
+    }
 }
 
 typedef struct { int64_t B, H, T, D; } shape4;
@@ -447,25 +472,24 @@ uint32_t fundamentallm_attention_keep(int64_t row, int64_t j, int64_t T, uint32_
     return mix_one(word * GOLDEN + seed1, seed2) >> (8 * (j % 4)) & 0xFF;
 }
 
-/* The softmax's weights of one row of scores x (its first n scaled by alpha in place), as
- * exp(x - top) x inv rounded to bf16 for columns j..j + 15: one code path for the forward pass, which
- * finds top (the row's largest) and inv (1 / the sum of the exponentials), and the backward pass, which
- * recomputes the weights from them bit for bit. */
-static inline __m256i weights16(const float *x, int64_t j, int64_t n, __m512 top, __m512 inv) {
-    if (j >= n) return _mm256_setzero_si256();
-    __m512 e = _mm512_maskz_mov_ps(lanes(n - j), exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + j), top)));
-    return round_bf16(_mm512_mul_ps(e, inv));
+/* exp(alpha x - top) for columns j..j + 15 of a row of scores x whose first n are seen (0 from n on): top is
+ * the row's largest scaled score. */
+static inline __m512 exponentials(const float *x, int64_t j, int64_t n, __m512 alpha, __m512 top) {
+    return _mm512_maskz_mov_ps(lanes(n - j), exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(x + j), alpha, top)));
 }
 
-/* The row's first n scores times alpha, in place, and their largest. */
-static inline float scale_row(float *x, int64_t n, float alpha) {
-    __m512 m = _mm512_set1_ps(-__builtin_inff()), a = _mm512_set1_ps(alpha);
-    for (int64_t j = 0; j < n; j += 16) {
-        __mmask16 l = lanes(n - j);
-        __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(l, x + j), a);
-        _mm512_storeu_ps(x + j, y);
-        m = _mm512_mask_max_ps(m, l, m, y);
-    }
+/* The softmax's weights, exponentials(...) x inv rounded to bf16 (inv: 1 / the sum of the row's
+ * exponentials), as the forward pass computes them (from the exponentials it kept) and the backward pass
+ * recomputes them from the row's top and inv: bit for bit the same. */
+static inline __m256i weights16(const float *x, int64_t j, int64_t n, __m512 alpha, __m512 top, __m512 inv) {
+    if (j >= n) return _mm256_setzero_si256();
+    return round_bf16(_mm512_mul_ps(exponentials(x, j, n, alpha, top), inv));
+}
+
+/* The largest of the row's first n scores. */
+static inline float row_max(const float *x, int64_t n) {
+    __m512 m = _mm512_set1_ps(-__builtin_inff());
+    for (int64_t j = 0; j < n; j += 16) m = _mm512_mask_max_ps(m, lanes(n - j), m, _mm512_maskz_loadu_ps(lanes(n - j), x + j));
     return _mm512_reduce_max_ps(m);
 }
 
@@ -480,6 +504,7 @@ static void attention_head(shape4 s, int64_t bh, rows_view q, rows_view k, rows_
     dim_pairs(k, T, D, Dp, kpairs, 0);
     position_pairs(v, T, D, Dp, vpairs);
     float alpha = 1.0f / sqrtf((float)D);
+    __m512 valpha = _mm512_set1_ps(alpha);
     __m512i s1 = _mm512_set1_epi32((int)seed1), s2 = _mm512_set1_epi32((int)seed2), thr8 = _mm512_set1_epi8((char)threshold);
     for (int64_t q0 = 0; q0 < T; q0 += 16) {
         int64_t seen = q0 + 16, padded = round_up(seen, 32);
@@ -487,10 +512,10 @@ static void attention_head(shape4 s, int64_t bh, rows_view q, rows_view k, rows_
         rows_by_pairs(qrows, kpairs, T, Dp, seen, scores);
         for (int64_t i = 0; i < 16; i++) {
             int64_t n = q0 + i + 1;
-            float *x = scores + i * T, top = scale_row(x, n, alpha);
+            float *x = scores + i * T, top = row_max(x, n) * alpha;
             __m512 sum = _mm512_setzero_ps(), vtop = _mm512_set1_ps(top);
             for (int64_t j = 0; j < n; j += 16) {  /* the exponentials, kept in x (0 past n, to `seen`) */
-                __m512 e = _mm512_maskz_mov_ps(lanes(n - j), exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + j), vtop)));
+                __m512 e = exponentials(x, j, n, valpha, vtop);
                 _mm512_storeu_ps(x + j, e);
                 sum = _mm512_add_ps(sum, e);
             }
@@ -525,8 +550,8 @@ static void attention_head_backward(shape4 s, int64_t bh, rows_view q, rows_view
     dim_pairs(q, T, D, Dp, 0, qt);
     dim_pairs(g, T, D, Dp, 0, gt);
     float alpha = 1.0f / sqrtf((float)D);
+    __m512 valpha = _mm512_set1_ps(alpha), sc = _mm512_set1_ps(scale);
     __m512i s1 = _mm512_set1_epi32((int)seed1), s2 = _mm512_set1_epi32((int)seed2), thr8 = _mm512_set1_epi8((char)threshold);
-    __m512 sc = _mm512_set1_ps(scale);
     float sums[16];
     for (int64_t q0 = 0; q0 < T; q0 += 16) {
         int64_t seen = q0 + 16, padded = round_up(seen, 32);
@@ -536,8 +561,7 @@ static void attention_head_backward(shape4 s, int64_t bh, rows_view q, rows_view
         rows_by_pairs(rows, vdims, T, Dp, seen, dd);  /* the gradient of the dropped weights, unscaled */
         for (int64_t i = 0; i < 16; i++) {  /* the weights again, which elements were kept, sum(w x dw) */
             int64_t n = q0 + i + 1, row = bh * T + q0 + i;
-            float *x = scores + i * T;
-            scale_row(x, n, alpha);
+            const float *x = scores + i * T;
             __m512 top = _mm512_set1_ps(stats[2 * row]), inv = _mm512_set1_ps(stats[2 * row + 1]);
             __m512 acc = _mm512_setzero_ps();
             __mmask64 keep = ~(__mmask64)0;
@@ -545,7 +569,7 @@ static void attention_head_backward(shape4 s, int64_t bh, rows_view q, rows_view
                 if (threshold && j % 64 == 0) keep = keep64(row, T, j, s1, s2, thr8);
                 __mmask16 l = (j < n ? lanes(n - j) : 0) & (__mmask16)(keep >> (j % 64));
                 kept[i * (T / 16) + j / 16] = l;
-                __m256i wj = weights16(x, j, n, top, inv);
+                __m256i wj = weights16(x, j, n, valpha, top, inv);
                 _mm256_storeu_si256((__m256i *)(w + i * T + j), wj);
                 acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(l, dd + i * T + j), load_bf16(w + i * T + j, l), acc);
             }
