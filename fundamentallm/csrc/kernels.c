@@ -246,7 +246,7 @@ int fundamentallm_dropout_backward(const uint16_t *g, const uint16_t *bits, uint
  *   transposed (`transposed`): [Dp][T] bf16: A of dO^T P (dV^T) and of Q^T dS (dK^T).
  * Dropout's keep byte: element (b x H + h, query, key) is index ((b x H + h) x T + query) x T + key (mod 2^32)
  * of `fundamentallm_keep_byte`. Without AMX in the compiler's target the entry points return -2. */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <math.h>
 #include <stdlib.h>
 #include <sys/syscall.h>
@@ -271,6 +271,10 @@ int fundamentallm_amx(void) {
 }
 
 #ifdef HAVE_AMX
+/* fp32 to bf16 rounding to nearest even in one instruction (every CPU with AMX has AVX512_BF16): the same
+ * as `round_bf16` but for subnormal inputs, which it flushes to 0. */
+static inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -433,7 +437,7 @@ static void write_rows(const float *src, int64_t stride, float scale, uint16_t *
     for (int64_t i = 0; i < 16; i++)
         for (int64_t d = 0; d < D; d += 16)
             _mm256_mask_storeu_epi16(dst + i * dst_st + d, lanes(D - d),
-                                     round_bf16(_mm512_mul_ps(_mm512_loadu_ps(src + i * stride + d), s)));
+                                     to_bf16(_mm512_mul_ps(_mm512_loadu_ps(src + i * stride + d), s)));
 }
 
 /* `src` (Dp x 16 fp32: 16 rows' gradients transposed), times `scale`, to rows k0..k0 + 15 of dst. */
@@ -445,7 +449,7 @@ static void write_transposed(const float *src, float scale, uint16_t *dst, int64
         transpose16(r);
         for (int j = 0; j < 16; j++)
             _mm256_mask_storeu_epi16(dst + (k0 + j) * dst_st + d, lanes(D - d),
-                                     round_bf16(_mm512_mul_ps(_mm512_castsi512_ps(r[j]), s)));
+                                     to_bf16(_mm512_mul_ps(_mm512_castsi512_ps(r[j]), s)));
     }
 }
 
@@ -483,7 +487,7 @@ static inline __m512 exponentials(const float *x, int64_t j, int64_t n, __m512 a
  * recomputes them from the row's top and inv: bit for bit the same. */
 static inline __m256i weights16(const float *x, int64_t j, int64_t n, __m512 alpha, __m512 top, __m512 inv) {
     if (j >= n) return _mm256_setzero_si256();
-    return round_bf16(_mm512_mul_ps(exponentials(x, j, n, alpha, top), inv));
+    return to_bf16(_mm512_mul_ps(exponentials(x, j, n, alpha, top), inv));
 }
 
 /* The largest of the row's first n scores. */
@@ -524,7 +528,7 @@ static void attention_head(shape4 s, int64_t bh, rows_view q, rows_view k, rows_
             __mmask64 keep = ~(__mmask64)0;
             for (int64_t j = 0; j < padded; j += 16) {  /* 0 from n on */
                 if (threshold && j % 64 == 0) keep = keep64(bh * T + q0 + i, T, j, s1, s2, thr8);
-                __m256i y = j < n ? round_bf16(_mm512_mul_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(inv))) : _mm256_setzero_si256();
+                __m256i y = j < n ? to_bf16(_mm512_mul_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(inv))) : _mm256_setzero_si256();
                 _mm256_storeu_si256((__m256i *)(p + i * T + j), _mm256_maskz_mov_epi16((__mmask16)(keep >> (j % 64)), y));
             }
         }
@@ -582,7 +586,7 @@ static void attention_head_backward(shape4 s, int64_t bh, rows_view q, rows_view
                     __mmask16 l = kept[(i + r) * (T / 16) + j / 16];
                     __m512 wv = load_bf16(w + (i + r) * T + j, 0xFFFF);
                     __m512 dw = _mm512_maskz_mul_ps(l, _mm512_loadu_ps(dd + (i + r) * T + j), sc);
-                    dsr[r] = round_bf16(_mm512_mul_ps(wv, _mm512_sub_ps(dw, _mm512_set1_ps(sums[i + r]))));
+                    dsr[r] = to_bf16(_mm512_mul_ps(wv, _mm512_sub_ps(dw, _mm512_set1_ps(sums[i + r]))));
                     dpr[r] = _mm256_maskz_mov_epi16(l, _mm256_loadu_si256((const __m256i *)(w + (i + r) * T + j)));
                     _mm256_storeu_si256((__m256i *)(ds + (i + r) * T + j), dsr[r]);
                 }
