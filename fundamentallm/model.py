@@ -352,8 +352,8 @@ def explicit_attention(
     none in the backward pass (the softmax's gradient is already 0 where its weights are), no pass to
     scale the queries. Forward + backward 1.4-2.0x faster than masking and scaling apart (bf16, AMX Xeon;
     benchmarks/RESULTS.md). Eagerly in bf16 on a CPU with AMX tile units, where the shape fits, one C
-    kernel does it whole (`_AmxAttention`). Otherwise eagerly, with dropout, with more positions than a block of queries
-    (`QUERY_BLOCK`) or with score tensors big enough to be computed in slices of the batch x heads
+    kernel does it whole (`_AmxAttention`). Otherwise eagerly, with dropout, with more positions than a
+    block of queries (`QUERY_BLOCK`) or with score tensors big enough to be computed in slices of the batch x heads
     (`attention_slices`), `_SlicedAttention` does it a tile at a time, writing each tile's output and
     gradients into place; small scores without dropout (one tile) go through autograd, whose per-call
     overhead is the smaller there (0.93x with `_SlicedAttention` at 16 x 4 x 128 x 48 in one piece).
@@ -506,10 +506,10 @@ class _SlicedAttention(torch.autograd.Function):
 
 # Attention whole on the tile units (AMX) by the C kernels (`native.Kernels.attention`) where they build and
 # the CPU has them, in bf16: one call per layer forward and one backward in place of `_SlicedAttention`'s
-# products and passes. One layer's attention at 64 x 6 x 256 x 64 with dropout 0.2, forward 13.0 against
-# 47 ms, backward 23 against 59; the training step 1.18x the tokens/s at 6 x 384, 1.21x at cpu-small, 1.09x
-# at cpu-quick (AMX Xeon; benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-07 (morning)"). False:
-# `_SlicedAttention`.
+# products and passes. One layer's attention alone at 64 x 6 x 256 x 64 with dropout 0.2, forward 6.6
+# against 47 ms, backward 13 against 59; the training step 1.18x the tokens/s at 6 x 384, 1.23x at
+# cpu-small, 1.12x at cpu-quick (AMX Xeon; benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-07 (morning)").
+# False: `_SlicedAttention`.
 AMX_ATTENTION = True
 
 

@@ -65,3 +65,24 @@ def test_avx512_tests_skip_in_ci_only_where_pytorch_runs_the_cpu_below_avx512(tm
     assert "allowed: a CPU without AVX-512 cannot run the kernels" in done.stdout
     assert "FAILED tests/test_kernels.py::test_unmarked" in done.stdout
     assert "1 failed, 1 skipped" in done.stdout
+
+
+def test_amx_tests_skip_in_ci_only_where_the_cpu_cannot_run_the_tile_kernel(tmp_path, monkeypatch):
+    # Held to AVX2 (as above), no CPU runs the AMX kernel: the marked test skips, allowed under CI=true,
+    # without running its body; an unmarked test skipping for the same words still fails.
+    modules = {
+        "test_tiles": (
+            "import pytest\n"
+            "from conftest import AMX_SKIP\n"
+            "@pytest.mark.amx\n"
+            "def test_tile_kernel():\n    assert False\n"
+            "def test_unmarked():\n    pytest.skip(AMX_SKIP)\n"
+        )
+    }
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    done = run_suite_with_this_conftest(tmp_path, modules, "-rA", "-p", "no:randomly", ci="true")
+    skipped = "tests/test_tiles.py::test_tile_kernel: Skipped: runs the attention kernel on AMX"
+    assert skipped in done.stdout, done.stdout
+    assert "allowed: a CPU without AMX cannot run the tile kernel" in done.stdout
+    assert "FAILED tests/test_tiles.py::test_unmarked" in done.stdout
+    assert "1 failed, 1 skipped" in done.stdout

@@ -360,6 +360,14 @@ static void position_pairs(rows_view x, int64_t T, int64_t D, int64_t Dp, uint32
     }
 }
 
+/* Ask for rows t0..t0 + 15 of x to be brought into the core's L2 cache (the next (batch, head)'s, while
+ * this one is worked on). */
+static inline void prefetch_rows(rows_view x, int64_t t0, int64_t D) {
+    if (!x.p) return;
+    for (int64_t i = 0; i < 16; i++)
+        for (int64_t d = 0; d < D; d += 32) _mm_prefetch((const char *)(x.p + (t0 + i) * x.st + d), _MM_HINT_T1);
+}
+
 /* Rows t0..t0 + 15 of x, padded to Dp dims: an A operand. */
 static void padded_rows(rows_view x, int64_t t0, int64_t D, int64_t Dp, uint16_t *out) {
     for (int64_t i = 0; i < 16; i++) {
@@ -502,9 +510,9 @@ static inline float row_max(const float *x, int64_t n) {
 }
 
 /* Forward of one (batch, head): see `fundamentallm_attention`. */
-static void attention_head(shape4 s, int64_t bh, rows_view q, rows_view k, rows_view v, uint16_t *out,
-                           int64_t out_st, float *stats, int threshold, float scale, uint32_t seed1, uint32_t seed2,
-                           char *work) {
+static void attention_head(shape4 s, int64_t bh, rows_view q, rows_view k, rows_view v, const rows_view *next,
+                           uint16_t *out, int64_t out_st, float *stats, int threshold, float scale, uint32_t seed1,
+                           uint32_t seed2, char *work) {
     int64_t T = s.T, D = s.D, Dp = round_up(D, 32);
     uint32_t *kpairs = (uint32_t *)work, *vpairs = kpairs + Dp / 2 * T;
     uint16_t *qrows = (uint16_t *)(vpairs + T / 2 * Dp), *p = qrows + 16 * Dp;
@@ -516,6 +524,7 @@ static void attention_head(shape4 s, int64_t bh, rows_view q, rows_view k, rows_
     __m512i s1 = _mm512_set1_epi32((int)seed1), s2 = _mm512_set1_epi32((int)seed2), thr8 = _mm512_set1_epi8((char)threshold);
     for (int64_t q0 = 0; q0 < T; q0 += 16) {
         int64_t seen = q0 + 16, padded = round_up(seen, 32);
+        for (int i = 0; i < 3; i++) prefetch_rows(next[i], q0, D);
         padded_rows(q, q0, D, Dp, qrows);
         rows_by_pairs(qrows, kpairs, T, Dp, seen, scores);
         for (int64_t i = 0; i < 16; i++) {
@@ -543,7 +552,7 @@ static void attention_head(shape4 s, int64_t bh, rows_view q, rows_view k, rows_
 
 /* Backward of one (batch, head): see `fundamentallm_attention_backward`. */
 static void attention_head_backward(shape4 s, int64_t bh, rows_view q, rows_view k, rows_view v, rows_view g,
-                                    const float *stats, uint16_t *dq, uint16_t *dk, uint16_t *dv, int64_t d_st,
+                                    const rows_view *next, const float *stats, uint16_t *dq, uint16_t *dk, uint16_t *dv, int64_t d_st,
                                     int threshold, float scale, uint32_t seed1, uint32_t seed2, char *work) {
     int64_t T = s.T, D = s.D, Dp = round_up(D, 32);
     uint32_t *kdims = (uint32_t *)work, *vdims = kdims + Dp / 2 * T, *kpositions = vdims + Dp / 2 * T;
@@ -563,6 +572,7 @@ static void attention_head_backward(shape4 s, int64_t bh, rows_view q, rows_view
     float sums[16];
     for (int64_t q0 = 0; q0 < T; q0 += 16) {
         int64_t seen = q0 + 16, padded = round_up(seen, 32);
+        for (int i = 0; i < 4; i++) prefetch_rows(next[i], q0, D);
         padded_rows(q, q0, D, Dp, rows);
         rows_by_pairs(rows, kdims, T, Dp, seen, scores);  /* the scores again */
         padded_rows(g, q0, D, Dp, rows);
@@ -642,10 +652,15 @@ int fundamentallm_attention(const uint16_t *q, const uint16_t *k, const uint16_t
         if (work) configure_tiles();
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < s.B * s.H; bh++)
-            if (work)
-                attention_head(s, bh, view_of(q, qs, bh, s.H), view_of(k, ks, bh, s.H), view_of(v, vs, bh, s.H),
+            if (work) {
+                rows_view next[3] = {{0, 0}, {0, 0}, {0, 0}};
+                if (bh + 1 < s.B * s.H)
+                    next[0] = view_of(q, qs, bh + 1, s.H), next[1] = view_of(k, ks, bh + 1, s.H),
+                    next[2] = view_of(v, vs, bh + 1, s.H);
+                attention_head(s, bh, view_of(q, qs, bh, s.H), view_of(k, ks, bh, s.H), view_of(v, vs, bh, s.H), next,
                                out + (bh / s.H) * s.T * s.H * s.D + (bh % s.H) * s.D, s.H * s.D, stats, threshold,
                                scale, seed1, seed2, work);
+            }
         if (work) _tile_release();
         free(work);
     }
@@ -685,8 +700,12 @@ int fundamentallm_attention_backward(const uint16_t *q, const uint16_t *k, const
         for (int64_t bh = 0; bh < s.B * s.H; bh++)
             if (work) {
                 int64_t off = (bh / s.H) * ds[0] + (bh % s.H) * ds[1];
+                rows_view next[4] = {{0, 0}, {0, 0}, {0, 0}, {0, 0}};
+                if (bh + 1 < s.B * s.H)
+                    next[0] = view_of(q, qs, bh + 1, s.H), next[1] = view_of(k, ks, bh + 1, s.H),
+                    next[2] = view_of(v, vs, bh + 1, s.H), next[3] = view_of(g, gs, bh + 1, s.H);
                 attention_head_backward(s, bh, view_of(q, qs, bh, s.H), view_of(k, ks, bh, s.H),
-                                        view_of(v, vs, bh, s.H), view_of(g, gs, bh, s.H), stats, dq + off,
+                                        view_of(v, vs, bh, s.H), view_of(g, gs, bh, s.H), next, stats, dq + off,
                                         dk + off, dv + off, ds[2], threshold, scale, seed1, seed2, work);
             }
         if (work) _tile_release();
