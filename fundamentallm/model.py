@@ -506,9 +506,9 @@ class _SlicedAttention(torch.autograd.Function):
 
 # Attention whole on the tile units (AMX) by the C kernels (`native.Kernels.attention`) where they build and
 # the CPU has them, in bf16: one call per layer forward and one backward in place of `_SlicedAttention`'s
-# products and passes. One layer's attention alone at 64 x 6 x 256 x 64 with dropout 0.2, forward 6.6
-# against 47 ms, backward 13 against 59; the training step 1.18x the tokens/s at 6 x 384, 1.23x at
-# cpu-small, 1.12x at cpu-quick (AMX Xeon; benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-07 (morning)").
+# products and passes. One layer's attention alone at 64 x 6 x 256 x 64 with dropout 0.2, forward 9.6
+# against 45.9 ms, backward 22.6 against 58.2; the training step 1.24x the tokens/s at 6 x 384, 1.26x at
+# cpu-small, 1.11x at cpu-quick (AMX Xeon; benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-07 (morning)").
 # False: `_SlicedAttention`.
 AMX_ATTENTION = True
 

@@ -208,13 +208,9 @@ class Kernels:
         stats = torch.empty(B * H, T, 2, dtype=torch.float32) if keep_stats else None
         threshold, seed1, seed2 = dropout or (0, 0, 0)
         status = self._attention(
-            q.data_ptr(),
-            k.data_ptr(),
-            v.data_ptr(),
+            *_addresses(q, k, v),
             _longs(B, H, T, D),
-            _longs(*q.stride()[:3]),
-            _longs(*k.stride()[:3]),
-            _longs(*v.stride()[:3]),
+            *_strides(q, k, v),
             out.data_ptr(),
             None if stats is None else stats.data_ptr(),
             threshold,
@@ -247,20 +243,12 @@ class Kernels:
         dqkv = torch.empty(B, T, 3, H, D, dtype=q.dtype)
         threshold, seed1, seed2 = dropout or (0, 0, 0)
         status = self._attention_backward(
-            q.data_ptr(),
-            k.data_ptr(),
-            v.data_ptr(),
-            grad.data_ptr(),
+            *_addresses(q, k, v, grad),
             _longs(B, H, T, D),
-            _longs(*q.stride()[:3]),
-            _longs(*k.stride()[:3]),
-            _longs(*v.stride()[:3]),
-            _longs(*grad.stride()[:3]),
+            *_strides(q, k, v, grad),
             stats.data_ptr(),
-            dqkv[:, :, 0].data_ptr(),
-            dqkv[:, :, 1].data_ptr(),
-            dqkv[:, :, 2].data_ptr(),
-            _longs(T * 3 * H * D, D, 3 * H * D),
+            *_addresses(*(dqkv[:, :, i] for i in range(3))),
+            _longs(T * 3 * H * D, D, 3 * H * D),  # each of the three: (batch, head, position) in (B, T, 3, H, D)
             threshold,
             scale,
             seed1,
@@ -302,6 +290,15 @@ def _check_heads(*tensors: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _longs(*values: int) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
+
+
+def _addresses(*tensors: torch.Tensor) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+def _strides(*heads: torch.Tensor) -> list[ctypes.Array]:
+    """Each (B, H, T, D) tensor's strides for batch, head and position, as the kernels take them."""
+    return [_longs(*t.stride()[:3]) for t in heads]
 
 
 def _attention_status(status: int) -> None:

@@ -46,43 +46,41 @@ def test_skips_stay_skips_outside_ci(tmp_path, parallel):
     assert "1 passed, 3 skipped" in done.stdout
 
 
-def test_avx512_tests_skip_in_ci_only_where_pytorch_runs_the_cpu_below_avx512(tmp_path, monkeypatch):
-    # ATEN_CPU_CAPABILITY=avx2 holds PyTorch (and so `native.cpu_runs_avx512`) to AVX2 on any x86 CPU: the
-    # marked test skips, allowed under CI=true, and its body (which would fail) does not run; an unmarked
-    # test that skips for the same words still fails.
+@pytest.mark.parametrize(
+    ("marker", "reason", "skipped", "allowed"),
+    [
+        (
+            "avx512",
+            "AVX512_SKIP",
+            "Skipped: runs AVX-512 code",
+            "allowed: a CPU without AVX-512 cannot run the kernels",
+        ),
+        (
+            "amx",
+            "AMX_SKIP",
+            "Skipped: runs the attention kernel on AMX",
+            "allowed: a CPU without AMX cannot run the tile",
+        ),
+    ],
+)
+def test_kernel_tests_skip_in_ci_only_where_the_cpu_cannot_run_them(
+    tmp_path, monkeypatch, marker, reason, skipped, allowed
+):
+    # ATEN_CPU_CAPABILITY=avx2 holds PyTorch (and so `native.cpu_runs_avx512`) to AVX2 on any x86 CPU, where
+    # neither the AVX-512 kernels nor the AMX one run: the marked test skips, allowed under CI=true, and its
+    # body (which would fail) does not run; an unmarked test that skips for the same words still fails.
     modules = {
         "test_kernels": (
             "import pytest\n"
-            "from conftest import AVX512_SKIP\n"
-            "@pytest.mark.avx512\n"
+            f"from conftest import {reason}\n"
+            f"@pytest.mark.{marker}\n"
             "def test_kernel():\n    assert False\n"
-            "def test_unmarked():\n    pytest.skip(AVX512_SKIP)\n"
+            f"def test_unmarked():\n    pytest.skip({reason})\n"
         )
     }
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     done = run_suite_with_this_conftest(tmp_path, modules, "-rA", "-p", "no:randomly", ci="true")
-    assert "tests/test_kernels.py::test_kernel: Skipped: runs AVX-512 code" in done.stdout, done.stdout
-    assert "allowed: a CPU without AVX-512 cannot run the kernels" in done.stdout
+    assert f"tests/test_kernels.py::test_kernel: {skipped}" in done.stdout, done.stdout
+    assert allowed in done.stdout
     assert "FAILED tests/test_kernels.py::test_unmarked" in done.stdout
-    assert "1 failed, 1 skipped" in done.stdout
-
-
-def test_amx_tests_skip_in_ci_only_where_the_cpu_cannot_run_the_tile_kernel(tmp_path, monkeypatch):
-    # Held to AVX2 (as above), no CPU runs the AMX kernel: the marked test skips, allowed under CI=true,
-    # without running its body; an unmarked test skipping for the same words still fails.
-    modules = {
-        "test_tiles": (
-            "import pytest\n"
-            "from conftest import AMX_SKIP\n"
-            "@pytest.mark.amx\n"
-            "def test_tile_kernel():\n    assert False\n"
-            "def test_unmarked():\n    pytest.skip(AMX_SKIP)\n"
-        )
-    }
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    done = run_suite_with_this_conftest(tmp_path, modules, "-rA", "-p", "no:randomly", ci="true")
-    skipped = "tests/test_tiles.py::test_tile_kernel: Skipped: runs the attention kernel on AMX"
-    assert skipped in done.stdout, done.stdout
-    assert "allowed: a CPU without AMX cannot run the tile kernel" in done.stdout
-    assert "FAILED tests/test_tiles.py::test_unmarked" in done.stdout
     assert "1 failed, 1 skipped" in done.stdout

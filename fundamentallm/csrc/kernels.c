@@ -59,8 +59,8 @@ static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
 /* fp32 to bf16, rounding to nearest even (as PyTorch does); a NaN stays a NaN. With AVX512_BF16 (Intel
  * since Cooper Lake, AMD since Zen 4) one instruction, which flushes subnormal inputs (below 1.2e-38) to 0
  * where PyTorch keeps them: the dropout kernel 1.19-1.25x faster, the attention tiles' 1.11x, the AMX
- * attention's forward and backward about 1.7x (AMX Xeon, benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-07
- * (morning)"); else the integer sequence. */
+ * attention's 1.02-1.16x (AMX Xeon, benchmarks/RESULTS.md, "The AMX Xeon, 2026-12-07 (morning)"); else
+ * the integer sequence. */
 static inline __m256i round_bf16(__m512 x) {
 #ifdef __AVX512BF16__
     return (__m256i)_mm512_cvtneps_pbh(x);
@@ -251,9 +251,13 @@ int fundamentallm_dropout_backward(const uint16_t *g, const uint16_t *bits, uint
  *     B of Q K^T (x = K) and of dO V^T (x = V);
  *   pairs along positions (`position_pairs`): [T/2][Dp] words, word (p, d) = x[2p][d], x[2p+1][d]:
  *     B of P V (x = V) and of dS K (x = K);
- *   transposed (`transposed`): [Dp][T] bf16: A of dO^T P (dV^T) and of Q^T dS (dK^T).
- * Dropout's keep byte: element (b x H + h, query, key) is index ((b x H + h) x T + query) x T + key (mod 2^32)
- * of `fundamentallm_keep_byte`. Without AMX in the compiler's target the entry points return -2. */
+ *   transposed (`dim_pairs`' `split`): [Dp][T] bf16: A of dO^T P (dV^T) and of Q^T dS (dK^T).
+ * The scores of the causal future are not computed past the block of 16 queries' last (its rows padded
+ * with zeros to a multiple of 32 keys for the products). Nothing of the (T, T) weights is kept between the
+ * passes: the backward pass recomputes them from each row's largest score and inverse sum. While one
+ * (batch, head) is worked on, the next one's rows are prefetched into L2. Dropout's keep bytes: four per
+ * hash (`keep64`, `fundamentallm_attention_keep`). Without AMX (or AVX512_BF16) in the compiler's target
+ * the entry points return -2. */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <math.h>
 #include <stdlib.h>
@@ -625,46 +629,82 @@ static int attention_shape_ok(int64_t T, int64_t D) {
     return T > 0 && T % 32 == 0 && T <= ATTENTION_MAX_T && D > 0 && D % 2 == 0 && D <= ATTENTION_MAX_D;
 }
 
+#ifdef HAVE_AMX
+/* One call's arguments, for the per-(batch, head) work of either pass. */
+typedef struct {
+    shape4 s;
+    const uint16_t *q, *k, *v, *g;
+    const int64_t *qs, *ks, *vs, *gs, *ds;
+    uint16_t *out, *dq, *dk, *dv;
+    float *stats;
+    int threshold;
+    float scale;
+    uint32_t seed1, seed2;
+} attention_call;
+
+static void forward_head(const attention_call *c, int64_t bh, char *work) {
+    int64_t H = c->s.H, last = bh + 1 == c->s.B * H;
+    rows_view next[3] = {{0, 0}, {0, 0}, {0, 0}};
+    if (!last) next[0] = view_of(c->q, c->qs, bh + 1, H), next[1] = view_of(c->k, c->ks, bh + 1, H),
+               next[2] = view_of(c->v, c->vs, bh + 1, H);
+    attention_head(c->s, bh, view_of(c->q, c->qs, bh, H), view_of(c->k, c->ks, bh, H), view_of(c->v, c->vs, bh, H),
+                   next, c->out + (bh / H) * c->s.T * H * c->s.D + (bh % H) * c->s.D, H * c->s.D, c->stats,
+                   c->threshold, c->scale, c->seed1, c->seed2, work);
+}
+
+static void backward_head(const attention_call *c, int64_t bh, char *work) {
+    int64_t H = c->s.H, last = bh + 1 == c->s.B * H, off = (bh / H) * c->ds[0] + (bh % H) * c->ds[1];
+    rows_view next[4] = {{0, 0}, {0, 0}, {0, 0}, {0, 0}};
+    if (!last) next[0] = view_of(c->q, c->qs, bh + 1, H), next[1] = view_of(c->k, c->ks, bh + 1, H),
+               next[2] = view_of(c->v, c->vs, bh + 1, H), next[3] = view_of(c->g, c->gs, bh + 1, H);
+    attention_head_backward(c->s, bh, view_of(c->q, c->qs, bh, H), view_of(c->k, c->ks, bh, H),
+                            view_of(c->v, c->vs, bh, H), view_of(c->g, c->gs, bh, H), next, c->stats, c->dq + off,
+                            c->dk + off, c->dv + off, c->ds[2], c->threshold, c->scale, c->seed1, c->seed2, work);
+}
+
+/* `head` for every (batch, head) of the call, `threads` OpenMP threads, each with `bytes` of buffers and
+ * the tile units configured for its products (released after). Returns 0, or -3 where a thread's buffers
+ * could not be allocated. */
+static int each_head(const attention_call *c, int64_t bytes, int threads,
+                     void (*head)(const attention_call *, int64_t, char *)) {
+    if (!fundamentallm_amx()) return -2;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        char *work = aligned_alloc(64, (size_t)round_up(bytes, 64));
+        if (work) {
+            configure_tiles();
+        } else {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < c->s.B * c->s.H; bh++)
+            if (work) head(c, bh, work);
+        if (work) _tile_release();
+        free(work);
+    }
+    return failed ? -3 : 0;
+}
+#endif
+
 /* Forward: q, k, v of B x H (batch, head) pairs, T positions (a multiple of 32) and D dims (even, at most
  * 256), bf16, each given by a base and its strides for (batch, head, position) in elements (dims one apart).
  * `out` (B, T, H, D) = softmax(Q K^T / sqrt(D)) with dropout, times V: the scores in fp32, the weights rounded
  * to bf16 before dropout's mask (elements whose keep byte is at least `threshold`; 0: no dropout) and the
  * product with the values times `scale`. With `stats` not NULL ((B x H, T, 2) fp32) each row's largest
  * scaled score and 1 / its sum of exponentials are kept there, from which the backward pass recomputes the
- * weights (bit for bit) rather than keeping them. Returns 0; -1 for shapes it does not take, -2 without AMX,
- * -3 out of memory (nothing written). */
+ * weights (bit for bit) rather than keeping them. Returns 0; -1 for shapes it does not take, -2 without AMX
+ * (nothing written), -3 where a thread's buffers could not be allocated (the output incomplete). */
 int fundamentallm_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *shape,
                             const int64_t *qs, const int64_t *ks, const int64_t *vs, uint16_t *out,
                             float *stats, int threshold, float scale, uint32_t seed1, uint32_t seed2, int threads) {
     shape4 s = {shape[0], shape[1], shape[2], shape[3]};
     if (!attention_shape_ok(s.T, s.D)) return -1;
 #ifdef HAVE_AMX
-    if (!fundamentallm_amx()) return -2;
-    int64_t Dp = round_up(s.D, 32), bytes = 4 * Dp * s.T + 2 * 16 * Dp + 2 * 16 * s.T + 4 * 16 * s.T + 4 * 16 * Dp;
-    int failed = 0;
-    #pragma omp parallel num_threads(threads)
-    {
-        char *work = aligned_alloc(64, (size_t)round_up(bytes, 64));
-        if (!work) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        if (work) configure_tiles();
-        #pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < s.B * s.H; bh++)
-            if (work) {
-                rows_view next[3] = {{0, 0}, {0, 0}, {0, 0}};
-                if (bh + 1 < s.B * s.H)
-                    next[0] = view_of(q, qs, bh + 1, s.H), next[1] = view_of(k, ks, bh + 1, s.H),
-                    next[2] = view_of(v, vs, bh + 1, s.H);
-                attention_head(s, bh, view_of(q, qs, bh, s.H), view_of(k, ks, bh, s.H), view_of(v, vs, bh, s.H), next,
-                               out + (bh / s.H) * s.T * s.H * s.D + (bh % s.H) * s.D, s.H * s.D, stats, threshold,
-                               scale, seed1, seed2, work);
-            }
-        if (work) _tile_release();
-        free(work);
-    }
-    return failed ? -3 : 0;
+    attention_call c = {s, q, k, v, 0, qs, ks, vs, 0, 0, out, 0, 0, 0, stats, threshold, scale, seed1, seed2};
+    int64_t Dp = round_up(s.D, 32);
+    return each_head(&c, 4 * Dp * s.T + 2 * 16 * Dp + 2 * 16 * s.T + 4 * 16 * s.T + 4 * 16 * Dp, threads, forward_head);
 #else
     (void)q; (void)k; (void)v; (void)qs; (void)ks; (void)vs; (void)out; (void)stats; (void)threshold;
     (void)scale; (void)seed1; (void)seed2; (void)threads;
@@ -683,35 +723,11 @@ int fundamentallm_attention_backward(const uint16_t *q, const uint16_t *k, const
     shape4 s = {shape[0], shape[1], shape[2], shape[3]};
     if (!attention_shape_ok(s.T, s.D)) return -1;
 #ifdef HAVE_AMX
-    if (!fundamentallm_amx()) return -2;
+    attention_call c = {s, q, k, v, g, qs, ks, vs, gs, ds, 0, dq, dk, dv, (float *)stats, threshold, scale, seed1, seed2};
     int64_t T = s.T, Dp = round_up(s.D, 32);
     int64_t bytes = 6 * Dp * T + 4 * T * T + 2 * 2 * Dp * T + 2 * 16 * Dp + 2 * 2 * 16 * T + 2 * 4 * 16 * T
                     + 4 * Dp * 16 + 2 * 16 * (T / 16);
-    int failed = 0;
-    #pragma omp parallel num_threads(threads)
-    {
-        char *work = aligned_alloc(64, (size_t)round_up(bytes, 64));
-        if (!work) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        if (work) configure_tiles();
-        #pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < s.B * s.H; bh++)
-            if (work) {
-                int64_t off = (bh / s.H) * ds[0] + (bh % s.H) * ds[1];
-                rows_view next[4] = {{0, 0}, {0, 0}, {0, 0}, {0, 0}};
-                if (bh + 1 < s.B * s.H)
-                    next[0] = view_of(q, qs, bh + 1, s.H), next[1] = view_of(k, ks, bh + 1, s.H),
-                    next[2] = view_of(v, vs, bh + 1, s.H), next[3] = view_of(g, gs, bh + 1, s.H);
-                attention_head_backward(s, bh, view_of(q, qs, bh, s.H), view_of(k, ks, bh, s.H),
-                                        view_of(v, vs, bh, s.H), view_of(g, gs, bh, s.H), next, stats, dq + off,
-                                        dk + off, dv + off, ds[2], threshold, scale, seed1, seed2, work);
-            }
-        if (work) _tile_release();
-        free(work);
-    }
-    return failed ? -3 : 0;
+    return each_head(&c, bytes, threads, backward_head);
 #else
     (void)q; (void)k; (void)v; (void)g; (void)qs; (void)ks; (void)vs; (void)gs; (void)stats; (void)dq; (void)dk;
     (void)dv; (void)ds; (void)threshold; (void)scale; (void)seed1; (void)seed2; (void)threads;
