@@ -353,8 +353,8 @@ def explicit_attention(
     scale the queries. Forward + backward 1.4-2.0x faster than masking and scaling apart (bf16, AMX Xeon;
     benchmarks/RESULTS.md). Eagerly in bf16 on a CPU with AMX tile units, where the shape fits, one C
     kernel does it whole (`_AmxAttention`). Otherwise eagerly, with dropout, with more positions than a
-    block of queries (`QUERY_BLOCK`) or with score tensors big enough to be computed in slices of the batch x heads
-    (`attention_slices`), `_SlicedAttention` does it a tile at a time, writing each tile's output and
+    block of queries (`QUERY_BLOCK`) or with score tensors big enough to be computed in slices of the
+    batch x heads (`attention_slices`), `_SlicedAttention` does it a tile at a time, writing each tile's output and
     gradients into place; small scores without dropout (one tile) go through autograd, whose per-call
     overhead is the smaller there (0.93x with `_SlicedAttention` at 16 x 4 x 128 x 48 in one piece).
 
@@ -366,16 +366,15 @@ def explicit_attention(
     B, H, T, D = q.shape
     if packed is not None and packed.shape != (B, T, 3 * H * D):
         raise ValueError(f"packed {tuple(packed.shape)} is not q, k and v {tuple(q.shape)} side by side")
-    in_bytes, slices = byte_dropout(dropout_p), attention_slices(q)
+    in_bytes = byte_dropout(dropout_p)
     if keep is None and not torch.compiler.is_compiling() and (in_bytes or dropout_p == 0):
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         kernels = amx_attention(q)
         if kernels:
-            backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
             return _AmxAttention.apply(q, k, v, packed, in_bytes, backward, kernels)
-    tiled = slices > 1 or q.shape[-2] > QUERY_BLOCK
-    if keep is None and not torch.compiler.is_compiling() and (in_bytes or (dropout_p == 0 and tiled)):
-        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        return _SlicedAttention.apply(q, k, v, packed, in_bytes, slices, backward)
+        slices = attention_slices(q)
+        if in_bytes or slices > 1 or q.shape[-2] > QUERY_BLOCK:  # with dropout, or more than one tile
+            return _SlicedAttention.apply(q, k, v, packed, in_bytes, slices, backward)
     causal = _causal_bias(T, q.dtype, q.device)
     q, k, v = q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D)
     weights = torch.baddbmm(causal, q, k.mT, alpha=1.0 / math.sqrt(D)).softmax(dim=-1)  # (B * H, T, T)
