@@ -107,7 +107,10 @@ def quality(args: argparse.Namespace) -> None:
     results = []
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-            run = Path(tmp) / "run"
+            # --keep: the run's directory (metrics.jsonl: the curve; the checkpoints) stays for a look later.
+            run = args.keep / f"run-{repeat + 1}" if args.keep else Path(tmp) / "run"
+            if args.keep and run.exists():
+                sys.exit(f"{run} exists: --keep takes a directory without run-N directories in it")
             command = [
                 sys.executable,
                 "-m",
@@ -693,6 +696,7 @@ def main() -> None:
     )
     q.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fundamentallm-bench-data")
     q.add_argument("--json", type=Path)
+    q.add_argument("--keep", type=Path, help="keep each run's directory as DIR/run-N (metrics.jsonl: its curve)")
     # The training steps `throughput` and `profile` time: a preset's model, optimizer and batch (_training_setup).
     steps = argparse.ArgumentParser(add_help=False)
     steps.add_argument("--precision", default="preset", help="preset (the preset's own), auto, fp32 or bf16")

@@ -159,6 +159,26 @@ def _bench_train(*args: str) -> str:
     return proc.stdout
 
 
+def test_bench_train_quality_evaluates_the_run_and_keeps_it_when_asked(tmp_path):
+    # A small text in place of Tiny Shakespeare, the debug preset for 20 seconds: the run is trained as its
+    # own process, evaluated exactly, and with --keep its directory (the curve, the checkpoints) stays.
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(3000)))
+    common = ["quality", "--preset", "debug", "--budget", "20s"]
+    common += ["--shakespeare", str(text), "--data", str(tmp_path / "data"), "--keep", str(tmp_path / "keep")]
+    out = _bench_train(*common, "--json", str(tmp_path / "q.json"))
+    (record,) = json.loads((tmp_path / "q.json").read_text())
+    assert f"run 1: wall {record['wall_s']:.1f}s, {record['steps']} steps" in out and "median exact val loss" in out
+    curve = [json.loads(line) for line in (tmp_path / "keep" / "run-1" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in curve if r["kind"] == "train"]
+    assert steps[0] == 1 and steps[-1] <= record["steps"]  # the curve, from the first step on
+    assert (tmp_path / "keep" / "run-1" / "latest.pt").is_file()
+    again = subprocess.run(
+        [sys.executable, "benchmarks/bench_train.py", *common], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 1 and "run-1 exists" in again.stderr  # a kept run is never overwritten
+
+
 def test_bench_train_profile_throughput_and_attention_smoke():
     common = ["--warmup", "1", "--steps", "2"]
     out = _bench_train("profile", "--preset", "debug", "--dropout", "0.1", *common)
