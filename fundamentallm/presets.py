@@ -2,10 +2,9 @@
 
 - ``debug``: a tiny model that trains in seconds, for tests.
 - ``cpu-quick``: the best model found for a 2-core CPU in 2 minutes (Muon, 3 x 160, context 64, the
-  exact GELU, the faster form); on a CPU that multiplies bf16 in hardware (`precision=auto` trains in
-  bf16 there) a step costs less and the preset takes a bigger batch with a higher Muon rate (twice the
-  batch with AVX-512 BF16, four times with AMX, and there Muon's momentum at 0.9 and the output
-  temperature fitted on the first 2% of the training split, held out: `calibration`).
+  exact GELU, the faster form, batch 32, Muon at 0.03); on a CPU with AMX (`precision=auto` trains in
+  bf16 there) a step costs less and the preset takes batch 64 with Muon at 0.04 and its momentum at 0.9,
+  and the output temperature fitted on the first 2% of the training split, held out (`calibration`).
 - ``cpu-small``: the best model found for a 2-core CPU in 15 minutes (Muon, 4 x 192, context 128,
   compiled, the exact GELU but with AVX-512 BF16 without AMX); where bf16 is in hardware a step costs
   less, the model sees the text many more times, and the preset takes dropout 0.05 against overfitting;
@@ -44,25 +43,28 @@ def debug() -> RunConfig:
 
 
 def cpu_quick() -> RunConfig:
-    # Measured on Tiny Shakespeare in 2 minutes (benchmarks/RESULTS.md): 1.66 nats/char on a 2-core AVX2 CPU
-    # (fp32); on a 2-core Zen 4 EPYC with AVX-512 BF16, batch 32 and Muon at 0.03 against 16 and 0.02:
-    # 1.546 against 1.567 (mean of 3 seeds, better in each) and 1.2x the tokens per second; on a 2-core
-    # AMX Xeon 1.468 against 1.480 (mean of 3, better in each), 1.19x the tokens per second. There the
-    # exact GELU, 2-3x faster than the tanh form in bf16: 1.476 against 1.486 (mean of 3 seeds, better in
-    # each), 1.08x the tokens per second. With AMX a step's fixed costs (Muon's among them) weigh more
-    # still: batch 64 and Muon at 0.04 against 32 and 0.03, 1.4635 against 1.4757 (mean of 3 seeds,
-    # lower in each), 1.32x the tokens per second. There, with about 1,300 steps in the 2 minutes, Muon's
-    # momentum at 0.9 against 0.95: 1.4556 against 1.4622 (mean of 5 seeds, lower in 4). There the model,
-    # which sees the text about 8 times, is overconfident on new text: the first 2% of the training split
-    # held out and the temperature fitted there (`train.calibration`, T 1.11-1.12): 1.4274 / 1.4212 /
+    # Measured on Tiny Shakespeare in 2 minutes (benchmarks/RESULTS.md). On a 2-core Zen 4 EPYC with
+    # AVX-512 BF16, batch 32 and Muon at 0.03 against 16 and 0.02: 1.546 against 1.567 (mean of 3 seeds,
+    # better in each) and 1.2x the tokens per second. On a 2-core AVX2 EPYC (Zen 3, fp32) the same:
+    # 1.6018 / 1.6115 / 1.6159 / 1.6058 against 1.6331 / 1.6215 / 1.6206 / 1.6401 (seeds 1337-1340, the
+    # same half hour; lower in each), 1.1-1.4x the tokens per second (Muon's iterations are a third of a
+    # batch-16 step there, a fifth of a batch-32 one). On a 2-core AMX Xeon 1.468 against 1.480 (mean of
+    # 3, better in each), 1.19x the tokens per second. There the exact GELU, 2-3x faster than the tanh
+    # form in bf16: 1.476 against 1.486 (mean of 3 seeds, better in each), 1.08x the tokens per second.
+    # With AMX a step's fixed costs (Muon's among them) weigh more still: batch 64 and Muon at 0.04
+    # against 32 and 0.03, 1.4635 against 1.4757 (mean of 3 seeds, lower in each), 1.32x the tokens per
+    # second. There, with about 1,300 steps in the 2 minutes, Muon's momentum at 0.9 against 0.95: 1.4556
+    # against 1.4622 (mean of 5 seeds, lower in 4); on the AVX2 EPYC, about as many steps at batch 16,
+    # 0.9 did not help (1.6356 / 1.6218 / 1.6194 against 1.6331 / 1.6215 / 1.6206). On the AMX Xeon the
+    # model, which sees the text about 8 times, is overconfident on new text: the first 2% of the training
+    # split held out and the temperature fitted there (`train.calibration`, T 1.11-1.12): 1.4274 / 1.4212 /
     # 1.4184 against 1.4473 / 1.4444 / 1.4362 without (seeds 1337-1339, the same session). The exact GELU
-    # on every CPU: in fp32 too it is the faster form (2.4-2.6x forward + backward in AVX2 code), and the
-    # AVX2 preset's eager fp32 step took 1.04x the tokens per second with it (AVX2 imitated on the AMX
-    # Xeon: ATen, oneDNN and MKL held to AVX2; not yet measured on an AVX2 machine).
+    # on every CPU: in fp32 too it is the faster form (on the Zen 3 EPYC the activation alone, forward +
+    # backward, 1.56-1.78x the tanh form's speed; the eager fp32 step 1.04x with AVX2 imitated on the Xeon).
     from fundamentallm import runtime  # torch: only when this preset is built
 
     unit = runtime.cpu_bf16_unit()
-    batch, muon_lr, momentum = {"amx": (64, 0.04, 0.9), "avx512_bf16": (32, 0.03, 0.95)}.get(unit, (16, 0.02, 0.95))
+    batch, muon_lr, momentum = (64, 0.04, 0.9) if unit == "amx" else (32, 0.03, 0.95)
     calibration = 0.02 if unit == "amx" else 0.0
     return RunConfig(
         model=ModelConfig(
@@ -92,7 +94,10 @@ def cpu_quick() -> RunConfig:
 
 
 def cpu_small() -> RunConfig:
-    # Measured on a 2-core AVX2 CPU (benchmarks/RESULTS.md): 1.45 nats/char on Tiny Shakespeare in 15 minutes.
+    # Measured on a 2-core AVX2 CPU (benchmarks/RESULTS.md): 1.43 nats/char on Tiny Shakespeare in 15 minutes
+    # (Zen 3 EPYC, 1.4305 / 1.4273, seeds 1337 / 1338). There the model sees the text about 6 times; dropout
+    # 0.05 with the output temperature fitted (`calibration` 0.02) ended at 1.4710 (seed 1337): the compiled
+    # fp32 step with dropout took 0.83x the tokens per second, and the model was the less trained for it.
     # Where bf16 is multiplied in hardware the same 15 minutes see the training text 15-20 times and the
     # model overfits without dropout; on a 2-core AMX Xeon, one run each: dropout 0 1.4850, 0.05 1.4053,
     # 0.1 1.4313. There, with dropout, the eager step (attention and dropout written out in
@@ -110,8 +115,8 @@ def cpu_small() -> RunConfig:
     # first 2% of the training split held out and the temperature fitted there (`train.calibration`),
     # seeds 1338 / 1340 1.3589 / 1.3530 against 1.3866 / 1.3777 without (the same session). On AVX2 CPUs
     # (fp32, compiled) the exact GELU too: 1.04x the tokens per second of the tanh form (AVX2 imitated on the
-    # AMX Xeon, not yet measured on an AVX2 machine); with AVX-512 BF16 (compiled bf16) the tanh form stays,
-    # not measured there.
+    # AMX Xeon; on a Zen 3 EPYC the activation alone 1.56-1.78x); with AVX-512 BF16 (compiled bf16) the
+    # tanh form stays, not measured there.
     from fundamentallm import runtime  # torch: only when this preset is built
 
     unit = runtime.cpu_bf16_unit()
