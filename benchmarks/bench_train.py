@@ -103,14 +103,15 @@ def shakespeare_dataset(text: Path, out: Path) -> Path:
 def quality(args: argparse.Namespace) -> None:
     from fundamentallm.evaluate import evaluate
 
+    # --keep: each run's directory (metrics.jsonl: the curve; the checkpoints) stays for a look later.
+    kept = [args.keep / f"run-{repeat + 1}" for repeat in range(args.repeats)] if args.keep else []
+    if taken := [run for run in kept if run.exists()]:
+        sys.exit(f"{taken[0]} exists: --keep takes a directory without run-N directories in it")
     dataset = shakespeare_dataset(args.shakespeare, args.data)
     results = []
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-            # --keep: the run's directory (metrics.jsonl: the curve; the checkpoints) stays for a look later.
-            run = args.keep / f"run-{repeat + 1}" if args.keep else Path(tmp) / "run"
-            if args.keep and run.exists():
-                sys.exit(f"{run} exists: --keep takes a directory without run-N directories in it")
+            run = kept[repeat] if kept else Path(tmp) / "run"
             command = [
                 sys.executable,
                 "-m",
