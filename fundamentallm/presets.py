@@ -64,8 +64,7 @@ def cpu_quick() -> RunConfig:
     from fundamentallm import runtime  # torch: only when this preset is built
 
     unit = runtime.cpu_bf16_unit()
-    batch, muon_lr, momentum = (64, 0.04, 0.9) if unit == "amx" else (32, 0.03, 0.95)
-    calibration = 0.02 if unit == "amx" else 0.0
+    batch, muon_lr, momentum, calibration = (64, 0.04, 0.9, 0.02) if unit == "amx" else (32, 0.03, 0.95, 0.0)
     return RunConfig(
         model=ModelConfig(
             context_length=64,
